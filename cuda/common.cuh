@@ -1,0 +1,54 @@
+// Shared device helpers for the CUDA kernels: typed loads/stores with float
+// accumulation for half-precision storage, and launch-error checking.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace spdnn::cuda {
+
+template <typename A> __device__ __forceinline__ A load_acc(const float* p) { return __ldg(p); }
+template <typename A> __device__ __forceinline__ A load_acc(const double* p) { return __ldg(p); }
+template <typename A> __device__ __forceinline__ A load_acc(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+template <typename A> __device__ __forceinline__ A load_acc(const __half* p) {
+  return __half2float(*p);
+}
+
+__device__ __forceinline__ void store_from(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_from(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store_from(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_from(__half* p, float v) { *p = __float2half_rn(v); }
+
+// 16-byte vector of the accumulation type, for wide shared-memory loads.
+template <typename A> struct Vec16;
+template <> struct Vec16<float> {
+  using type = float4;
+  static constexpr int n = 4;
+  __device__ __forceinline__ static float get(const float4& v, int k) {
+    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+  }
+};
+template <> struct Vec16<double> {
+  using type = double2;
+  static constexpr int n = 2;
+  __device__ __forceinline__ static double get(const double2& v, int k) {
+    return k == 0 ? v.x : v.y;
+  }
+};
+
+inline xla::ffi::Error last_launch_error(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return xla::ffi::Error::Internal(std::string(what) + ": CUDA error: " + cudaGetErrorString(err));
+  }
+  return xla::ffi::Error::Success();
+}
+
+}  // namespace spdnn::cuda

@@ -1,0 +1,22 @@
+// nanobind module exposing the CUDA FFI handlers as PyCapsules; jax_spdnn/_native.py
+// registers each with jax.ffi.register_ffi_target(platform="CUDA").
+#include <nanobind/nanobind.h>
+
+#include "xla/ffi/api/c_api.h"
+
+extern "C" XLA_FFI_Error* SpdnnSparseLinearCuda(XLA_FFI_CallFrame* call_frame);
+
+namespace nb = nanobind;
+
+template <typename Fn>
+static nb::capsule encapsulate(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+NB_MODULE(_spdnn_cuda, m) {
+  m.def("registrations", [] {
+    nb::dict d;
+    d["spdnn_sparse_linear"] = encapsulate(SpdnnSparseLinearCuda);
+    return d;
+  });
+}

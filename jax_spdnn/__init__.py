@@ -1,0 +1,21 @@
+"""jax_spdnn: fast inference with sparse neural networks in JAX.
+
+Fused sparse layers (``sparse_linear``) run as XLA FFI kernels on CPU and CUDA,
+composing with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.shard_map``.
+"""
+
+from jax_spdnn import _native
+from jax_spdnn._native import cuda_available
+from jax_spdnn.linear import sparse_linear, sparse_linear_p
+from jax_spdnn.sparse import SparseMatrix, Structure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseMatrix",
+    "Structure",
+    "cuda_available",
+    "sparse_linear",
+    "sparse_linear_p",
+    "_native",
+]

@@ -1,0 +1,291 @@
+"""``sparse_linear``: the fused sparse layer ``y = min(act(x @ W + b), clip)``.
+
+A JAX primitive with a shape rule, CPU and CUDA lowerings to XLA FFI kernels,
+a batching rule and JVP/transpose rules, so it composes with ``jit``, ``vmap``,
+``grad`` and ``shard_map`` like a ``lax`` op.
+
+Numerics: float32 and float64 features accumulate in their own precision;
+bfloat16 and float16 features are stored in half precision and accumulate in
+float32.  ``W``'s values and the bias are cast to the accumulation dtype.
+Every output is summed in a fixed order (deterministic; no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import core as _core
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jax_spdnn import _native
+from jax_spdnn.sparse import SparseMatrix, Structure
+
+__all__ = ["sparse_linear", "sparse_linear_p", "ACTIVATIONS"]
+
+_TARGET = "spdnn_sparse_linear"
+ACTIVATIONS = {None: 0, "none": 0, "linear": 0, "relu": 1}
+_FEATURE_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16))
+
+sparse_linear_p = Primitive("sparse_linear")
+
+
+def _acc_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _vma(*xs) -> frozenset:
+    out: frozenset = frozenset()
+    for x in xs:
+        aval = jax.typeof(x)
+        vma = getattr(aval, "vma", None)  # name differs across jax versions
+        if vma is None:
+            mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
+            vma = getattr(mat, "varying", frozenset())
+        out |= frozenset(vma)
+    return out
+
+
+def _match_vma(x, axes: frozenset):
+    """Marks ``x`` varying over ``axes`` (inside ``shard_map``) so autodiff sums it."""
+    missing = tuple(sorted(axes - _vma(x), key=str))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def sparse_linear(x, W: SparseMatrix, bias=None, *, activation: str | None = "relu", clip=None):
+    """Fused sparse layer ``y = min(act(x @ W + bias), clip)``.
+
+    Args:
+      x: ``[..., n_in]`` features, float32, float64, bfloat16 or float16.
+      W: :class:`SparseMatrix` of shape ``[n_in, n_out]``.
+      bias: ``None``, a scalar, or ``[n_out]``; cast to the accumulation dtype.
+      activation: ``"relu"`` (default) or ``None``.
+      clip: upper clamp applied after the activation, or ``None``.
+
+    Returns:
+      ``[..., n_out]`` with ``x``'s dtype.  Accumulation is float64 for float64
+      features and float32 otherwise.
+    """
+    if not isinstance(W, SparseMatrix):
+        raise TypeError(f"sparse_linear: W must be a SparseMatrix, got {type(W).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"sparse_linear: activation must be one of 'relu' or None, got {activation!r}"
+        )
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise TypeError("sparse_linear: x must have rank >= 1 ([..., n_in]), got a scalar")
+    if np.dtype(x.dtype) not in _FEATURE_DTYPES:
+        raise TypeError(
+            "sparse_linear: x must be float32, float64, bfloat16 or float16, "
+            f"got {np.dtype(x.dtype).name}"
+        )
+    if x.shape[-1] != W.n_in:
+        raise ValueError(
+            f"sparse_linear: x's last dimension {x.shape[-1]} does not match W's n_in "
+            f"{W.n_in} (x: {x.shape}, W: {W.shape})"
+        )
+    acc = _acc_dtype(x.dtype)
+    values = jnp.asarray(W.values).astype(acc)
+    if bias is None:
+        b = jnp.zeros((W.n_out,), acc)
+    else:
+        b = jnp.asarray(bias)
+        if not (jnp.issubdtype(b.dtype, jnp.floating) or jnp.issubdtype(b.dtype, jnp.integer)):
+            raise TypeError(f"sparse_linear: bias must be real, got {b.dtype}")
+        if b.ndim == 0:
+            b = jnp.broadcast_to(b, (W.n_out,))
+        elif b.shape != (W.n_out,):
+            raise ValueError(
+                f"sparse_linear: bias must be a scalar or have shape (n_out,) = ({W.n_out},), "
+                f"got {b.shape}"
+            )
+        b = b.astype(acc)
+    if clip is None:
+        clip_v = math.inf
+    else:
+        try:
+            clip_v = float(clip)
+        except (TypeError, jax.errors.ConcretizationTypeError) as e:
+            raise TypeError("sparse_linear: clip must be a static Python number") from e
+        if math.isnan(clip_v):
+            raise ValueError("sparse_linear: clip must not be NaN")
+    axes = _vma(x, values, b)
+    if axes:
+        x, values, b = (_match_vma(a, axes) for a in (x, values, b))
+    return sparse_linear_p.bind(
+        x, values, b, structure=W.structure, activation=ACTIVATIONS[activation], clip=clip_v
+    )
+
+
+# -- shape rule ----------------------------------------------------------------
+
+
+def _abstract_eval(x, values, bias, *, structure: Structure, activation: int, clip: float):
+    if x.ndim < 1:
+        raise TypeError("sparse_linear: x must have rank >= 1")
+    if np.dtype(x.dtype) not in _FEATURE_DTYPES:
+        raise TypeError(f"sparse_linear: unsupported feature dtype {np.dtype(x.dtype).name}")
+    if x.shape[-1] != structure.n_in:
+        raise ValueError(
+            f"sparse_linear: x's last dimension {x.shape[-1]} does not match n_in {structure.n_in}"
+        )
+    acc = _acc_dtype(x.dtype)
+    if values.shape != (structure.nnz,) or np.dtype(values.dtype) != acc:
+        raise TypeError(
+            f"sparse_linear: values must be {acc.name}[{structure.nnz}], got "
+            f"{np.dtype(values.dtype).name}{list(values.shape)}"
+        )
+    if bias.shape != (structure.n_out,) or np.dtype(bias.dtype) != acc:
+        raise TypeError(
+            f"sparse_linear: bias must be {acc.name}[{structure.n_out}], got "
+            f"{np.dtype(bias.dtype).name}{list(bias.shape)}"
+        )
+    # Derived from x's aval so sharding and shard_map's varying type propagate;
+    # the public wrapper makes x, values and bias vary over the same axes.
+    return x.update(shape=x.shape[:-1] + (structure.n_out,), weak_type=False)
+
+
+sparse_linear_p.def_abstract_eval(_abstract_eval)
+sparse_linear_p.def_impl(partial(jax._src.dispatch.apply_primitive, sparse_linear_p))
+
+
+# -- lowering ------------------------------------------------------------------
+
+
+def _lowering(ctx, x, values, bias, *, structure: Structure, activation: int, clip: float):
+    indptr = mlir.ir_constant(structure.indptr)
+    indices = mlir.ir_constant(structure.indices)
+    avals_in = [
+        *ctx.avals_in,
+        _core.ShapedArray(structure.indptr.shape, np.int32),
+        _core.ShapedArray(structure.indices.shape, np.int32),
+    ]
+    rule = jax.ffi.ffi_lowering(_TARGET)
+    return rule(
+        ctx.replace(avals_in=avals_in),
+        x,
+        values,
+        bias,
+        indptr,
+        indices,
+        activation=np.int32(activation),
+        clip=np.float64(clip),
+    )
+
+
+if _native.has_target(_TARGET, "cpu"):
+    mlir.register_lowering(sparse_linear_p, _lowering, platform="cpu")
+if _native.has_target(_TARGET, "cuda"):
+    mlir.register_lowering(sparse_linear_p, _lowering, platform="cuda")
+
+
+# -- autodiff ------------------------------------------------------------------
+
+
+def _linear(x, values, structure: Structure):
+    """The bias-free, activation-free product ``x @ W`` (linear in each argument)."""
+    zero = jnp.zeros((structure.n_out,), values.dtype)
+    return sparse_linear_p.bind(x, values, zero, structure=structure, activation=0, clip=math.inf)
+
+
+def _jvp(primals, tangents, *, structure: Structure, activation: int, clip: float):
+    x, values, bias = primals
+    dx, dv, db = tangents
+    y = sparse_linear_p.bind(x, values, bias, structure=structure, activation=activation, clip=clip)
+    t = None
+
+    def add(a, b):
+        return b if a is None else a + b
+
+    if type(dx) is not ad.Zero:
+        t = add(t, _linear(dx, values, structure))
+    if type(dv) is not ad.Zero:
+        t = add(t, _linear(x, dv, structure))
+    if type(db) is not ad.Zero:
+        t = add(t, jnp.broadcast_to(db.astype(y.dtype), y.shape))
+    if t is None:
+        return y, ad.Zero.from_primal_value(y)
+    t = t.astype(y.dtype)
+    if activation == 1 or math.isfinite(clip):
+        live = jnp.ones(y.shape, bool)
+        if activation == 1:
+            live = live & (y > 0)
+        if math.isfinite(clip):
+            live = live & (y < clip)
+        t = jnp.where(live, t, jnp.zeros_like(t))
+    return y, t
+
+
+def _sddmm(x, g, structure: Structure, dtype):
+    """``dW[k] = sum_b x[b, indices[k]] * g[b, row(k)]``: the values' cotangent."""
+    x2 = x.reshape(-1, structure.n_in).astype(dtype)
+    g2 = g.reshape(-1, structure.n_out).astype(dtype)
+    return jnp.einsum("bk,bk->k", x2[:, structure.indices], g2[:, structure.row_ids])
+
+
+def _transpose(ct, x, values, bias, *, structure: Structure, activation: int, clip: float):
+    if activation != 0 or math.isfinite(clip):
+        raise NotImplementedError("sparse_linear is only linear without activation and clip")
+    if ad.is_undefined_primal(bias):
+        raise NotImplementedError("sparse_linear: transpose with respect to bias")
+    if type(ct) is ad.Zero:
+        return None, None, None
+    ct_x = ct_v = None
+    if ad.is_undefined_primal(x):
+        st, perm = structure.transpose
+        vt = jnp.take(values, jnp.asarray(perm))
+        ct_x = _linear(ct, vt, st).astype(x.aval.dtype)
+    if ad.is_undefined_primal(values):
+        ct_v = _sddmm(x, ct, structure, values.aval.dtype)
+    return ct_x, ct_v, None
+
+
+ad.primitive_jvps[sparse_linear_p] = _jvp
+ad.primitive_transposes[sparse_linear_p] = _transpose
+
+
+# -- batching ------------------------------------------------------------------
+
+
+def _batch(args, dims, *, structure: Structure, activation: int, clip: float):
+    x, values, bias = args
+    xd, vd, bd = dims
+    if vd is None and bd is None:
+        # Batching over features only: fold the batch axis into the rows.
+        x = jnp.moveaxis(x, xd, 0)
+        out = sparse_linear_p.bind(
+            x, values, bias, structure=structure, activation=activation, clip=clip
+        )
+        return out, 0
+    # Batched weights or bias: one launch over a block-diagonal matrix whose
+    # k-th block is the k-th weight set; features are laid side by side.
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if xd is None:
+        x = jnp.broadcast_to(x[..., None, :], x.shape[:-1] + (size, structure.n_in))
+    else:
+        x = jnp.moveaxis(x, xd, -2)
+    lead = x.shape[:-2]
+    x = x.reshape(lead + (size * structure.n_in,))
+    values = (
+        jnp.broadcast_to(values, (size, structure.nnz)) if vd is None else jnp.moveaxis(values, vd, 0)
+    )
+    bias = jnp.broadcast_to(bias, (size, structure.n_out)) if bd is None else jnp.moveaxis(bias, bd, 0)
+    out = sparse_linear_p.bind(
+        x,
+        values.reshape(-1),
+        bias.reshape(-1),
+        structure=structure.block_diag(size),
+        activation=activation,
+        clip=clip,
+    )
+    out = out.reshape(lead + (size, structure.n_out))
+    return out, out.ndim - 2
+
+
+batching.primitive_batchers[sparse_linear_p] = _batch

@@ -1,0 +1,360 @@
+"""Sparse weight containers: :class:`SparseMatrix` for fully connected layers.
+
+A ``SparseMatrix`` holds a weight matrix ``W`` of shape ``[n_in, n_out]`` (so
+that a layer computes ``x @ W`` as in ``jnp.dot``) stored *by output neuron*:
+the CSR form of ``W^T``.  Row ``j`` of the structure lists the input neurons
+feeding output ``j``, with column indices sorted.  This is the layout the fused
+kernels read.
+
+The index structure (``indptr``, ``indices``) is static metadata, hashed by
+content so ``jax.jit`` caches on it; the nonzero ``values`` are the only pytree
+leaf, so ``jit`` traces over them and ``jax.grad`` differentiates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sps
+
+__all__ = ["SparseMatrix", "Structure"]
+
+
+class Structure:
+    """Immutable CSR index structure of ``W^T``: ``n_out`` rows over ``n_in`` columns.
+
+    Attributes:
+      indptr: ``[n_out + 1] int32``, ``indptr[0] == 0``, non-decreasing.
+      indices: ``[nnz] int32``, input neuron of each nonzero, strictly increasing per row.
+      shape: ``(n_in, n_out)``, the shape of ``W``.
+    """
+
+    __slots__ = ("indptr", "indices", "shape", "_key", "__dict__")
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, int]):
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int32)
+        self.indices = np.ascontiguousarray(indices, dtype=np.int32)
+        self.indptr.flags.writeable = False
+        self.indices.flags.writeable = False
+        self.shape = (int(shape[0]), int(shape[1]))
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(self.indptr.tobytes())
+        digest.update(self.indices.tobytes())
+        self._key = (self.shape, digest.hexdigest())
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def n_in(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.shape[1]
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Structure) and self._key == other._key
+
+    def __repr__(self) -> str:
+        return f"Structure(shape={self.shape}, nnz={self.nnz})"
+
+    @cached_property
+    def row_ids(self) -> np.ndarray:
+        """``[nnz] int32``: the output neuron (CSR row) of each nonzero."""
+        return np.repeat(np.arange(self.n_out, dtype=np.int32), np.diff(self.indptr))
+
+    @cached_property
+    def transpose(self) -> tuple[Structure, np.ndarray]:
+        """The structure of ``W^T`` stored by *its* output neuron, and the permutation.
+
+        Returns ``(structure_t, perm)`` such that a matrix with this structure and
+        values ``v`` has the transpose with structure ``structure_t`` and values
+        ``v[perm]``.
+        """
+        order = np.lexsort((self.row_ids, self.indices))  # by input neuron, then output
+        counts = np.bincount(self.indices, minlength=self.n_in)
+        indptr_t = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        st = Structure(indptr_t, self.row_ids[order], (self.n_out, self.n_in))
+        return st, order.astype(np.int32)
+
+    def block_diag(self, copies: int) -> Structure:
+        """The structure of ``copies`` copies of this matrix on a block diagonal."""
+        k = np.arange(copies, dtype=np.int64)
+        indptr = (self.indptr[:-1][None, :] + (k * self.nnz)[:, None]).reshape(-1)
+        indptr = np.concatenate([indptr, [copies * self.nnz]])
+        indices = (self.indices[None, :] + (k * self.n_in)[:, None]).reshape(-1)
+        if copies * max(self.nnz, self.n_in, self.n_out) >= 2**31:
+            raise ValueError("block-diagonal batch of sparse matrices exceeds int32 indexing")
+        return Structure(indptr, indices, (copies * self.n_in, copies * self.n_out))
+
+
+def _check_structure(indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, int]) -> None:
+    n_in, n_out = shape
+    if n_in < 0 or n_out < 0:
+        raise ValueError(f"SparseMatrix: shape must be non-negative, got {shape}")
+    if max(n_in, n_out) >= 2**31:
+        raise ValueError(f"SparseMatrix: dimensions must be below 2^31, got {shape}")
+    if indptr.ndim != 1 or indptr.shape[0] != n_out + 1:
+        raise ValueError(
+            f"SparseMatrix: indptr must have length n_out + 1 = {n_out + 1}, "
+            f"got shape {indptr.shape}"
+        )
+    if indices.ndim != 1:
+        raise ValueError(f"SparseMatrix: indices must be 1-D, got shape {indices.shape}")
+    if indptr[0] != 0:
+        raise ValueError(f"SparseMatrix: indptr[0] must be 0, got {indptr[0]}")
+    steps = np.diff(indptr.astype(np.int64))
+    if np.any(steps < 0):
+        bad = int(np.argmax(steps < 0))
+        raise ValueError(
+            f"SparseMatrix: indptr is not monotone (indptr[{bad}]={indptr[bad]} > "
+            f"indptr[{bad + 1}]={indptr[bad + 1]})"
+        )
+    if indptr[-1] != indices.shape[0]:
+        raise ValueError(
+            f"SparseMatrix: indptr[-1]={indptr[-1]} does not match the number of "
+            f"indices {indices.shape[0]}"
+        )
+    if indices.shape[0] >= 2**31:
+        raise ValueError("SparseMatrix: more than 2^31 - 1 nonzeros per matrix")
+    if indices.size:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n_in:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"SparseMatrix: input index {bad} out of range for n_in={n_in}"
+            )
+        # Strictly increasing within each row: equal neighbours are duplicates.
+        d = np.diff(indices.astype(np.int64))
+        row_start = np.zeros(indices.shape[0], dtype=bool)
+        starts = indptr[:-1][steps > 0]
+        row_start[starts] = True
+        inner = ~row_start[1:]
+        if np.any((d == 0) & inner):
+            k = int(np.argmax((d == 0) & inner)) + 1
+            row = int(np.searchsorted(indptr, k, side="right") - 1)
+            raise ValueError(
+                f"SparseMatrix: duplicate entry W[{indices[k]}, {row}] "
+                "(sum duplicates before building the matrix)"
+            )
+        if np.any((d < 0) & inner):
+            raise ValueError("SparseMatrix: indices must be sorted within each output row")
+
+
+def _check_values(values: Any, nnz: int) -> None:
+    if tuple(np.shape(values)) != (nnz,):
+        raise ValueError(
+            f"SparseMatrix: values must have shape ({nnz},), got {tuple(np.shape(values))}"
+        )
+    dtype = np.dtype(getattr(values, "dtype", np.float32))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"SparseMatrix: values must be floating point, got {dtype}")
+    if isinstance(values, jax.core.Tracer):
+        return
+    v = np.asarray(values)
+    if not np.all(np.isfinite(v)):
+        bad = int(np.argmax(~np.isfinite(v)))
+        raise ValueError(f"SparseMatrix: values must be finite, got {v[bad]} at position {bad}")
+
+
+def _from_sorted_triplets(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int], dtype
+) -> SparseMatrix:
+    """rows = input neuron i, cols = output neuron j of W[i, j]."""
+    n_in, n_out = int(shape[0]), int(shape[1])
+    rows = np.asarray(rows).reshape(-1)
+    cols = np.asarray(cols).reshape(-1)
+    vals = np.asarray(vals).reshape(-1)
+    if not (rows.shape == cols.shape == vals.shape):
+        raise ValueError(
+            f"SparseMatrix: rows, cols and vals must have equal lengths, got "
+            f"{rows.shape[0]}, {cols.shape[0]}, {vals.shape[0]}"
+        )
+    for name, a, n in (("row (input)", rows, n_in), ("column (output)", cols, n_out)):
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"SparseMatrix: {name} indices must be integers, got {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() >= n):
+            bad = a.min() if a.min() < 0 else a.max()
+            raise ValueError(f"SparseMatrix: {name} index {bad} out of range for size {n}")
+    order = np.lexsort((rows, cols))
+    cols_s = cols[order].astype(np.int64)
+    counts = np.bincount(cols_s, minlength=n_out) if n_out else np.zeros(0, np.int64)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    dt = np.dtype(dtype) if dtype is not None else (
+        vals.dtype if np.issubdtype(vals.dtype, np.floating) else np.dtype(np.float32)
+    )
+    return SparseMatrix(indptr, rows[order], vals[order].astype(dt), (n_in, n_out))
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseMatrix:
+    """A sparse weight matrix ``W: [n_in, n_out]`` stored by output neuron.
+
+    Build one with :meth:`from_scipy`, :meth:`from_dense`, :meth:`from_triplets`,
+    :meth:`from_bcsr` or :meth:`from_bcoo`, or directly from CSR arrays of ``W^T``::
+
+        SparseMatrix(indptr, indices, values, shape=(n_in, n_out))
+
+    where ``indptr: [n_out + 1]``, ``indices: [nnz]`` (input neuron of each
+    nonzero, sorted within each output row) and ``values: [nnz]`` floating.
+    Output neurons with no nonzeros are legal.  Bad structure or non-finite
+    values raise ``ValueError`` naming the problem.
+    """
+
+    def __init__(self, indptr, indices, values, shape, *, _structure: Structure | None = None):
+        if _structure is None:
+            indptr = np.asarray(indptr)
+            indices = np.asarray(indices)
+            if indptr.size and not np.issubdtype(indptr.dtype, np.integer):
+                raise ValueError(f"SparseMatrix: indptr must be integer, got {indptr.dtype}")
+            if indices.size and not np.issubdtype(indices.dtype, np.integer):
+                raise ValueError(f"SparseMatrix: indices must be integer, got {indices.dtype}")
+            if len(tuple(shape)) != 2:
+                raise ValueError(f"SparseMatrix: shape must be (n_in, n_out), got {shape}")
+            shape = (int(shape[0]), int(shape[1]))
+            _check_structure(indptr, indices, shape)
+            _structure = Structure(indptr, indices, shape)
+            if not isinstance(values, jax.Array | jax.core.Tracer):
+                values = np.asarray(values)
+                if not np.issubdtype(values.dtype, np.floating):
+                    values = values.astype(np.float32)
+            _check_values(values, _structure.nnz)
+        self.structure = _structure
+        self.values = values
+
+    # -- pytree -----------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.values,), self.structure
+
+    @classmethod
+    def tree_unflatten(cls, structure, children):
+        obj = object.__new__(cls)
+        obj.structure = structure
+        obj.values = children[0]
+        return obj
+
+    # -- properties -------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.structure.shape
+
+    @property
+    def n_in(self) -> int:
+        return self.structure.n_in
+
+    @property
+    def n_out(self) -> int:
+        return self.structure.n_out
+
+    @property
+    def nnz(self) -> int:
+        return self.structure.nnz
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.values.dtype)
+
+    @property
+    def indptr(self) -> np.ndarray:
+        return self.structure.indptr
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.structure.indices
+
+    def __repr__(self) -> str:
+        return f"SparseMatrix(shape={self.shape}, nnz={self.nnz}, dtype={self.dtype})"
+
+    # -- constructors -----------------------------------------------------------
+    @classmethod
+    def from_triplets(cls, rows, cols, vals, shape, *, dtype=None) -> SparseMatrix:
+        """From coordinates: ``W[rows[k], cols[k]] = vals[k]`` (rows: input, cols: output).
+
+        Duplicate coordinates raise ``ValueError``.
+        """
+        return _from_sorted_triplets(rows, cols, vals, tuple(shape), dtype)
+
+    @classmethod
+    def from_scipy(cls, matrix, *, dtype=None) -> SparseMatrix:
+        """From any ``scipy.sparse`` matrix or array of shape ``[n_in, n_out]``.
+
+        Explicitly stored zeros are kept as structural nonzeros.  Duplicate
+        entries (a non-canonical COO/CSR) raise ``ValueError``.
+        """
+        if not sps.issparse(matrix):
+            raise TypeError(f"SparseMatrix.from_scipy expects a scipy.sparse matrix, got {type(matrix)}")
+        coo = matrix.tocoo()
+        return _from_sorted_triplets(coo.row, coo.col, coo.data, coo.shape, dtype)
+
+    @classmethod
+    def from_dense(cls, w, *, threshold: float = 0.0, dtype=None) -> SparseMatrix:
+        """From a dense ``[n_in, n_out]`` array, keeping entries with ``|w| > threshold``."""
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise ValueError(f"SparseMatrix.from_dense expects a 2-D array, got shape {w.shape}")
+        if not np.all(np.isfinite(w)):
+            raise ValueError("SparseMatrix: values must be finite (dense input has NaN/Inf)")
+        rows, cols = np.nonzero(np.abs(w) > threshold)
+        dt = dtype if dtype is not None else (w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32)
+        return _from_sorted_triplets(rows, cols, w[rows, cols], w.shape, dt)
+
+    @classmethod
+    def from_bcoo(cls, m) -> SparseMatrix:
+        """From a 2-D ``jax.experimental.sparse.BCOO`` of shape ``[n_in, n_out]``."""
+        from jax.experimental import sparse as jsparse
+
+        if not isinstance(m, jsparse.BCOO) or m.ndim != 2 or m.n_batch or m.n_dense:
+            raise TypeError("SparseMatrix.from_bcoo expects a 2-D BCOO without batch/dense dims")
+        idx = np.asarray(m.indices)
+        data = np.asarray(m.data)
+        keep = (idx[:, 0] < m.shape[0]) & (idx[:, 1] < m.shape[1])  # drop BCOO padding
+        return _from_sorted_triplets(idx[keep, 0], idx[keep, 1], data[keep], m.shape, data.dtype)
+
+    @classmethod
+    def from_bcsr(cls, m) -> SparseMatrix:
+        """From a 2-D ``jax.experimental.sparse.BCSR`` of shape ``[n_in, n_out]``."""
+        from jax.experimental import sparse as jsparse
+
+        if not isinstance(m, jsparse.BCSR) or m.ndim != 2 or m.n_batch or m.n_dense:
+            raise TypeError("SparseMatrix.from_bcsr expects a 2-D BCSR without batch/dense dims")
+        indptr = np.asarray(m.indptr)
+        cols = np.asarray(m.indices)[: indptr[-1]]
+        rows = np.repeat(np.arange(m.shape[0]), np.diff(indptr))
+        data = np.asarray(m.data)[: indptr[-1]]
+        return _from_sorted_triplets(rows, cols, data, m.shape, data.dtype)
+
+    # -- conversions --------------------------------------------------------------
+    def todense(self) -> jax.Array:
+        """The dense ``[n_in, n_out]`` matrix (differentiable in ``values``)."""
+        s = self.structure
+        out = jnp.zeros(s.shape, dtype=self.values.dtype)
+        return out.at[s.indices, s.row_ids].set(self.values, unique_indices=True)
+
+    def to_scipy(self) -> sps.csc_matrix:
+        """A ``scipy.sparse.csc_matrix`` of shape ``[n_in, n_out]`` (same storage order)."""
+        s = self.structure
+        return sps.csc_matrix((np.asarray(self.values), s.indices, s.indptr), shape=s.shape)
+
+    def astype(self, dtype) -> SparseMatrix:
+        return SparseMatrix.tree_unflatten(self.structure, (self.values.astype(dtype),))
+
+    def with_values(self, values) -> SparseMatrix:
+        """The same structure with new nonzero values (``[nnz]``)."""
+        _check_values(values, self.nnz)
+        return SparseMatrix.tree_unflatten(self.structure, (values,))
+
+    @property
+    def T(self) -> SparseMatrix:
+        """The transpose ``W^T: [n_out, n_in]`` as a SparseMatrix."""
+        st, perm = self.structure.transpose
+        return SparseMatrix.tree_unflatten(st, (self.values[perm],))
