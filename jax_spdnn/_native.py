@@ -44,13 +44,25 @@ def has_target(name: str, platform: str) -> bool:
     return name in _REGISTERED[platform]
 
 
-def cuda_available() -> bool:
+def cuda_built() -> bool:
     """Whether the CUDA kernels were built and registered with this jaxlib."""
     return bool(_REGISTERED["cuda"])
+
+
+def cuda_available() -> bool:
+    """Whether CUDA kernels are registered *and* JAX sees a CUDA device."""
+    if not cuda_built():
+        return False
+    try:
+        return len(jax.devices("cuda")) > 0
+    except RuntimeError:
+        return False
 
 
 def cuda_status() -> str:
     """A one-line explanation of the CUDA module's state, for diagnostics."""
     if cuda_available():
-        return "CUDA kernels registered"
+        return f"CUDA kernels registered; devices: {jax.devices('cuda')}"
+    if cuda_built():
+        return "CUDA kernels built, but JAX has no CUDA device (install jax[cuda13])"
     return f"no CUDA kernels ({_CUDA_IMPORT_ERROR or 'module not built'})"

@@ -1,0 +1,165 @@
+"""SparseMatrix: constructors agree with each other and with the dense matrix,
+every validation error fires with a message naming the problem, pytree behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sps
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.experimental import sparse as jsparse
+from reference import random_sparse
+
+import jax_spdnn as sd
+
+
+@given(
+    n_in=st.integers(0, 40),
+    n_out=st.integers(0, 40),
+    density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_constructors_agree(n_in, n_out, density, seed):
+    rng = np.random.default_rng(seed)
+    w = random_sparse(rng, n_in, n_out, density, empty_rows=0.2)
+    dense = w.toarray()
+    coo = w.tocoo()
+    mats = [
+        sd.SparseMatrix.from_scipy(w),
+        sd.SparseMatrix.from_scipy(w.tocsr()),
+        sd.SparseMatrix.from_dense(dense),
+        sd.SparseMatrix.from_triplets(coo.row, coo.col, coo.data, (n_in, n_out)),
+        sd.SparseMatrix.from_bcoo(jsparse.BCOO.fromdense(dense)),
+        sd.SparseMatrix.from_bcsr(jsparse.BCSR.fromdense(dense)),
+    ]
+    for m in mats:
+        assert m.shape == (n_in, n_out)
+        assert m.nnz == w.nnz
+        assert m.structure == mats[0].structure
+        np.testing.assert_array_equal(np.asarray(m.todense()), dense)
+        np.testing.assert_array_equal(m.to_scipy().toarray(), dense)
+        # stored by output neuron, sorted inputs per row
+        for j in range(n_out):
+            row = m.indices[m.indptr[j] : m.indptr[j + 1]]
+            assert np.all(np.diff(row) > 0)
+    np.testing.assert_array_equal(np.asarray(mats[0].T.todense()), dense.T)
+
+
+def test_properties_and_dtype():
+    w = sps.random(5, 7, density=0.4, format="csr", random_state=0)
+    m = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
+    assert m.dtype == np.float32 and m.n_in == 5 and m.n_out == 7
+    assert m.indptr.shape == (8,) and m.indptr.dtype == np.int32
+    assert m.astype(np.float64).dtype == np.float64
+    assert "nnz" in repr(m)
+    with pytest.raises(ValueError):
+        m.indices[0] = 1  # the structure is immutable
+
+
+def test_from_dense_threshold():
+    w = np.array([[0.05, -0.2], [0.0, 0.11]])
+    m = sd.SparseMatrix.from_dense(w, threshold=0.1)
+    np.testing.assert_array_equal(np.asarray(m.todense()), [[0.0, -0.2], [0.0, 0.11]])
+    assert m.nnz == 2
+
+
+def test_empty_rows_and_matrix_are_legal():
+    m = sd.SparseMatrix(np.zeros(4, np.int32), np.zeros(0, np.int32), np.zeros(0), (5, 3))
+    assert m.nnz == 0
+    np.testing.assert_array_equal(np.asarray(m.todense()), np.zeros((5, 3)))
+    m = sd.SparseMatrix([0, 0, 2, 2], [1, 4], [1.0, 2.0], (5, 3))
+    assert m.nnz == 2
+
+
+def test_pytree_and_jit_cache():
+    w = sps.random(6, 4, density=0.5, format="csr", random_state=1)
+    m = sd.SparseMatrix.from_scipy(w)
+    leaves, treedef = jax.tree_util.tree_flatten(m)
+    assert len(leaves) == 1 and leaves[0].shape == (m.nnz,)
+    m2 = jax.tree_util.tree_unflatten(treedef, [leaves[0] * 2])
+    np.testing.assert_allclose(np.asarray(m2.todense()), 2 * w.toarray())
+    traces = []
+
+    @jax.jit
+    def f(m):
+        traces.append(1)
+        return m.todense().sum()
+
+    f(m)
+    f(sd.SparseMatrix.from_scipy(w * 3))  # same structure, new values: no retrace
+    assert len(traces) == 1
+    f(sd.SparseMatrix.from_scipy(sps.random(6, 4, density=0.2, format="csr", random_state=2)))
+    assert len(traces) == 2
+    g = jax.grad(lambda m: jnp.sum(m.todense() ** 2))(m)
+    np.testing.assert_allclose(np.asarray(g.values), 2 * np.asarray(m.values))
+
+
+def test_transpose_structure():
+    w = sps.random(9, 6, density=0.3, format="csr", random_state=3)
+    m = sd.SparseMatrix.from_scipy(w)
+    st_, perm = m.structure.transpose
+    assert st_.shape == (6, 9)
+    np.testing.assert_array_equal(np.asarray(m.T.todense()), w.toarray().T)
+    assert sorted(perm.tolist()) == list(range(m.nnz))
+
+
+def test_block_diag_structure():
+    w = sps.random(4, 3, density=0.5, format="csr", random_state=4)
+    m = sd.SparseMatrix.from_scipy(w)
+    bd = m.structure.block_diag(3)
+    big = sd.SparseMatrix(bd.indptr, bd.indices, np.tile(np.asarray(m.values), 3), bd.shape)
+    np.testing.assert_array_equal(
+        np.asarray(big.todense()), sps.block_diag([w, w, w]).toarray()
+    )
+
+
+# -- validation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (([0, 1, 2], [0, 5], [1.0, 1.0], (3, 2)), "input index 5 out of range for n_in=3"),
+        (([0, 1, 2], [0, -1], [1.0, 1.0], (3, 2)), "input index -1 out of range"),
+        (([0, 2, 1], [0, 1], [1.0, 1.0], (3, 2)), "indptr is not monotone"),
+        (([0, 1], [0], [1.0], (3, 2)), "indptr must have length n_out \\+ 1 = 3"),
+        (([1, 1, 2], [0, 1], [1.0, 1.0], (3, 2)), "indptr\\[0\\] must be 0"),
+        (([0, 1, 3], [0, 1], [1.0, 1.0], (3, 2)), "does not match the number of indices"),
+        (([0, 2, 2], [1, 1], [1.0, 1.0], (3, 2)), "duplicate entry W\\[1, 0\\]"),
+        (([0, 2, 2], [2, 1], [1.0, 1.0], (3, 2)), "sorted within each output row"),
+        (([0, 1, 2], [0, 1], [1.0, 1.0, 3.0], (3, 2)), "values must have shape \\(2,\\)"),
+        (([0, 1, 2], [0, 1], [1.0, np.nan], (3, 2)), "values must be finite"),
+        (([0, 1, 2], [0, 1], [np.inf, 1.0], (3, 2)), "values must be finite"),
+        (([0, 1, 2], [0, 1], [1.0, 1.0], (3, 2, 1)), "shape must be \\(n_in, n_out\\)"),
+        (([0.0, 1.0, 2.0], [0, 1], [1.0, 1.0], (3, 2)), "indptr must be integer"),
+    ],
+)
+def test_csr_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        sd.SparseMatrix(*args)
+
+
+def test_triplet_and_scipy_validation():
+    with pytest.raises(ValueError, match="duplicate entry"):
+        sd.SparseMatrix.from_triplets([0, 0], [1, 1], [1.0, 2.0], (2, 2))
+    with pytest.raises(ValueError, match="row \\(input\\) index 3 out of range for size 2"):
+        sd.SparseMatrix.from_triplets([3], [0], [1.0], (2, 2))
+    with pytest.raises(ValueError, match="column \\(output\\) index 2 out of range"):
+        sd.SparseMatrix.from_triplets([0], [2], [1.0], (2, 2))
+    with pytest.raises(ValueError, match="equal lengths"):
+        sd.SparseMatrix.from_triplets([0, 1], [0], [1.0], (2, 2))
+    with pytest.raises(ValueError, match="finite"):
+        sd.SparseMatrix.from_triplets([0], [0], [np.nan], (2, 2))
+    dup = sps.coo_matrix(([1.0, 2.0], ([0, 0], [1, 1])), shape=(2, 2))
+    with pytest.raises(ValueError, match="duplicate entry W\\[0, 1\\]"):
+        sd.SparseMatrix.from_scipy(dup)
+    with pytest.raises(TypeError, match="scipy.sparse"):
+        sd.SparseMatrix.from_scipy(np.eye(2))
+    with pytest.raises(ValueError, match="2-D"):
+        sd.SparseMatrix.from_dense(np.ones(3))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        sd.SparseMatrix.from_dense(np.array([[np.inf]]))
+    m = sd.SparseMatrix.from_dense(np.eye(2))
+    with pytest.raises(ValueError, match="values must have shape \\(2,\\)"):
+        m.with_values(np.ones(3))
