@@ -27,6 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRows = 8;                    // feature rows per block (weight reuse)
 constexpr int kMaxSharedBytes = 48 * 1024;  // shared-memory budget per block
+constexpr int kMinBlocks = 3;               // resident blocks per SM the registers must allow
 
 template <int Q>
 __device__ __forceinline__ int swizzle(int c) {
@@ -42,7 +43,7 @@ __device__ __forceinline__ int swizzle(int c) {
 }
 
 template <typename T, typename A, int kOuts>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     sparse_linear_kernel(const T* __restrict__ x, const A* __restrict__ values,
                          const A* __restrict__ bias, const int32_t* __restrict__ indptr,
                          const int32_t* __restrict__ indices, T* __restrict__ y, int64_t rows,
@@ -177,8 +178,11 @@ ffi::Error dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values
   auto* yp = reinterpret_cast<T*>(y->untyped_data());
   // Wider output groups share one staged tile among more outputs; doubles keep
   // fewer accumulators to stay within registers.
-  if (sizeof(A) == 4 && n_out >= 4 * kThreads) {
-    return launch<T, A, 4>(stream, xp, vp, bp, indptr, indices, yp, rows, n_in, n_out, relu, clip);
+  if constexpr (sizeof(A) == 4) {
+    if (n_out >= 4 * kThreads) {
+      return launch<T, A, 4>(stream, xp, vp, bp, indptr, indices, yp, rows, n_in, n_out, relu,
+                             clip);
+    }
   }
   if (n_out >= 2 * kThreads) {
     return launch<T, A, 2>(stream, xp, vp, bp, indptr, indices, yp, rows, n_in, n_out, relu, clip);

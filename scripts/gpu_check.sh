@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Build, test and benchmark on a machine with a CUDA GPU and no network access.
+# Logs go to $OUT (default ./out).  Wheels of missing pure-Python test
+# dependencies may be provided in .whl/ (installed only when missing).
+#
+#   scripts/gpu_check.sh [build] [test] [bench] [extra pytest args...]
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+steps=${*:-build test bench}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv;
+  $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"; } \
+  2>&1 | tee "$OUT/env.txt"
+
+if ! $PY -c "import hypothesis, rich" 2>/dev/null && [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [[ " $steps " == *" build "* ]]; then
+  echo "== build"
+  SPDNN_CUDA=ON $PY -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+  grep -E "registers|spill" "$OUT/build.log" | sort -u | head -40 > "$OUT/ptxas.txt" || true
+  $PY -c "import jax_spdnn as sd; print(sd._native.cuda_status())" | tee -a "$OUT/env.txt"
+fi
+
+if [[ " $steps " == *" test "* ]]; then
+  echo "== test"
+  $PY -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -15
+fi
+
+if [[ " $steps " == *" bench "* ]]; then
+  echo "== bench"
+  $PY benchmarks/bench_linear.py --json "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.log" | tail -20
+fi
