@@ -36,6 +36,9 @@ BIAS, CLIP = -0.3, 32.0
 def gpu_rows(n, batch, bw, iters):
     from jax.experimental import sparse as jsparse
 
+    # Without this flag jax.experimental.sparse lowers to XLA gathers, not cuSPARSE.
+    jax.config.update("jax_bcoo_cusparse_lowering", True)
+
     w = random_regular_layer(n, seed=n)
     W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
     nnz = W.nnz

@@ -16,7 +16,7 @@ static nb::capsule encapsulate(Fn* fn) {
 NB_MODULE(_spdnn_cpu, m) {
   m.def("registrations", [] {
     nb::dict d;
-    d["spdnn_sparse_linear"] = encapsulate(SpdnnSparseLinearCpu);
+    d["spdnn_sparse_linear_csr"] = encapsulate(SpdnnSparseLinearCpu);
     return d;
   });
 }

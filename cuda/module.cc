@@ -16,7 +16,7 @@ static nb::capsule encapsulate(Fn* fn) {
 NB_MODULE(_spdnn_cuda, m) {
   m.def("registrations", [] {
     nb::dict d;
-    d["spdnn_sparse_linear"] = encapsulate(SpdnnSparseLinearCuda);
+    d["spdnn_sparse_linear_ell"] = encapsulate(SpdnnSparseLinearCuda);
     return d;
   });
 }

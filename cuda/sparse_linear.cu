@@ -1,12 +1,15 @@
 // CUDA kernel of sparse_linear: y = min(act(x @ W + b), clip) with W stored by
-// output neuron (CSR of W^T, column indices sorted within each row).
+// output neuron in warp-sliced ELL (jax_spdnn.sparse.pack_sliced_ell): the s-th
+// nonzero of output 32w + l is at slice_ptr[w] + 32 s + l, rows padded to the
+// slice's longest with an index past every input.  A warp's weight loads are
+// therefore coalesced.
 //
 // One block owns a tile of kRows feature rows and kThreads * kOuts output
 // neurons (thread t owns outputs t, t + kThreads, ...).  The block stages the
 // tile's features in shared memory in chunks of input columns, transposed so
 // that the kRows values of one input column are contiguous: each weight a thread
 // loads from global memory is applied to kRows rows from registers, reading
-// them with 16-byte shared loads.  Sorted CSR rows let every thread resume where
+// them with 16-byte shared loads.  Sorted rows let every thread resume where
 // it stopped when the next chunk arrives, so any n_in works with bounded shared
 // memory.  Column vectors are XOR-swizzled so random columns spread over the 32
 // banks.  Each output is summed in CSR order by one thread: deterministic, no
@@ -27,6 +30,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRows = 8;                    // feature rows per block (weight reuse)
 constexpr int kMaxSharedBytes = 48 * 1024;  // shared-memory budget per block
+constexpr int kSlice = 32;                  // outputs per ELL slice (= ELL_SLICE in sparse.py)
 constexpr int kMinBlocks = 3;               // resident blocks per SM the registers must allow
 
 template <int Q>
@@ -45,7 +49,7 @@ __device__ __forceinline__ int swizzle(int c) {
 template <typename T, typename A, int kOuts>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     sparse_linear_kernel(const T* __restrict__ x, const A* __restrict__ values,
-                         const A* __restrict__ bias, const int32_t* __restrict__ indptr,
+                         const A* __restrict__ bias, const int32_t* __restrict__ slice_ptr,
                          const int32_t* __restrict__ indices, T* __restrict__ y, int64_t rows,
                          int n_in, int n_out, int chunk, int n_groups, bool relu, A clip) {
   using V = Vec16<A>;
@@ -68,8 +72,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
   for (int o = 0; o < kOuts; ++o) {
     const int j = (group * kOuts + o) * kThreads + threadIdx.x;
-    pos[o] = j < n_out ? __ldg(indptr + j) : 0;
-    end[o] = j < n_out ? __ldg(indptr + j + 1) : 0;
+    const int w = j / kSlice, lane = j % kSlice;
+    pos[o] = j < n_out ? __ldg(slice_ptr + w) + lane : 0;
+    end[o] = j < n_out ? __ldg(slice_ptr + w + 1) : 0;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[o][r] = A(0);
   }
@@ -104,19 +109,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       int p = pos[o];
       const int e = end[o];
       // Four weights at a time while all four fall inside this chunk.
-      while (p + 4 <= e) {
-        const int i0 = __ldg(indices + p), i1 = __ldg(indices + p + 1);
-        const int i2 = __ldg(indices + p + 2), i3 = __ldg(indices + p + 3);
+      constexpr int S = kSlice;
+      while (p + 3 * S < e) {
+        const int i0 = __ldg(indices + p), i1 = __ldg(indices + p + S);
+        const int i2 = __ldg(indices + p + 2 * S), i3 = __ldg(indices + p + 3 * S);
         if (i3 >= c1) break;
-        const A v0 = __ldg(values + p), v1 = __ldg(values + p + 1);
-        const A v2 = __ldg(values + p + 2), v3 = __ldg(values + p + 3);
+        const A v0 = __ldg(values + p), v1 = __ldg(values + p + S);
+        const A v2 = __ldg(values + p + 2 * S), v3 = __ldg(values + p + 3 * S);
         apply(o, v0, i0);
         apply(o, v1, i1);
         apply(o, v2, i2);
         apply(o, v3, i3);
-        p += 4;
+        p += 4 * S;
       }
-      for (; p < e; ++p) {
+      for (; p < e; p += S) {
         const int i = __ldg(indices + p);
         if (i >= c1) break;
         apply(o, __ldg(values + p), i);
@@ -144,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 template <typename T, typename A, int kOuts>
 ffi::Error launch(cudaStream_t stream, const T* x, const A* values, const A* bias,
-                  const int32_t* indptr, const int32_t* indices, T* y, int64_t rows, int n_in,
+                  const int32_t* slice_ptr, const int32_t* indices, T* y, int64_t rows, int n_in,
                   int n_out, bool relu, double clip) {
   const int per_block = kThreads * kOuts;
   const int n_groups = (n_out + per_block - 1) / per_block;
@@ -157,14 +163,14 @@ ffi::Error launch(cudaStream_t stream, const T* x, const A* values, const A* bia
   const int chunk = std::max(1, std::min(n_in, kMaxSharedBytes / col_bytes));
   const size_t smem = static_cast<size_t>(chunk) * col_bytes;
   sparse_linear_kernel<T, A, kOuts><<<static_cast<unsigned>(n_blocks), kThreads, smem, stream>>>(
-      x, values, bias, indptr, indices, y, rows, n_in, n_out, chunk, n_groups, relu,
+      x, values, bias, slice_ptr, indices, y, rows, n_in, n_out, chunk, n_groups, relu,
       static_cast<A>(clip));
   return last_launch_error("sparse_linear");
 }
 
 template <typename T, typename A>
 ffi::Error dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values,
-                    ffi::AnyBuffer bias, const int32_t* indptr, const int32_t* indices,
+                    ffi::AnyBuffer bias, const int32_t* slice_ptr, const int32_t* indices,
                     ffi::Result<ffi::AnyBuffer> y, int64_t rows, int n_in, int n_out, bool relu,
                     double clip) {
   constexpr ffi::DataType acc = sizeof(A) == 8 ? ffi::DataType::F64 : ffi::DataType::F32;
@@ -180,18 +186,18 @@ ffi::Error dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values
   // fewer accumulators to stay within registers.
   if constexpr (sizeof(A) == 4) {
     if (n_out >= 4 * kThreads) {
-      return launch<T, A, 4>(stream, xp, vp, bp, indptr, indices, yp, rows, n_in, n_out, relu,
+      return launch<T, A, 4>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu,
                              clip);
     }
   }
   if (n_out >= 2 * kThreads) {
-    return launch<T, A, 2>(stream, xp, vp, bp, indptr, indices, yp, rows, n_in, n_out, relu, clip);
+    return launch<T, A, 2>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);
   }
-  return launch<T, A, 1>(stream, xp, vp, bp, indptr, indices, yp, rows, n_in, n_out, relu, clip);
+  return launch<T, A, 1>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);
 }
 
 ffi::Error sparse_linear_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values,
-                              ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> indptr,
+                              ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> slice_ptr,
                               ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> y,
                               int32_t activation, double clip) {
   auto xd = x.dimensions();
@@ -205,17 +211,20 @@ ffi::Error sparse_linear_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
     return ffi::Error::InvalidArgument("sparse_linear: n_in and n_out must be below 2^31");
   }
   const int64_t rows = n_out > 0 ? static_cast<int64_t>(y->element_count()) / n_out : 0;
-  if (indptr.element_count() != static_cast<size_t>(n_out + 1) ||
+  const int64_t n_slices = (n_out + kSlice - 1) / kSlice;
+  if (slice_ptr.element_count() != static_cast<size_t>(n_slices + 1) ||
       bias.element_count() != static_cast<size_t>(n_out) ||
-      values.element_count() != indices.element_count()) {
-    return ffi::Error::InvalidArgument("sparse_linear: inconsistent indptr/bias/values sizes");
+      values.element_count() != indices.element_count() ||
+      indices.element_count() % kSlice != 0) {
+    return ffi::Error::InvalidArgument(
+        "sparse_linear: inconsistent sizes of slice_ptr/bias/values/indices for the ELL layout");
   }
   if (x.element_type() != y->element_type()) {
     return ffi::Error::InvalidArgument("sparse_linear: x and y must have the same dtype");
   }
   if (rows == 0 || n_out == 0) return ffi::Error::Success();
   const bool relu = activation == 1;
-  const int32_t* ip = indptr.typed_data();
+  const int32_t* ip = slice_ptr.typed_data();
   const int32_t* ix = indices.typed_data();
   const int ni = static_cast<int>(n_in), no = static_cast<int>(n_out);
   switch (x.element_type()) {
@@ -240,10 +249,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseLinearCuda, spdnn::cuda::sparse_linear_
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()         // x [..., n_in]
-                                  .Arg<ffi::AnyBuffer>()         // values [nnz] (f32 | f64)
+                                  .Arg<ffi::AnyBuffer>()         // values [total] (f32 | f64), ELL order
                                   .Arg<ffi::AnyBuffer>()         // bias [n_out]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // indptr [n_out + 1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices [nnz], sorted per row
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr [n_slices + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices [total], sliced ELL
                                   .Ret<ffi::AnyBuffer>()         // y [..., n_out]
                                   .Attr<int32_t>("activation")   // 0 none, 1 relu
                                   .Attr<double>("clip"));        // +inf for no clip

@@ -7,11 +7,13 @@ composing with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.shard_map``.
 from jax_spdnn import _native
 from jax_spdnn._native import cuda_available
 from jax_spdnn.linear import sparse_linear, sparse_linear_p
-from jax_spdnn.sparse import SparseMatrix, Structure
+from jax_spdnn.sparse import EllPack, SparseMatrix, Structure, pack_sliced_ell
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EllPack",
+    "pack_sliced_ell",
     "SparseMatrix",
     "Structure",
     "cuda_available",

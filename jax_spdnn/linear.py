@@ -28,7 +28,8 @@ from jax_spdnn.sparse import SparseMatrix, Structure
 
 __all__ = ["sparse_linear", "sparse_linear_p", "ACTIVATIONS"]
 
-_TARGET = "spdnn_sparse_linear"
+_CPU_TARGET = "spdnn_sparse_linear_csr"
+_CUDA_TARGET = "spdnn_sparse_linear_ell"
 ACTIVATIONS = {None: 0, "none": 0, "linear": 0, "relu": 1}
 _FEATURE_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16))
 
@@ -158,31 +159,36 @@ sparse_linear_p.def_impl(partial(jax._src.dispatch.apply_primitive, sparse_linea
 # -- lowering ------------------------------------------------------------------
 
 
-def _lowering(ctx, x, values, bias, *, structure: Structure, activation: int, clip: float):
-    indptr = mlir.ir_constant(structure.indptr)
-    indices = mlir.ir_constant(structure.indices)
-    avals_in = [
-        *ctx.avals_in,
-        _core.ShapedArray(structure.indptr.shape, np.int32),
-        _core.ShapedArray(structure.indices.shape, np.int32),
-    ]
-    rule = jax.ffi.ffi_lowering(_TARGET)
-    return rule(
-        ctx.replace(avals_in=avals_in),
-        x,
-        values,
-        bias,
-        indptr,
-        indices,
-        activation=np.int32(activation),
-        clip=np.float64(clip),
+def _ffi(target, structure, x, packed_values, bias, index_a, index_b, activation, clip):
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (structure.n_out,), x.dtype)
+    return jax.ffi.ffi_call(target, out)(
+        x, packed_values, bias, jnp.asarray(index_a), jnp.asarray(index_b),
+        activation=np.int32(activation), clip=np.float64(clip),
     )
 
 
-if _native.has_target(_TARGET, "cpu"):
-    mlir.register_lowering(sparse_linear_p, _lowering, platform="cpu")
-if _native.has_target(_TARGET, "cuda"):
-    mlir.register_lowering(sparse_linear_p, _lowering, platform="cuda")
+def _cpu_impl(x, values, bias, *, structure: Structure, activation: int, clip: float):
+    # CPU kernel reads the CSR arrays directly.
+    return _ffi(_CPU_TARGET, structure, x, values, bias, structure.indptr, structure.indices,
+                activation, clip)
+
+
+def _cuda_impl(x, values, bias, *, structure: Structure, activation: int, clip: float):
+    # CUDA kernel reads warp-sliced ELL: the structure is packed once (cached),
+    # the values are gathered into the packed order here, per call.
+    ell = structure.sliced_ell
+    return _ffi(_CUDA_TARGET, structure, x, ell.pack_values(values), bias, ell.slice_ptr,
+                ell.indices, activation, clip)
+
+
+if _native.has_target(_CPU_TARGET, "cpu"):
+    mlir.register_lowering(
+        sparse_linear_p, mlir.lower_fun(_cpu_impl, multiple_results=False), platform="cpu"
+    )
+if _native.has_target(_CUDA_TARGET, "cuda"):
+    mlir.register_lowering(
+        sparse_linear_p, mlir.lower_fun(_cuda_impl, multiple_results=False), platform="cuda"
+    )
 
 
 # -- autodiff ------------------------------------------------------------------

@@ -22,7 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sps
 
-__all__ = ["SparseMatrix", "Structure"]
+__all__ = ["EllPack", "SparseMatrix", "Structure", "pack_sliced_ell"]
+
+ELL_SLICE = 32  # outputs per slice: one warp on the GPU
+ELL_PAD_INDEX = np.iinfo(np.int32).max  # sorts after every real input index
 
 
 class Structure:
@@ -87,6 +90,11 @@ class Structure:
         st = Structure(indptr_t, self.row_ids[order], (self.n_out, self.n_in))
         return st, order.astype(np.int32)
 
+    @cached_property
+    def sliced_ell(self) -> EllPack:
+        """The GPU's packed layout of this structure (see :func:`pack_sliced_ell`)."""
+        return pack_sliced_ell(self)
+
     def block_diag(self, copies: int) -> Structure:
         """The structure of ``copies`` copies of this matrix on a block diagonal."""
         k = np.arange(copies, dtype=np.int64)
@@ -96,6 +104,72 @@ class Structure:
         if copies * max(self.nnz, self.n_in, self.n_out) >= 2**31:
             raise ValueError("block-diagonal batch of sparse matrices exceeds int32 indexing")
         return Structure(indptr, indices, (copies * self.n_in, copies * self.n_out))
+
+
+class EllPack:
+    """Warp-sliced ELL packing of a :class:`Structure` (the CUDA kernel's layout).
+
+    Outputs are cut into slices of ``slice`` consecutive neurons.  Slice ``w``
+    stores its rows padded to the slice's longest row, slot-major: the ``s``-th
+    nonzero of output ``32 * w + l`` sits at ``slice_ptr[w] + s * slice + l``.
+    A warp that walks its rows in step therefore reads consecutive addresses.
+    Padding slots have index ``ELL_PAD_INDEX`` (larger than any input, so the
+    kernel's sorted-row walk stops there) and take a zero value.
+
+    Attributes:
+      slice_ptr: ``[n_slices + 1] int32``, start of each slice in the packed arrays.
+      indices: ``[total] int32``, input neuron per slot (``ELL_PAD_INDEX`` for padding).
+      source: ``[total] int32``, position of each slot's value in the CSR
+        ``values`` array, or ``nnz`` for padding (index of an appended zero).
+      padding: ``total / nnz`` (1.0 when every slice has equal row lengths).
+    """
+
+    __slots__ = ("slice_ptr", "indices", "source", "slice", "nnz")
+
+    def __init__(self, slice_ptr, indices, source, slice_, nnz):
+        self.slice_ptr, self.indices, self.source = slice_ptr, indices, source
+        self.slice, self.nnz = slice_, nnz
+
+    @property
+    def total(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def padding(self) -> float:
+        return self.total / self.nnz if self.nnz else 1.0
+
+    def pack_values(self, values):
+        """``[nnz]`` CSR values -> ``[total]`` packed values (zeros in padding)."""
+        padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
+        return jnp.take(padded, jnp.asarray(self.source), unique_indices=False)
+
+
+def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
+    """Packs a CSR-of-``W^T`` structure into warp-sliced ELL (host, vectorized).
+
+    Done once per structure (cached on :attr:`Structure.sliced_ell`); only the
+    values are re-gathered per call, with :meth:`EllPack.pack_values`.
+    """
+    n_out, nnz = structure.n_out, structure.nnz
+    n_slices = -(-n_out // slice_)
+    counts = np.zeros(n_slices * slice_, np.int64)
+    counts[:n_out] = np.diff(structure.indptr)
+    slice_len = counts.reshape(n_slices, slice_).max(axis=1) if n_slices else np.zeros(0, np.int64)
+    slice_ptr = np.concatenate([[0], np.cumsum(slice_len * slice_)])
+    total = int(slice_ptr[-1])
+    if total >= 2**31:
+        raise ValueError(f"sliced ELL packing needs {total} slots, more than 2^31 - 1")
+    rows = structure.row_ids.astype(np.int64)
+    pos = np.arange(nnz, dtype=np.int64) - structure.indptr[rows]
+    dest = slice_ptr[rows // slice_] + pos * slice_ + rows % slice_
+    indices = np.full(total, ELL_PAD_INDEX, np.int32)
+    indices[dest] = structure.indices
+    source = np.full(total, nnz, np.int32)
+    source[dest] = np.arange(nnz, dtype=np.int32)
+    slice_ptr = slice_ptr.astype(np.int32)
+    for a in (slice_ptr, indices, source):
+        a.flags.writeable = False
+    return EllPack(slice_ptr, indices, source, slice_, nnz)
 
 
 def _check_structure(indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, int]) -> None:

@@ -251,18 +251,21 @@ def test_errors(rng):
 
 def test_kernel_errors_are_ffi_errors(device):
     """The FFI handler validates its buffers and reports errors instead of crashing."""
+    target = "spdnn_sparse_linear_csr" if device.platform == "cpu" else "spdnn_sparse_linear_ell"
     x = jnp.ones((2, 4), jnp.float32)
-    call = jax.ffi.ffi_call("spdnn_sparse_linear", jax.ShapeDtypeStruct((2, 3), jnp.float32))
-    bad_indptr = jnp.zeros(7, jnp.int32)  # must be n_out + 1 = 4
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    attrs = dict(activation=np.int32(1), clip=np.float64(np.inf))
+    bad_ptr = jnp.zeros(7, jnp.int32)  # must be n_out + 1 (CSR) or n_slices + 1 (ELL)
     with pytest.raises(Exception, match="sparse_linear: inconsistent"):
         jax.block_until_ready(
-            call(x, jnp.ones(2, jnp.float32), jnp.zeros(3, jnp.float32), bad_indptr,
-                 jnp.zeros(2, jnp.int32), activation=np.int32(1), clip=np.float64(np.inf))
+            call(x, jnp.ones(32, jnp.float32), jnp.zeros(3, jnp.float32), bad_ptr,
+                 jnp.zeros(32, jnp.int32), **attrs)
         )
+    good_ptr = jnp.zeros(4 if device.platform == "cpu" else 2, jnp.int32)
     with pytest.raises(Exception, match="accumulation dtype"):
         jax.block_until_ready(
-            call(x, jnp.ones(2, jnp.float64), jnp.zeros(3, jnp.float32), jnp.zeros(4, jnp.int32),
-                 jnp.zeros(2, jnp.int32), activation=np.int32(1), clip=np.float64(np.inf))
+            call(x, jnp.ones(32, jnp.float64), jnp.zeros(3, jnp.float32), good_ptr,
+                 jnp.zeros(32, jnp.int32), **attrs)
         )
 
 

@@ -163,3 +163,39 @@ def test_triplet_and_scipy_validation():
     m = sd.SparseMatrix.from_dense(np.eye(2))
     with pytest.raises(ValueError, match="values must have shape \\(2,\\)"):
         m.with_values(np.ones(3))
+
+
+@given(
+    n_out=st.integers(0, 200),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_sliced_ell(n_out, density, seed):
+    """Every nonzero lands at slice_ptr[w] + 32 s + l with its value; padding is inert."""
+    rng = np.random.default_rng(seed)
+    w = random_sparse(rng, 50, n_out, density, empty_rows=0.3)
+    m = sd.SparseMatrix.from_scipy(w)
+    e = sd.pack_sliced_ell(m.structure)
+    n_slices = -(-n_out // 32)
+    assert e.slice_ptr.shape == (n_slices + 1,) and e.slice_ptr[0] == 0
+    assert e.total % 32 == 0 and e.total >= m.nnz
+    packed = np.asarray(e.pack_values(jnp.asarray(m.values)))
+    dense = np.zeros((50, n_out))
+    for wi in range(n_slices):
+        length = (e.slice_ptr[wi + 1] - e.slice_ptr[wi]) // 32
+        for lane in range(32):
+            j = 32 * wi + lane
+            slots = e.slice_ptr[wi] + 32 * np.arange(length) + lane
+            idx = e.indices[slots]
+            real = idx != sd.sparse.ELL_PAD_INDEX
+            assert np.all(np.diff(idx[real]) > 0) and np.all(real[: real.sum()])  # sorted, pads last
+            if j >= n_out:
+                assert not real.any()
+                continue
+            assert real.sum() == m.indptr[j + 1] - m.indptr[j]
+            assert np.all(packed[slots[~real]] == 0)
+            dense[idx[real], j] = packed[slots[real]]
+    np.testing.assert_array_equal(dense, w.toarray())
+    # regular rows: no padding
+    reg = sd.SparseMatrix(np.arange(0, 4 * 64 + 1, 4), np.tile([0, 1, 2, 3], 64), np.ones(256), (4, 64))
+    assert reg.structure.sliced_ell.padding == 1.0
