@@ -29,7 +29,7 @@ namespace {
 // Tuned defaults in one place.
 constexpr int kThreads = 256;
 constexpr int kRows = 8;                    // feature rows per block (weight reuse)
-constexpr int kMaxSharedBytes = 48 * 1024;  // shared-memory budget per block
+constexpr int kMaxSharedBytes = 64 * 1024;  // shared-memory budget per block
 constexpr int kSlice = 32;                  // outputs per ELL slice (= ELL_SLICE in sparse.py)
 constexpr int kMinBlocks = 3;               // resident blocks per SM the registers must allow
 
@@ -104,30 +104,70 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     };
 
+    constexpr int S = kSlice;
+    if (cn == n_in) {
+      // Whole rows are resident: only padding (index past every input) ends a
+      // row early; four weights a step.
 #pragma unroll
-    for (int o = 0; o < kOuts; ++o) {
-      int p = pos[o];
-      const int e = end[o];
-      // Four weights at a time while all four fall inside this chunk.
-      constexpr int S = kSlice;
-      while (p + 3 * S < e) {
-        const int i0 = __ldg(indices + p), i1 = __ldg(indices + p + S);
-        const int i2 = __ldg(indices + p + 2 * S), i3 = __ldg(indices + p + 3 * S);
-        if (i3 >= c1) break;
-        const A v0 = __ldg(values + p), v1 = __ldg(values + p + S);
-        const A v2 = __ldg(values + p + 2 * S), v3 = __ldg(values + p + 3 * S);
-        apply(o, v0, i0);
-        apply(o, v1, i1);
-        apply(o, v2, i2);
-        apply(o, v3, i3);
-        p += 4 * S;
+      for (int o = 0; o < kOuts; ++o) {
+        int p = pos[o];
+        const int e = end[o];
+        for (; p + 3 * S < e; p += 4 * S) {
+          const int i0 = __ldg(indices + p), i1 = __ldg(indices + p + S);
+          const int i2 = __ldg(indices + p + 2 * S), i3 = __ldg(indices + p + 3 * S);
+          if (i3 >= c1) break;  // padding sorts last: i0..i2 are real when i3 is
+          const A v0 = __ldg(values + p), v1 = __ldg(values + p + S);
+          const A v2 = __ldg(values + p + 2 * S), v3 = __ldg(values + p + 3 * S);
+          apply(o, v0, i0);
+          apply(o, v1, i1);
+          apply(o, v2, i2);
+          apply(o, v3, i3);
+        }
+        for (; p < e; p += S) {
+          const int i = __ldg(indices + p);
+          if (i >= c1) break;  // padding
+          apply(o, __ldg(values + p), i);
+        }
+        pos[o] = p;
       }
-      for (; p < e; p += S) {
-        const int i = __ldg(indices + p);
-        if (i >= c1) break;
-        apply(o, __ldg(values + p), i);
+    } else {
+      // Rows continue past this chunk.  Walk all kOuts rows in step, two slots
+      // each, so the independent weight loads overlap instead of forming one
+      // long dependent chain; a row stops at its first input past the chunk.
+      bool live[kOuts];
+#pragma unroll
+      for (int o = 0; o < kOuts; ++o) live[o] = pos[o] < end[o];
+      bool any = true;
+      while (any) {
+        int i0[kOuts], i1[kOuts];
+        A v0[kOuts], v1[kOuts];
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) {
+          i0[o] = i1[o] = c1;
+          if (live[o]) {
+            i0[o] = __ldg(indices + pos[o]);
+            v0[o] = __ldg(values + pos[o]);
+            if (pos[o] + S < end[o]) {
+              i1[o] = __ldg(indices + pos[o] + S);
+              v1[o] = __ldg(values + pos[o] + S);
+            }
+          }
+        }
+        any = false;
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) {
+          if (i0[o] < c1) {
+            apply(o, v0[o], i0[o]);
+            pos[o] += S;
+            if (i1[o] < c1) {
+              apply(o, v1[o], i1[o]);
+              pos[o] += S;
+            }
+          }
+          live[o] = i1[o] < c1 && pos[o] < end[o];
+          any |= live[o];
+        }
       }
-      pos[o] = p;
     }
   }
 
@@ -162,7 +202,16 @@ ffi::Error launch(cudaStream_t stream, const T* x, const A* values, const A* bia
   const int col_bytes = kRows * static_cast<int>(sizeof(A));
   const int chunk = std::max(1, std::min(n_in, kMaxSharedBytes / col_bytes));
   const size_t smem = static_cast<size_t>(chunk) * col_bytes;
-  sparse_linear_kernel<T, A, kOuts><<<static_cast<unsigned>(n_blocks), kThreads, smem, stream>>>(
+  auto kernel = sparse_linear_kernel<T, A, kOuts>;
+  if (smem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) {
+      return ffi::Error::Internal(std::string("sparse_linear: cudaFuncSetAttribute: ") +
+                                  cudaGetErrorString(err));
+    }
+  }
+  kernel<<<static_cast<unsigned>(n_blocks), kThreads, smem, stream>>>(
       x, values, bias, slice_ptr, indices, y, rows, n_in, n_out, chunk, n_groups, relu,
       static_cast<A>(clip));
   return last_launch_error("sparse_linear");

@@ -53,10 +53,11 @@ def test_matches_reference(device, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(
     "n_in,n_out,batch",
-    [(1, 1, 1), (31, 33, 1), (100, 257, 13), (2000, 70, 11), (777, 1100, 17), (64, 520, 9)],
+    [(1, 1, 1), (31, 33, 1), (100, 257, 13), (2000, 70, 11), (5000, 90, 9), (777, 1100, 17),
+     (64, 520, 9)],
 )
 def test_shapes_and_dtypes(device, rng, dtype, n_in, n_out, batch):
-    """Tile edges: sizes not multiples of 8/32/256, input chunking (n_in=2000),
+    """Tile edges: sizes not multiples of 8/32/256, input chunking (n_in=2000, 5000),
     several output groups per block (n_out=1100, 520)."""
     w = random_sparse(rng, n_in, n_out, min(1.0, 20 / n_in), empty_rows=0.1)
     W = sd.SparseMatrix.from_scipy(w)
