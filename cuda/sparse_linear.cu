@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 
@@ -51,7 +52,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     sparse_linear_kernel(const T* __restrict__ x, const A* __restrict__ values,
                          const A* __restrict__ bias, const int32_t* __restrict__ slice_ptr,
                          const int32_t* __restrict__ indices, T* __restrict__ y, int64_t rows,
-                         int n_in, int n_out, int chunk, int n_groups, bool relu, A clip) {
+                         int n_in, int n_out, int chunk, int n_groups, bool relu, A clip,
+                         bool vec_ok) {
   using V = Vec16<A>;
   using VT = typename V::type;
   constexpr int E = V::n;      // accumulators per 16-byte vector
@@ -82,12 +84,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   for (int c0 = 0; c0 < n_in; c0 += chunk) {
     const int cn = min(chunk, n_in - c0);
     __syncthreads();  // everyone is done with the previous chunk
+    auto put = [&](int c, int r, A v) { xs[(c * Q + ((r / E) ^ swizzle<Q>(c))) * E + (r % E)] = v; };
+    if constexpr (std::is_same_v<T, A>) {
+      if (vec_ok) {  // 16-byte loads of E features; chunk and n_in are multiples of E
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const T* xr = x + (row0 + r) * static_cast<int64_t>(n_in) + c0;
-      for (int c = threadIdx.x; c < cn; c += kThreads) {
-        const A v = r < valid ? load_acc<A>(xr + c) : A(0);
-        xs[(c * Q + ((r / E) ^ swizzle<Q>(c))) * E + (r % E)] = v;
+        for (int r = 0; r < kRows; ++r) {
+          const VT* xr = reinterpret_cast<const VT*>(x + (row0 + r) * static_cast<int64_t>(n_in) + c0);
+          for (int c = threadIdx.x; c < cn / E; c += kThreads) {
+            VT v;
+            if (r < valid) {
+              v = __ldg(xr + c);
+            } else {
+              v = VT{};
+            }
+#pragma unroll
+            for (int k = 0; k < E; ++k) put(c * E + k, r, V::get(v, k));
+          }
+        }
+      }
+    }
+    if (!(std::is_same_v<T, A> && vec_ok)) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const T* xr = x + (row0 + r) * static_cast<int64_t>(n_in) + c0;
+        for (int c = threadIdx.x; c < cn; c += kThreads) put(c, r, r < valid ? load_acc<A>(xr + c) : A(0));
       }
     }
     __syncthreads();
@@ -200,7 +220,10 @@ ffi::Error launch(cudaStream_t stream, const T* x, const A* values, const A* bia
     return ffi::Error::InvalidArgument("sparse_linear: batch too large for one launch");
   }
   const int col_bytes = kRows * static_cast<int>(sizeof(A));
-  const int chunk = std::max(1, std::min(n_in, kMaxSharedBytes / col_bytes));
+  constexpr int E = Vec16<A>::n;
+  // Chunks are multiples of E so 16-byte loads stay aligned (x is 16-byte aligned).
+  const int chunk = std::max(1, std::min(n_in, kMaxSharedBytes / col_bytes / E * E));
+  const bool vec_ok = n_in % E == 0;
   const size_t smem = static_cast<size_t>(chunk) * col_bytes;
   auto kernel = sparse_linear_kernel<T, A, kOuts>;
   if (smem > 48 * 1024) {
@@ -213,7 +236,7 @@ ffi::Error launch(cudaStream_t stream, const T* x, const A* values, const A* bia
   }
   kernel<<<static_cast<unsigned>(n_blocks), kThreads, smem, stream>>>(
       x, values, bias, slice_ptr, indices, y, rows, n_in, n_out, chunk, n_groups, relu,
-      static_cast<A>(clip));
+      static_cast<A>(clip), vec_ok);
   return last_launch_error("sparse_linear");
 }
 
