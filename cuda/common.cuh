@@ -34,6 +34,9 @@ template <> struct Vec16<float> {
   __device__ __forceinline__ static float get(const float4& v, int k) {
     return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
   }
+  __device__ __forceinline__ static float4 make(const float* e) {
+    return make_float4(e[0], e[1], e[2], e[3]);
+  }
 };
 template <> struct Vec16<double> {
   using type = double2;
@@ -41,6 +44,7 @@ template <> struct Vec16<double> {
   __device__ __forceinline__ static double get(const double2& v, int k) {
     return k == 0 ? v.x : v.y;
   }
+  __device__ __forceinline__ static double2 make(const double* e) { return make_double2(e[0], e[1]); }
 };
 
 inline xla::ffi::Error last_launch_error(const char* what) {

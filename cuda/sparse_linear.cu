@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/common.cuh"
 
@@ -34,17 +33,14 @@ constexpr int kMaxSharedBytes = 64 * 1024;  // shared-memory budget per block
 constexpr int kSlice = 32;                  // outputs per ELL slice (= ELL_SLICE in sparse.py)
 constexpr int kMinBlocks = 3;               // resident blocks per SM the registers must allow
 
+// Shared-memory slot of the 16-byte vector holding rows [q*E, q*E + E) of staged
+// column c.  XOR-ing the low three bits with the next three spreads both access
+// patterns over the 8 bank quads: random columns (compute) and consecutive
+// columns (staging).  A bijection within each aligned group of 8 vectors.
 template <int Q>
-__device__ __forceinline__ int swizzle(int c) {
-  if constexpr (Q >= 8) {
-    return c & 7;
-  } else if constexpr (Q == 4) {
-    return (c >> 1) & 3;
-  } else if constexpr (Q == 2) {
-    return (c >> 2) & 1;
-  } else {
-    return 0;
-  }
+__device__ __forceinline__ int vec_slot(int c, int q) {
+  const int v = c * Q + q;
+  return v ^ ((v >> 3) & 7);
 }
 
 template <typename T, typename A, int kOuts>
@@ -52,8 +48,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     sparse_linear_kernel(const T* __restrict__ x, const A* __restrict__ values,
                          const A* __restrict__ bias, const int32_t* __restrict__ slice_ptr,
                          const int32_t* __restrict__ indices, T* __restrict__ y, int64_t rows,
-                         int n_in, int n_out, int chunk, int n_groups, bool relu, A clip,
-                         bool vec_ok) {
+                         int n_in, int n_out, int chunk, int n_groups, bool relu, A clip) {
   using V = Vec16<A>;
   using VT = typename V::type;
   constexpr int E = V::n;      // accumulators per 16-byte vector
@@ -61,7 +56,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   static_assert(kRows % E == 0, "kRows must fill whole 16-byte vectors");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* xs = reinterpret_cast<A*>(smem_raw);
   const VT* xv = reinterpret_cast<const VT*>(smem_raw);
 
   const int64_t tile = blockIdx.x / n_groups;
@@ -84,30 +78,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   for (int c0 = 0; c0 < n_in; c0 += chunk) {
     const int cn = min(chunk, n_in - c0);
     __syncthreads();  // everyone is done with the previous chunk
-    auto put = [&](int c, int r, A v) { xs[(c * Q + ((r / E) ^ swizzle<Q>(c))) * E + (r % E)] = v; };
-    if constexpr (std::is_same_v<T, A>) {
-      if (vec_ok) {  // 16-byte loads of E features; chunk and n_in are multiples of E
+    // Each thread gathers E rows of one column (loads coalesced across the warp
+    // along the column) and writes them as one conflict-free 16-byte vector.
+    VT* xw = reinterpret_cast<VT*>(smem_raw);
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const VT* xr = reinterpret_cast<const VT*>(x + (row0 + r) * static_cast<int64_t>(n_in) + c0);
-          for (int c = threadIdx.x; c < cn / E; c += kThreads) {
-            VT v;
-            if (r < valid) {
-              v = __ldg(xr + c);
-            } else {
-              v = VT{};
-            }
+    for (int q = 0; q < Q; ++q) {
+      for (int c = threadIdx.x; c < cn; c += kThreads) {
+        A e[E];
 #pragma unroll
-            for (int k = 0; k < E; ++k) put(c * E + k, r, V::get(v, k));
-          }
+        for (int k = 0; k < E; ++k) {
+          const int r = q * E + k;
+          e[k] = r < valid ? load_acc<A>(x + (row0 + r) * static_cast<int64_t>(n_in) + c0 + c) : A(0);
         }
-      }
-    }
-    if (!(std::is_same_v<T, A> && vec_ok)) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const T* xr = x + (row0 + r) * static_cast<int64_t>(n_in) + c0;
-        for (int c = threadIdx.x; c < cn; c += kThreads) put(c, r, r < valid ? load_acc<A>(xr + c) : A(0));
+        xw[vec_slot<Q>(c, q)] = V::make(e);
       }
     }
     __syncthreads();
@@ -115,10 +98,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
     auto apply = [&](int o, A v, int i) {
       const int c = i - c0;
-      const int sw = swizzle<Q>(c);
 #pragma unroll
       for (int q = 0; q < Q; ++q) {
-        const VT f = xv[c * Q + (q ^ sw)];
+        const VT f = xv[vec_slot<Q>(c, q)];
 #pragma unroll
         for (int k = 0; k < E; ++k) acc[o][q * E + k] = fma(v, V::get(f, k), acc[o][q * E + k]);
       }
@@ -220,11 +202,9 @@ ffi::Error launch(cudaStream_t stream, const T* x, const A* values, const A* bia
     return ffi::Error::InvalidArgument("sparse_linear: batch too large for one launch");
   }
   const int col_bytes = kRows * static_cast<int>(sizeof(A));
-  constexpr int E = Vec16<A>::n;
-  // Chunks are multiples of E so 16-byte loads stay aligned (x is 16-byte aligned).
-  const int chunk = std::max(1, std::min(n_in, kMaxSharedBytes / col_bytes / E * E));
-  const bool vec_ok = n_in % E == 0;
-  const size_t smem = static_cast<size_t>(chunk) * col_bytes;
+  // Chunks of whole groups of 8 columns keep the swizzle inside the buffer.
+  const int chunk = std::max(1, std::min(n_in, kMaxSharedBytes / col_bytes / 8 * 8));
+  const size_t smem = static_cast<size_t>((chunk + 7) / 8 * 8) * col_bytes;
   auto kernel = sparse_linear_kernel<T, A, kOuts>;
   if (smem > 48 * 1024) {
     cudaError_t err =
@@ -236,7 +216,7 @@ ffi::Error launch(cudaStream_t stream, const T* x, const A* values, const A* bia
   }
   kernel<<<static_cast<unsigned>(n_blocks), kThreads, smem, stream>>>(
       x, values, bias, slice_ptr, indices, y, rows, n_in, n_out, chunk, n_groups, relu,
-      static_cast<A>(clip), vec_ok);
+      static_cast<A>(clip));
   return last_launch_error("sparse_linear");
 }
 
