@@ -33,7 +33,7 @@ import jax_spdnn as sd  # noqa: E402
 BIAS, CLIP = -0.3, 32.0
 
 
-def gpu_rows(n, batch, bw, iters):
+def gpu_rows(n, batch, bw, iters, ours_only=False):
     from jax.experimental import sparse as jsparse
 
     # Without this flag jax.experimental.sparse lowers to XLA gathers, not cuSPARSE.
@@ -59,7 +59,10 @@ def gpu_rows(n, batch, bw, iters):
 
     ours = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
     y_ours = jax.jit(ours)(x)
-    record("jax_spdnn sparse_linear", time_iterated(ours, x, iters=iters))
+    tag = f" [SPDNN_LINEAR_OUTS={os.environ['SPDNN_LINEAR_OUTS']}]" if "SPDNN_LINEAR_OUTS" in os.environ else ""
+    record("jax_spdnn sparse_linear" + tag, time_iterated(ours, x, iters=iters))
+    if ours_only:
+        return rows
 
     wt = jsparse.BCSR.from_scipy_sparse(w.T.tocsr().astype(np.float32))
 
@@ -131,6 +134,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default 60000 on GPU, 4000 on CPU")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--ours-only", action="store_true", help="skip the peers (kernel tuning runs)")
     args = p.parse_args(argv)
     env = environment()
     rows = []
@@ -138,7 +142,7 @@ def main(argv=None):
     if env["platform"] == "gpu" or env["platform"] == "cuda":
         bw = copy_bandwidth()
         for n in args.neurons:
-            rows += gpu_rows(n, args.batch or 60000, bw, args.iters)
+            rows += gpu_rows(n, args.batch or 60000, bw, args.iters, args.ours_only)
     else:
         for n in args.neurons:
             rows += cpu_rows(n, args.batch or 4000)

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "cuda/common.cuh"
 
@@ -31,7 +32,10 @@ constexpr int kThreads = 256;
 constexpr int kRows = 8;                    // feature rows per block (weight reuse)
 constexpr int kMaxSharedBytes = 64 * 1024;  // shared-memory budget per block
 constexpr int kSlice = 32;                  // outputs per ELL slice (= ELL_SLICE in sparse.py)
-constexpr int kMinBlocks = 3;               // resident blocks per SM the registers must allow
+// Resident blocks per SM the registers must allow: 3 for up to 32 accumulators
+// per thread, 2 for the 64 of the widest output group.
+template <int kOuts, typename A>
+constexpr int kMinBlocks = kOuts * kRows * sizeof(A) > 128 ? 2 : 3;
 
 // Shared-memory slot of the 16-byte vector holding rows [q*E, q*E + E) of staged
 // column c.  XOR-ing the low three bits with the next three spreads both access
@@ -44,7 +48,7 @@ __device__ __forceinline__ int vec_slot(int c, int q) {
 }
 
 template <typename T, typename A, int kOuts>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
     sparse_linear_kernel(const T* __restrict__ x, const A* __restrict__ values,
                          const A* __restrict__ bias, const int32_t* __restrict__ slice_ptr,
                          const int32_t* __restrict__ indices, T* __restrict__ y, int64_t rows,
@@ -236,13 +240,27 @@ ffi::Error dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values
   auto* yp = reinterpret_cast<T*>(y->untyped_data());
   // Wider output groups share one staged tile among more outputs; doubles keep
   // fewer accumulators to stay within registers.
+  // Wider output groups share one staged tile among more outputs (less staging
+  // traffic when rows span several chunks) at the cost of registers/occupancy.
+  // SPDNN_LINEAR_OUTS overrides the choice (1, 2, 4 or 8) for tuning.
+  static const int forced = [] {
+    const char* env = std::getenv("SPDNN_LINEAR_OUTS");
+    return env ? std::atoi(env) : 0;
+  }();
+  int outs = forced;
+  if (outs == 0) {
+    const bool chunked = static_cast<int64_t>(n_in) * kRows * sizeof(A) > kMaxSharedBytes;
+    outs = (chunked && n_out >= 8 * kThreads) ? 8 : n_out >= 4 * kThreads ? 4 : n_out >= 2 * kThreads ? 2 : 1;
+  }
   if constexpr (sizeof(A) == 4) {
-    if (n_out >= 4 * kThreads) {
-      return launch<T, A, 4>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu,
-                             clip);
+    if (outs >= 8) {
+      return launch<T, A, 8>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);
     }
   }
-  if (n_out >= 2 * kThreads) {
+  if (outs >= 4) {
+    return launch<T, A, 4>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);
+  }
+  if (outs >= 2) {
     return launch<T, A, 2>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);
   }
   return launch<T, A, 1>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);

@@ -37,3 +37,10 @@ if [[ " $steps " == *" bench "* ]]; then
   echo "== bench"
   $PY benchmarks/bench_linear.py --json "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.log" | tail -20
 fi
+
+if [[ " $steps " == *" tune "* ]]; then
+  echo "== tune (output-group width)"
+  for outs in 2 4 8; do
+    SPDNN_LINEAR_OUTS=$outs $PY benchmarks/bench_linear.py --ours-only 2>&1 | grep "^| [0-9]" | tee -a "$OUT/tune.log"
+  done
+fi
