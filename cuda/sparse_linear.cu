@@ -33,7 +33,7 @@ constexpr int kRows = 8;                    // feature rows per block (weight re
 constexpr int kMaxSharedBytes = 64 * 1024;  // shared-memory budget per block
 constexpr int kSlice = 32;                  // outputs per ELL slice (= ELL_SLICE in sparse.py)
 // Resident blocks per SM the registers must allow: 3 for up to 32 accumulators
-// per thread, 2 for the 64 of the widest output group.
+// per thread, 2 for more (4 double outputs).
 template <int kOuts, typename A>
 constexpr int kMinBlocks = kOuts * kRows * sizeof(A) > 128 ? 2 : 3;
 
@@ -241,22 +241,16 @@ ffi::Error dispatch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values
   // Wider output groups share one staged tile among more outputs; doubles keep
   // fewer accumulators to stay within registers.
   // Wider output groups share one staged tile among more outputs (less staging
-  // traffic when rows span several chunks) at the cost of registers/occupancy.
-  // SPDNN_LINEAR_OUTS overrides the choice (1, 2, 4 or 8) for tuning.
+  // traffic when rows span several chunks) at the cost of registers.  Measured
+  // on H100 (benchmarks/RESULTS.md): 4 beats 2 everywhere and 8 (64
+  // accumulators, 2 blocks/SM) loses to 4 even at N = 16384.
+  // SPDNN_LINEAR_OUTS overrides the choice (1, 2 or 4) for tuning runs.
   static const int forced = [] {
     const char* env = std::getenv("SPDNN_LINEAR_OUTS");
     return env ? std::atoi(env) : 0;
   }();
   int outs = forced;
-  if (outs == 0) {
-    const bool chunked = static_cast<int64_t>(n_in) * kRows * sizeof(A) > kMaxSharedBytes;
-    outs = (chunked && n_out >= 8 * kThreads) ? 8 : n_out >= 4 * kThreads ? 4 : n_out >= 2 * kThreads ? 2 : 1;
-  }
-  if constexpr (sizeof(A) == 4) {
-    if (outs >= 8) {
-      return launch<T, A, 8>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);
-    }
-  }
+  if (outs == 0) outs = n_out >= 4 * kThreads ? 4 : n_out >= 2 * kThreads ? 2 : 1;
   if (outs >= 4) {
     return launch<T, A, 4>(stream, xp, vp, bp, slice_ptr, indices, yp, rows, n_in, n_out, relu, clip);
   }

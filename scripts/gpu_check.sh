@@ -40,7 +40,7 @@ fi
 
 if [[ " $steps " == *" tune "* ]]; then
   echo "== tune (output-group width)"
-  for outs in 2 4 8; do
+  for outs in 1 2 4; do
     SPDNN_LINEAR_OUTS=$outs $PY benchmarks/bench_linear.py --ours-only 2>&1 | grep "^| [0-9]" | tee -a "$OUT/tune.log"
   done
 fi
