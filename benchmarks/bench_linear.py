@@ -26,7 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import copy_bandwidth, environment, random_regular_layer, time_fn, time_iterated  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth,
+    environment,
+    random_regular_layer,
+    time_fn,
+    time_iterated,
+)
 
 import jax_spdnn as sd  # noqa: E402
 
@@ -51,15 +57,24 @@ def gpu_rows(n, batch, bw, iters, ours_only=False):
     def record(name, seconds, check=None):
         rows.append(
             {
-                "N": n, "batch": batch, "method": name, "ms": seconds * 1e3,
-                "TE/s": edges / seconds / 1e12, "floor_ms": floor_s * 1e3,
-                "pct_floor": 100 * floor_s / seconds, "max_abs_diff": check,
+                "N": n,
+                "batch": batch,
+                "method": name,
+                "ms": seconds * 1e3,
+                "TE/s": edges / seconds / 1e12,
+                "floor_ms": floor_s * 1e3,
+                "pct_floor": 100 * floor_s / seconds,
+                "max_abs_diff": check,
             }
         )
 
     ours = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
     y_ours = jax.jit(ours)(x)
-    tag = f" [SPDNN_LINEAR_OUTS={os.environ['SPDNN_LINEAR_OUTS']}]" if "SPDNN_LINEAR_OUTS" in os.environ else ""
+    tag = (
+        f" [SPDNN_LINEAR_OUTS={os.environ['SPDNN_LINEAR_OUTS']}]"
+        if "SPDNN_LINEAR_OUTS" in os.environ
+        else ""
+    )
     record("jax_spdnn sparse_linear" + tag, time_iterated(ours, x, iters=iters))
     if ours_only:
         return rows
@@ -70,11 +85,17 @@ def gpu_rows(n, batch, bw, iters, ours_only=False):
         return jnp.clip((wt @ h.T).T + BIAS, 0.0, CLIP)
 
     y_cs = jax.jit(cusparse)(x)
-    record("jax.experimental.sparse BCSR (cuSPARSE) + clamp", time_iterated(cusparse, x, iters=iters),
-           float(jnp.max(jnp.abs(y_cs - y_ours))))
+    record(
+        "jax.experimental.sparse BCSR (cuSPARSE) + clamp",
+        time_iterated(cusparse, x, iters=iters),
+        float(jnp.max(jnp.abs(y_cs - y_ours))),
+    )
 
     wd = jnp.asarray(w.toarray(), jnp.float32)
-    for name, dt in (("dense XLA matmul bf16", jnp.bfloat16), ("dense XLA matmul f32 (default precision)", jnp.float32)):
+    for name, dt in (
+        ("dense XLA matmul bf16", jnp.bfloat16),
+        ("dense XLA matmul f32 (default precision)", jnp.float32),
+    ):
         wdt = wd.astype(dt)
 
         def dense(h, wdt=wdt, dt=dt):
@@ -97,8 +118,15 @@ def cpu_rows(n, batch):
     xj = jnp.asarray(x)
     t = time_fn(f, xj, trials=3, min_time=0.5)
     y = np.asarray(f(xj))
-    rows.append({"N": n, "batch": batch, "method": "jax_spdnn sparse_linear (CPU)", "ms": t * 1e3,
-                 "TE/s": edges / t / 1e12})
+    rows.append(
+        {
+            "N": n,
+            "batch": batch,
+            "method": "jax_spdnn sparse_linear (CPU)",
+            "ms": t * 1e3,
+            "TE/s": edges / t / 1e12,
+        }
+    )
     wcsr = w.tocsr().astype(np.float32)
 
     def scipy_layer():
@@ -111,25 +139,37 @@ def cpu_rows(n, batch):
         scipy_layer()
         samples.append(time.perf_counter() - t0)
     t = float(np.median(samples))
-    rows.append({"N": n, "batch": batch, "method": "scipy.sparse + clip", "ms": t * 1e3,
-                 "TE/s": edges / t / 1e12, "max_abs_diff": float(np.max(np.abs(y_ref - y)))})
+    rows.append(
+        {
+            "N": n,
+            "batch": batch,
+            "method": "scipy.sparse + clip",
+            "ms": t * 1e3,
+            "TE/s": edges / t / 1e12,
+            "max_abs_diff": float(np.max(np.abs(y_ref - y))),
+        }
+    )
     return rows
 
 
 def print_table(rows, env, bw=None):
-    print(f"\n{env['device']} ({env['platform']}), jax {env['jax']}, jaxlib {env['jaxlib']}, {env['date']}")
+    e = env
+    print(f"\n{e['device']} ({e['platform']}), jax {e['jax']}, jaxlib {e['jaxlib']}, {e['date']}")
     if bw:
         print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
-    print(f"| N | batch | method | ms | TE/s | % of floor | max |diff| vs ours |")
+    print("| N | batch | method | ms | TE/s | % of floor | max |diff| vs ours |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         pf = f"{r['pct_floor']:.1f}" if r.get("pct_floor") is not None else "-"
         d = f"{r['max_abs_diff']:.2g}" if r.get("max_abs_diff") is not None else "-"
-        print(f"| {r['N']} | {r['batch']} | {r['method']} | {r['ms']:.3f} | {r['TE/s']:.3f} | {pf} | {d} |")
+        cells = [r["N"], r["batch"], r["method"], f"{r['ms']:.3f}", f"{r['TE/s']:.3f}", pf, d]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--neurons", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--batch", type=int, default=None, help="default 60000 on GPU, 4000 on CPU")
     p.add_argument("--iters", type=int, default=20)

@@ -10,8 +10,8 @@ import time
 from datetime import date
 
 import jax
-import jaxlib
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax import lax
 

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import core as _core
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -162,23 +161,46 @@ sparse_linear_p.def_impl(partial(jax._src.dispatch.apply_primitive, sparse_linea
 def _ffi(target, structure, x, packed_values, bias, index_a, index_b, activation, clip):
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (structure.n_out,), x.dtype)
     return jax.ffi.ffi_call(target, out)(
-        x, packed_values, bias, jnp.asarray(index_a), jnp.asarray(index_b),
-        activation=np.int32(activation), clip=np.float64(clip),
+        x,
+        packed_values,
+        bias,
+        jnp.asarray(index_a),
+        jnp.asarray(index_b),
+        activation=np.int32(activation),
+        clip=np.float64(clip),
     )
 
 
 def _cpu_impl(x, values, bias, *, structure: Structure, activation: int, clip: float):
     # CPU kernel reads the CSR arrays directly.
-    return _ffi(_CPU_TARGET, structure, x, values, bias, structure.indptr, structure.indices,
-                activation, clip)
+    return _ffi(
+        _CPU_TARGET,
+        structure,
+        x,
+        values,
+        bias,
+        structure.indptr,
+        structure.indices,
+        activation,
+        clip,
+    )
 
 
 def _cuda_impl(x, values, bias, *, structure: Structure, activation: int, clip: float):
     # CUDA kernel reads warp-sliced ELL: the structure is packed once (cached),
     # the values are gathered into the packed order here, per call.
     ell = structure.sliced_ell
-    return _ffi(_CUDA_TARGET, structure, x, ell.pack_values(values), bias, ell.slice_ptr,
-                ell.indices, activation, clip)
+    return _ffi(
+        _CUDA_TARGET,
+        structure,
+        x,
+        ell.pack_values(values),
+        bias,
+        ell.slice_ptr,
+        ell.indices,
+        activation,
+        clip,
+    )
 
 
 if _native.has_target(_CPU_TARGET, "cpu"):
@@ -279,9 +301,13 @@ def _batch(args, dims, *, structure: Structure, activation: int, clip: float):
     lead = x.shape[:-2]
     x = x.reshape(lead + (size * structure.n_in,))
     values = (
-        jnp.broadcast_to(values, (size, structure.nnz)) if vd is None else jnp.moveaxis(values, vd, 0)
+        jnp.broadcast_to(values, (size, structure.nnz))
+        if vd is None
+        else jnp.moveaxis(values, vd, 0)
     )
-    bias = jnp.broadcast_to(bias, (size, structure.n_out)) if bd is None else jnp.moveaxis(bias, bd, 0)
+    bias = (
+        jnp.broadcast_to(bias, (size, structure.n_out)) if bd is None else jnp.moveaxis(bias, bd, 0)
+    )
     out = sparse_linear_p.bind(
         x,
         values.reshape(-1),

@@ -205,9 +205,7 @@ def _check_structure(indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, 
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n_in:
             bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"SparseMatrix: input index {bad} out of range for n_in={n_in}"
-            )
+            raise ValueError(f"SparseMatrix: input index {bad} out of range for n_in={n_in}")
         # Strictly increasing within each row: equal neighbours are duplicates.
         d = np.diff(indices.astype(np.int64))
         row_start = np.zeros(indices.shape[0], dtype=bool)
@@ -264,8 +262,10 @@ def _from_sorted_triplets(
     cols_s = cols[order].astype(np.int64)
     counts = np.bincount(cols_s, minlength=n_out) if n_out else np.zeros(0, np.int64)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    dt = np.dtype(dtype) if dtype is not None else (
-        vals.dtype if np.issubdtype(vals.dtype, np.floating) else np.dtype(np.float32)
+    dt = (
+        np.dtype(dtype)
+        if dtype is not None
+        else (vals.dtype if np.issubdtype(vals.dtype, np.floating) else np.dtype(np.float32))
     )
     return SparseMatrix(indptr, rows[order], vals[order].astype(dt), (n_in, n_out))
 
@@ -366,7 +366,9 @@ class SparseMatrix:
         entries (a non-canonical COO/CSR) raise ``ValueError``.
         """
         if not sps.issparse(matrix):
-            raise TypeError(f"SparseMatrix.from_scipy expects a scipy.sparse matrix, got {type(matrix)}")
+            raise TypeError(
+                f"SparseMatrix.from_scipy expects a scipy.sparse matrix, got {type(matrix)}"
+            )
         coo = matrix.tocoo()
         return _from_sorted_triplets(coo.row, coo.col, coo.data, coo.shape, dtype)
 
@@ -379,7 +381,11 @@ class SparseMatrix:
         if not np.all(np.isfinite(w)):
             raise ValueError("SparseMatrix: values must be finite (dense input has NaN/Inf)")
         rows, cols = np.nonzero(np.abs(w) > threshold)
-        dt = dtype if dtype is not None else (w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32)
+        dt = (
+            dtype
+            if dtype is not None
+            else (w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32)
+        )
         return _from_sorted_triplets(rows, cols, w[rows, cols], w.shape, dt)
 
     @classmethod

@@ -6,9 +6,7 @@ import scipy.sparse as sps
 
 def random_sparse(rng, n_in, n_out, density, *, empty_rows=0.0, dtype=np.float64):
     """A random ``scipy.sparse.csc_matrix`` [n_in, n_out]; some output columns emptied."""
-    m = sps.random(
-        n_in, n_out, density=density, format="csc", dtype=np.float64, random_state=rng
-    )
+    m = sps.random(n_in, n_out, density=density, format="csc", dtype=np.float64, random_state=rng)
     m.data = rng.standard_normal(m.nnz)
     if empty_rows > 0 and n_out > 0:
         dead = rng.random(n_out) < empty_rows

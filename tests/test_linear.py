@@ -53,8 +53,15 @@ def test_matches_reference(device, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(
     "n_in,n_out,batch",
-    [(1, 1, 1), (31, 33, 1), (100, 257, 13), (2000, 70, 11), (5000, 90, 9), (777, 1100, 17),
-     (64, 520, 9)],
+    [
+        (1, 1, 1),
+        (31, 33, 1),
+        (100, 257, 13),
+        (2000, 70, 11),
+        (5000, 90, 9),
+        (777, 1100, 17),
+        (64, 520, 9),
+    ],
 )
 def test_shapes_and_dtypes(device, rng, dtype, n_in, n_out, batch):
     """Tile edges: sizes not multiples of 8/32/256, input chunking (n_in=2000, 5000),
@@ -84,10 +91,12 @@ def test_values_at_clip_and_zero(device):
     """Exactly representable sums: outputs equal to 0 and to clip come out exact."""
     w = np.zeros((4, 3))
     w[0, 0] = w[1, 0] = 1.0  # output 0 = x0 + x1
-    w[2, 1] = 1.0            # output 1 = x2
-    w[3, 2] = -1.0           # output 2 = -x3
+    w[2, 1] = 1.0  # output 1 = x2
+    w[3, 2] = -1.0  # output 2 = -x3
     W = sd.SparseMatrix.from_dense(w, dtype=np.float32)
-    x = np.array([[16.0, 16.0, 0.0, 0.0], [1.0, 1.0, 32.0, 5.0], [40.0, 0.0, 31.5, -2.0]], np.float32)
+    x = np.array(
+        [[16.0, 16.0, 0.0, 0.0], [1.0, 1.0, 32.0, 5.0], [40.0, 0.0, 31.5, -2.0]], np.float32
+    )
     y = np.asarray(sd.sparse_linear(x, W, clip=32.0))
     np.testing.assert_array_equal(y, [[32.0, 0.0, 0.0], [2.0, 32.0, 0.0], [32.0, 31.5, 2.0]])
 
@@ -117,7 +126,9 @@ def test_nan_propagates(device):
 
 
 def test_empty_matrix(device, rng):
-    W = sd.SparseMatrix(np.zeros(6, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), (7, 5))
+    W = sd.SparseMatrix(
+        np.zeros(6, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), (7, 5)
+    )
     x = rng.standard_normal((4, 7)).astype(np.float32)
     y = sd.sparse_linear(x, W, np.arange(5, dtype=np.float32) - 2.0)
     np.testing.assert_array_equal(np.asarray(y), np.tile([0.0, 0.0, 0.0, 1.0, 2.0], (4, 1)))
@@ -170,7 +181,9 @@ def test_nested_vmap_and_jit(device, rng):
     assert_matches_ref(y[1, 2], x, W.with_values(vals[1, 2]).to_scipy())
 
 
-@pytest.mark.parametrize("activation,clip", [(None, None), ("relu", None), ("relu", 0.7), (None, 0.7)])
+@pytest.mark.parametrize(
+    "activation,clip", [(None, None), ("relu", None), ("relu", 0.7), (None, 0.7)]
+)
 def test_grads(device, rng, activation, clip):
     _, W = _layer(rng)
     x = rng.standard_normal((5, 24))
@@ -180,7 +193,9 @@ def test_grads(device, rng, activation, clip):
         return sd.sparse_linear(x, W.with_values(v), b, activation=activation, clip=clip)
 
     order = 2 if activation is None and clip is None else 1
-    check_grads(f, (x, W.values, b), order=order, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
+    check_grads(
+        f, (x, W.values, b), order=order, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5, eps=1e-6
+    )
 
 
 def test_grad_matches_dense(device, rng):
@@ -240,7 +255,9 @@ def test_errors(rng):
         sd.sparse_linear(np.ones((2, 23), np.float32), W)
     with pytest.raises(TypeError, match="float32, float64, bfloat16 or float16, got int32"):
         sd.sparse_linear(np.ones((2, 24), np.int32), W)
-    with pytest.raises(ValueError, match=r"bias must be a scalar or have shape \(n_out,\) = \(18,\)"):
+    with pytest.raises(
+        ValueError, match=r"bias must be a scalar or have shape \(n_out,\) = \(18,\)"
+    ):
         sd.sparse_linear(x, W, np.ones(17, np.float32))
     with pytest.raises(ValueError, match="activation must be one of"):
         sd.sparse_linear(x, W, activation="gelu")
@@ -259,14 +276,26 @@ def test_kernel_errors_are_ffi_errors(device):
     bad_ptr = jnp.zeros(7, jnp.int32)  # must be n_out + 1 (CSR) or n_slices + 1 (ELL)
     with pytest.raises(Exception, match="sparse_linear: inconsistent"):
         jax.block_until_ready(
-            call(x, jnp.ones(32, jnp.float32), jnp.zeros(3, jnp.float32), bad_ptr,
-                 jnp.zeros(32, jnp.int32), **attrs)
+            call(
+                x,
+                jnp.ones(32, jnp.float32),
+                jnp.zeros(3, jnp.float32),
+                bad_ptr,
+                jnp.zeros(32, jnp.int32),
+                **attrs,
+            )
         )
     good_ptr = jnp.zeros(4 if device.platform == "cpu" else 2, jnp.int32)
     with pytest.raises(Exception, match="accumulation dtype"):
         jax.block_until_ready(
-            call(x, jnp.ones(32, jnp.float64), jnp.zeros(3, jnp.float32), good_ptr,
-                 jnp.zeros(32, jnp.int32), **attrs)
+            call(
+                x,
+                jnp.ones(32, jnp.float64),
+                jnp.zeros(3, jnp.float32),
+                good_ptr,
+                jnp.zeros(32, jnp.int32),
+                **attrs,
+            )
         )
 
 

@@ -109,9 +109,7 @@ def test_block_diag_structure():
     m = sd.SparseMatrix.from_scipy(w)
     bd = m.structure.block_diag(3)
     big = sd.SparseMatrix(bd.indptr, bd.indices, np.tile(np.asarray(m.values), 3), bd.shape)
-    np.testing.assert_array_equal(
-        np.asarray(big.todense()), sps.block_diag([w, w, w]).toarray()
-    )
+    np.testing.assert_array_equal(np.asarray(big.todense()), sps.block_diag([w, w, w]).toarray())
 
 
 # -- validation ---------------------------------------------------------------------
@@ -188,7 +186,9 @@ def test_pack_sliced_ell(n_out, density, seed):
             slots = e.slice_ptr[wi] + 32 * np.arange(length) + lane
             idx = e.indices[slots]
             real = idx != sd.sparse.ELL_PAD_INDEX
-            assert np.all(np.diff(idx[real]) > 0) and np.all(real[: real.sum()])  # sorted, pads last
+            assert np.all(np.diff(idx[real]) > 0) and np.all(
+                real[: real.sum()]
+            )  # sorted, pads last
             if j >= n_out:
                 assert not real.any()
                 continue
@@ -197,5 +197,7 @@ def test_pack_sliced_ell(n_out, density, seed):
             dense[idx[real], j] = packed[slots[real]]
     np.testing.assert_array_equal(dense, w.toarray())
     # regular rows: no padding
-    reg = sd.SparseMatrix(np.arange(0, 4 * 64 + 1, 4), np.tile([0, 1, 2, 3], 64), np.ones(256), (4, 64))
+    reg = sd.SparseMatrix(
+        np.arange(0, 4 * 64 + 1, 4), np.tile([0, 1, 2, 3], 64), np.ones(256), (4, 64)
+    )
     assert reg.structure.sliced_ell.padding == 1.0
