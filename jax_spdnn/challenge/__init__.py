@@ -1,5 +1,5 @@
-"""Sparse DNN Graph Challenge: network and input generation (more to come:
-official file formats, reference inference, truth check)."""
+"""Sparse DNN Graph Challenge: official file formats, generated networks and inputs,
+the float64 reference and the truth check."""
 
 from jax_spdnn.challenge.generate import (
     CHALLENGE_BIAS,
@@ -8,5 +8,39 @@ from jax_spdnn.challenge.generate import (
     radixnet_layer,
     random_inputs,
 )
+from jax_spdnn.challenge.io import (
+    read_categories,
+    read_images,
+    read_layer,
+    read_layers,
+    write_categories,
+    write_images,
+    write_layer,
+    write_layers,
+)
+from jax_spdnn.challenge.reference import (
+    ReferenceResult,
+    TruthCheck,
+    check_categories,
+    reference_inference,
+)
 
-__all__ = ["CHALLENGE_BIAS", "challenge_bias", "radixnet", "radixnet_layer", "random_inputs"]
+__all__ = [
+    "CHALLENGE_BIAS",
+    "ReferenceResult",
+    "TruthCheck",
+    "challenge_bias",
+    "check_categories",
+    "radixnet",
+    "radixnet_layer",
+    "random_inputs",
+    "read_categories",
+    "read_images",
+    "read_layer",
+    "read_layers",
+    "reference_inference",
+    "write_categories",
+    "write_images",
+    "write_layer",
+    "write_layers",
+]

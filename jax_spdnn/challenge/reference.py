@@ -1,0 +1,145 @@
+"""Float64 reference inference and the truth check, aware of exact ties.
+
+The challenge recurrence (MATLAB ``inferenceReLUvec.m``) is ``Z = Y W; Y = Z + b (Z != 0);
+Y(Y < 0) = 0; Y(Y > clip) = clip``; with non-positive biases this equals
+``Y = min(max(Y W + b, 0), clip)``.
+
+**Ties.** With weights like 1/16 and biases like -0.3 a pre-activation can be exactly zero in
+exact arithmetic, and float rounding order then decides whether a neuron (and possibly an
+image) survives.  With non-negative weights every output is monotone in every input, so
+resolving all ties to 0 and all to a small positive value bounds every rounding order.  The
+reference runs both bounds: a lower trajectory that subtracts a slack of ``tol * (1 + |z| +
+|b|)`` from every stored pre-activation and an upper one that adds it (``tol`` covers float32
+rounding of one layer).  Exact ties fall inside the slack; so do rows sitting on an unstable
+fixed point of the recurrence (e.g. a uniform row at 0.3 with 32 weights of 1/16 and bias -0.3
+maps to itself, and any rounding error doubles per layer), where no float implementation can
+be expected to agree.  An image whose category differs between the two bounds is
+*ambiguous*: it is left out of the exact comparison and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sps
+
+from jax_spdnn.sparse import SparseMatrix
+
+__all__ = ["ReferenceResult", "TruthCheck", "check_categories", "reference_inference"]
+
+
+@dataclass
+class ReferenceResult:
+    """Categories (0-based surviving image indices) of the float64 reference.
+
+    ``categories`` is the plain float64 result; ``categories_lower`` / ``categories_upper``
+    come from the lower and upper bound trajectories; ``ambiguous`` are the images in the
+    upper but not the lower one.  ``features`` holds the final float64 features (CSR).
+    """
+
+    categories: np.ndarray
+    categories_lower: np.ndarray
+    categories_upper: np.ndarray
+    features: sps.csr_matrix
+    active_per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def ambiguous(self) -> np.ndarray:
+        return np.setdiff1d(self.categories_upper, self.categories_lower)
+
+
+def _to_scipy(W) -> sps.csr_matrix:
+    if isinstance(W, SparseMatrix):
+        return W.to_scipy().astype(np.float64).tocsr()
+    return sps.csr_matrix(W, dtype=np.float64)
+
+
+def _layer(y: sps.csr_matrix, w: sps.csr_matrix, b: np.ndarray, clip, side, tol):
+    z = (y @ w).tocsr()
+    z.sum_duplicates()
+    # Bias on stored entries only (the official recurrence); biases are <= 0, so entries
+    # that are not stored stay 0 after the ReLU either way.
+    bz = b[z.indices]
+    slack = side * tol * (1.0 + z.data + np.abs(bz)) if side else 0.0
+    z.data = np.maximum(z.data + bz + slack, 0.0)
+    if clip is not None:
+        np.minimum(z.data, clip, out=z.data)
+    z.eliminate_zeros()
+    return z
+
+
+def reference_inference(
+    layers,
+    biases,
+    x,
+    *,
+    clip: float | None = 32.0,
+    tol: float = 1e-6,
+) -> ReferenceResult:
+    """Runs the network in float64, plus its lower and upper bound trajectories.
+
+    Args:
+      layers: ``SparseMatrix`` or scipy matrices ``[n, n]`` (``W[i, j]``: input i -> output j).
+      biases: one scalar or ``[n]`` per layer, or a single scalar for all layers; all <= 0.
+      x: ``[batch, n]`` input features (dense or scipy).
+      clip: upper clamp, or ``None``.
+      tol: relative slack per layer of the bound trajectories (see the module docstring);
+        ``tol=0`` gives three identical runs.
+    """
+    n_layers = len(layers)
+    if np.ndim(biases) == 0 or (np.ndim(biases) == 1 and len(biases) != n_layers):
+        biases = [biases] * n_layers
+    ws = [_to_scipy(W) for W in layers]
+    bs = [np.broadcast_to(np.asarray(b, np.float64), (w.shape[1],)) for b, w in zip(biases, ws)]
+    if any(np.any(b > 0) for b in bs):
+        raise ValueError("reference_inference: biases must be <= 0 (the challenge's recurrence)")
+    y0 = sps.csr_matrix(x, dtype=np.float64)
+    outs = []
+    active = []
+    for side in (0, -1, 1):
+        y = y0
+        for w, b in zip(ws, bs):
+            y = _layer(y, w, b, clip, side, tol)
+            if side == 0:
+                active.append(int(np.count_nonzero(np.diff(y.indptr))))
+        outs.append(y)
+    cats = [np.flatnonzero(np.diff(y.indptr)).astype(np.int64) for y in outs]
+    return ReferenceResult(cats[0], cats[1], cats[2], outs[0], active)
+
+
+@dataclass
+class TruthCheck:
+    """Result of comparing categories with a reference or an official truth file."""
+
+    passed: bool
+    n_expected: int
+    n_found: int
+    n_ambiguous: int
+    missing: np.ndarray  # expected but not found (unambiguous images)
+    extra: np.ndarray  # found but not expected (unambiguous images)
+
+    def summary(self) -> str:
+        status = "PASSED" if self.passed else "FAILED"
+        s = (
+            f"{status}: {self.n_found} images found, {self.n_expected} expected, "
+            f"{self.n_ambiguous} ambiguous (rounding-dependent)"
+        )
+        if not self.passed:
+            s += f"; {len(self.missing)} missing, {len(self.extra)} extra"
+            if len(self.missing):
+                s += f"; first missing (1-based) {self.missing[:5] + 1}"
+            if len(self.extra):
+                s += f"; first extra (1-based) {self.extra[:5] + 1}"
+        return s
+
+
+def check_categories(found, expected, ambiguous=()) -> TruthCheck:
+    """Compares 0-based categories exactly, ignoring ``ambiguous`` images."""
+    found = np.unique(np.asarray(found, np.int64))
+    expected = np.unique(np.asarray(expected, np.int64))
+    amb = np.unique(np.asarray(ambiguous, np.int64))
+    missing = np.setdiff1d(np.setdiff1d(expected, found), amb)
+    extra = np.setdiff1d(np.setdiff1d(found, expected), amb)
+    passed = missing.size == 0 and extra.size == 0
+    return TruthCheck(passed, expected.size, found.size, amb.size, missing, extra)
