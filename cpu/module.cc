@@ -5,6 +5,7 @@
 #include "xla/ffi/api/c_api.h"
 
 extern "C" XLA_FFI_Error* SpdnnSparseLinearCpu(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* SpdnnSparseDnnCpu(XLA_FFI_CallFrame* call_frame);
 
 namespace nb = nanobind;
 
@@ -17,6 +18,7 @@ NB_MODULE(_spdnn_cpu, m) {
   m.def("registrations", [] {
     nb::dict d;
     d["spdnn_sparse_linear_csr"] = encapsulate(SpdnnSparseLinearCpu);
+    d["spdnn_sparse_dnn_csr"] = encapsulate(SpdnnSparseDnnCpu);
     return d;
   });
 }

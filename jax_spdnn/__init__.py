@@ -4,14 +4,18 @@ Fused sparse layers (``sparse_linear``) run as XLA FFI kernels on CPU and CUDA,
 composing with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.shard_map``.
 """
 
-from jax_spdnn import _native
+from jax_spdnn import _native, challenge
 from jax_spdnn._native import cuda_available
+from jax_spdnn.dnn import DNNResult, SparseDNN
 from jax_spdnn.linear import sparse_linear, sparse_linear_p
 from jax_spdnn.sparse import EllPack, SparseMatrix, Structure, pack_sliced_ell
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DNNResult",
+    "SparseDNN",
+    "challenge",
     "EllPack",
     "pack_sliced_ell",
     "SparseMatrix",

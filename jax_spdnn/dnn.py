@@ -1,0 +1,189 @@
+"""``SparseDNN``: a whole network of sparse layers run as one compiled program.
+
+``Y <- min(relu(Y W_l + b_l), clip)`` for ``l = 1..L``, every ``W_l`` of shape ``[n, n]``.
+
+With ReLU and biases ``<= 0`` a feature row that became all zero stays zero, so rows that die
+can be skipped.  On the CPU the whole network is one FFI call that keeps an active-row list
+and compacts it after every layer (no host round trip, deterministic order).  On other
+platforms (CUDA today) the network runs as one jitted chain of fused ``sparse_linear`` layers
+over all rows, without skipping dead rows; the device-side active-row kernel is the next step
+(see the project's issues).  Both paths give the same results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_spdnn import _native
+from jax_spdnn.linear import _FEATURE_DTYPES, _acc_dtype, sparse_linear
+from jax_spdnn.sparse import SparseMatrix, Structure
+
+__all__ = ["DNNResult", "SparseDNN"]
+
+_CPU_TARGET = "spdnn_sparse_dnn_csr"
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DNNResult:
+    """Output of :meth:`SparseDNN.__call__`.
+
+    Attributes:
+      features: ``[batch, n]`` final features (rows that died are zero).
+      alive: ``[batch] bool``, rows with any nonzero final feature (the challenge's categories).
+      active_per_layer: ``[L] int32``, rows still active after each layer.
+    """
+
+    features: jax.Array
+    alive: jax.Array
+    active_per_layer: jax.Array
+
+    def categories(self) -> np.ndarray:
+        """0-based indices of the surviving rows (host array)."""
+        return np.flatnonzero(np.asarray(self.alive))
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseDNN:
+    """A network of ``L`` sparse ``[n, n]`` layers with per-neuron biases and a clamp.
+
+    Args:
+      layers: sequence of :class:`SparseMatrix`, each ``[n, n]``.
+      biases: a scalar, ``[L]`` (one scalar per layer), ``[n]`` (shared) or ``[L, n]``.
+      clip: upper clamp after the ReLU (the challenge uses 32), or ``None``.
+
+    Call it on ``x: [batch, n]`` (float32, float64, bfloat16 or float16) to get a
+    :class:`DNNResult`.  The network is a pytree (layer values and biases are leaves).
+    """
+
+    def __init__(self, layers, biases, *, clip: float | None = 32.0):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("SparseDNN: needs at least one layer")
+        for k, W in enumerate(layers):
+            if not isinstance(W, SparseMatrix):
+                raise TypeError(f"SparseDNN: layer {k} is {type(W).__name__}, not a SparseMatrix")
+            if W.shape != layers[0].shape or W.n_in != W.n_out:
+                raise ValueError(
+                    f"SparseDNN: every layer must be square [n, n] with the same n; layer {k} "
+                    f"has shape {W.shape}, layer 0 {layers[0].shape}"
+                )
+        n, L = layers[0].n_out, len(layers)
+        b = jnp.asarray(biases)
+        if b.ndim == 0:
+            b = jnp.full((L, n), b)
+        elif b.shape == (L,) and L != n:
+            b = jnp.broadcast_to(b[:, None], (L, n))
+        elif b.shape == (n,):
+            b = jnp.broadcast_to(b, (L, n))
+        elif b.shape != (L, n):
+            raise ValueError(
+                f"SparseDNN: biases must be a scalar, [L]={L}, [n]={n} or [L, n], got {b.shape}"
+            )
+        self.layers = layers
+        self.biases = b
+        self.clip = None if clip is None else float(clip)
+
+    def tree_flatten(self):
+        return (self.layers, self.biases), self.clip
+
+    @classmethod
+    def tree_unflatten(cls, clip, children):
+        obj = object.__new__(cls)
+        obj.layers, obj.biases = children
+        obj.clip = clip
+        return obj
+
+    @property
+    def n(self) -> int:
+        return self.layers[0].n_out
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def nnz(self) -> int:
+        """Total nonzeros over all layers (edges per input row)."""
+        return sum(W.nnz for W in self.layers)
+
+    def __repr__(self) -> str:
+        return f"SparseDNN(n={self.n}, layers={self.n_layers}, nnz={self.nnz}, clip={self.clip})"
+
+    def can_drop_dead_rows(self) -> bool:
+        """Whether rows that became zero may be skipped (all biases <= 0, known now)."""
+        try:
+            return bool(np.all(np.asarray(self.biases) <= 0))
+        except jax.errors.TracerArrayConversionError:
+            return False
+
+    def __call__(self, x, *, drop_dead_rows: bool | None = None) -> DNNResult:
+        """Runs the network on ``x: [batch, n]``.
+
+        ``drop_dead_rows`` (default: when every bias is <= 0) skips rows that became zero;
+        only valid with non-positive biases, where a zero row stays zero.
+        """
+        x = jnp.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.n:
+            raise ValueError(f"SparseDNN: x must be [batch, {self.n}], got {x.shape}")
+        if np.dtype(x.dtype) not in _FEATURE_DTYPES:
+            raise TypeError(
+                "SparseDNN: x must be float32, float64, bfloat16 or float16, "
+                f"got {np.dtype(x.dtype).name}"
+            )
+        if drop_dead_rows is None:
+            drop_dead_rows = self.can_drop_dead_rows()
+        return _forward(self, x, drop_dead=bool(drop_dead_rows))
+
+
+def _concat_structures(structures: tuple[Structure, ...]):
+    indptr = np.concatenate([s.indptr for s in structures])
+    indices = np.concatenate([s.indices for s in structures])
+    return indptr, indices
+
+
+def _chain(net: SparseDNN, x):
+    actives = []
+    for W, b in zip(net.layers, net.biases):
+        x = sparse_linear(x, W, b, activation="relu", clip=net.clip)
+        actives.append(jnp.sum(jnp.any(x != 0, axis=1)).astype(jnp.int32))
+    return x, jnp.stack(actives)
+
+
+def _fused_cpu(net: SparseDNN, x, drop_dead: bool):
+    acc = _acc_dtype(x.dtype)
+    indptr, indices = _concat_structures(tuple(W.structure for W in net.layers))
+    values = jnp.concatenate([jnp.asarray(W.values).astype(acc) for W in net.layers])
+    out = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        jax.ShapeDtypeStruct((net.n_layers,), jnp.int32),
+    )
+    clip = np.float64(np.inf if net.clip is None else net.clip)
+    return jax.ffi.ffi_call(_CPU_TARGET, out)(
+        x,
+        values,
+        net.biases.astype(acc),
+        jnp.asarray(indptr),
+        jnp.asarray(indices),
+        clip=clip,
+        drop_dead=drop_dead,
+    )
+
+
+@partial(jax.jit, static_argnames=("drop_dead",))
+def _forward(net: SparseDNN, x, *, drop_dead: bool) -> DNNResult:
+    if _native.has_target(_CPU_TARGET, "cpu"):
+        y, active = lax.platform_dependent(
+            x,
+            cpu=lambda x: _fused_cpu(net, x, drop_dead),
+            default=lambda x: _chain(net, x),
+        )
+    else:  # pragma: no cover - the CPU module is always built
+        y, active = _chain(net, x)
+    return DNNResult(y, jnp.any(y != 0, axis=1), active)
