@@ -1,9 +1,10 @@
-"""Command line: ``python -m jax_spdnn [demo] [--neurons N] [--layers L] [--batch B]``.
+"""Command line: ``python -m jax_spdnn [challenge] [options]``.
 
-``demo`` (the default) generates a Graph-Challenge-style sparse network (the
-RadiX-Net recipe), runs a batch of random binary inputs through its layers as
-one jitted program of fused ``sparse_linear`` layers on whatever device JAX
-has, and prints the inference time, the edge rate and a summary of the result.
+``challenge`` (the default) runs the Sparse DNN Graph Challenge: it loads the official files
+(``--data DIR``) or generates a network with the RadiX-Net recipe and MNIST-like inputs from
+scikit-learn's handwritten digits, runs whole-network inference as one compiled program on
+whatever device JAX has, and prints the inference time (network and inputs already on the
+device, as the challenge defines it), the edge rate and the truth check.
 """
 
 from __future__ import annotations
@@ -11,60 +12,116 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-def _demo(args) -> int:
+
+def _find(data: Path, *names: str) -> Path | None:
+    for name in names:
+        for p in (data / name, *data.glob(f"**/{name}")):
+            if p.exists():
+                return p
+    return None
+
+
+def _challenge(args) -> int:
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import track
+    from rich.table import Table
 
     import jax_spdnn as sd
-    from jax_spdnn.challenge import challenge_bias, radixnet_layer, random_inputs
+    from jax_spdnn import challenge as ch
 
     console = Console()
     dev = jax.devices()[0]
-    on_gpu = dev.platform not in ("cpu",)
-    batch = args.batch or (60000 if on_gpu else 6000)
     n, n_layers = args.neurons, args.layers
-    bias = challenge_bias(n) if n in sd.challenge.CHALLENGE_BIAS else -0.3
+    bias = ch.challenge_bias(n) if n in ch.CHALLENGE_BIAS else -0.3
     console.print(
-        f"[bold]jax_spdnn demo[/]: N={n}, L={n_layers}, batch={batch}, "
+        f"[bold]Sparse DNN Graph Challenge[/] N={n}, L={n_layers}, dtype={args.dtype}, "
         f"device={getattr(dev, 'device_kind', dev.platform)} "
         f"({escape(sd._native.cuda_status())})"
     )
-    layers = [
-        radixnet_layer(n, l, seed=args.seed)
-        for l in track(range(1, n_layers + 1), description="generating layers", console=console)
-    ]
-    x0 = jnp.asarray(random_inputs(n, batch, density=tuple(args.density), seed=args.seed))
 
-    @jax.jit
-    def infer(x, layers):
-        for W in layers:
-            x = sd.sparse_linear(x, W, bias, clip=32.0)
-        return x
+    def progress(it, what):
+        return track(it, description=what, console=console, transient=True)
 
+    truth = None
+    if args.data:
+        data = Path(args.data)
+        src = _find(data, f"neuron{n}.tar.gz", f"neuron{n}") or data
+        layers = ch.read_layers(
+            src, n, n_layers, progress=lambda it: progress(it, "reading layers")
+        )
+        images = _find(data, f"sparse-images-{n}.tsv")
+        if images is None:
+            console.print(f"[red]no sparse-images-{n}.tsv under {data}[/]")
+            return 2
+        x = ch.read_images(images, n, n_images=args.batch or 60000)
+        cats = _find(data, f"neuron{n}-l{n_layers}-categories.tsv")
+        if cats is not None:
+            truth = (ch.read_categories(cats), np.zeros(0, np.int64), f"official {cats.name}")
+    else:
+        batch = args.batch or 60000
+        layers = [
+            ch.radixnet_layer(n, k, seed=args.seed)
+            for k in progress(range(1, n_layers + 1), "generating layers")
+        ]
+        with console.status("generating MNIST-like inputs"):
+            x = ch.digit_inputs(n, batch, seed=args.seed)
+    batch = x.shape[0]
+    net = sd.SparseDNN(layers, bias, clip=32.0)
+    xd = jnp.asarray(x.toarray(), DTYPES[args.dtype])
+    with console.status("compiling"):
+        jax.block_until_ready(net(xd))
     t0 = time.perf_counter()
-    y = jax.block_until_ready(infer(x0, layers))
-    t_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    y = jax.block_until_ready(infer(x0, layers))
-    t = time.perf_counter() - t0
-    edges = batch * sum(W.nnz for W in layers)
-    alive = np.flatnonzero(np.asarray(jnp.any(y != 0, axis=1)))
-    console.print(f"compile + first run: {t_first:.2f} s")
+    result = jax.block_until_ready(net(xd))
+    seconds = time.perf_counter() - t0
+    edges = batch * net.nnz
     console.print(
-        f"inference: {t * 1e3:.1f} ms for {edges:.3e} edges = [bold]{edges / t / 1e12:.3f} TE/s[/]"
+        f"inference: {seconds:.4f} s, {edges:.3e} edges, [bold]{edges / seconds / 1e12:.3f} TE/s[/]"
     )
-    console.print(
-        f"result: {alive.size} of {batch} inputs have a nonzero final row; "
-        f"sum of outputs {float(jnp.sum(y)):.6g}; max {float(jnp.max(y)):.4g}"
-    )
-    return 0
+    found = result.categories()
+    console.print(f"{found.size} of {batch} images have a nonzero final row")
+    if truth is None and not args.no_check:
+        with console.status("float64 reference (CPU)"):
+            ref = ch.reference_inference_fast(layers, bias, x, clip=32.0)
+        truth = (ref.categories, ref.ambiguous, "float64 reference")
+    status = 0
+    if truth is not None:
+        check = ch.check_categories(found, truth[0], truth[1])
+        color = "green" if check.passed else "red"
+        console.print(f"truth check against the {truth[2]}: [{color}]{check.summary()}[/]")
+        status = 0 if check.passed else 1
+    active = np.asarray(result.active_per_layer)
+    if args.profile:
+        table = Table("layer", "active rows", title="active rows after each layer")
+        for k, a in enumerate(active, start=1):
+            table.add_row(str(k), str(int(a)))
+        console.print(table)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(np.arange(1, n_layers + 1), active, marker=".")
+        ax.set(
+            xlabel="layer",
+            ylabel="active rows",
+            yscale="log",
+            title=f"N={n}, L={n_layers}: active rows per layer ({batch} inputs)",
+        )
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        console.print(f"saved {args.plot}")
+    return status
 
 
 def main(argv=None) -> int:
@@ -74,24 +131,24 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="run a generated sparse network (default)")
-    for p in (parser, demo):
-        p.add_argument("--neurons", type=int, default=1024, help="neurons per layer (16 * 2^k)")
-        p.add_argument("--layers", type=int, default=120, help="number of layers")
+    cmd = sub.add_parser("challenge", help="run the Graph Challenge (default)")
+    for p in (parser, cmd):
+        p.add_argument("--neurons", type=int, default=1024, help="neurons per layer N")
+        p.add_argument("--layers", type=int, default=120, help="number of layers L")
+        p.add_argument("--data", default=None, help="directory with the official files")
+        p.add_argument("--batch", type=int, default=None, help="number of inputs (60000)")
         p.add_argument(
-            "--batch", type=int, default=None, help="inputs (default 60000 on GPU, 6000 on CPU)"
+            "--dtype",
+            choices=sorted(DTYPES),
+            default="float32",
+            help="feature storage (accumulation is float32)",
         )
-        p.add_argument(
-            "--density",
-            type=float,
-            nargs=2,
-            default=(0.15, 0.35),
-            metavar=("LOW", "HIGH"),
-            help="range of the fraction of input features set",
-        )
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of the generated problem")
+        p.add_argument("--profile", action="store_true", help="print active rows per layer")
+        p.add_argument("--plot", default=None, help="save a plot of active rows per layer")
+        p.add_argument("--no-check", action="store_true", help="skip the reference check")
     args = parser.parse_args(argv)
-    return _demo(args)
+    return _challenge(args)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,15 @@ steps=${*:-build test bench}
   $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"; } \
   2>&1 | tee "$OUT/env.txt"
 
-if ! $PY -c "import hypothesis, rich" 2>/dev/null && [ -d .whl ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+  wheels=()
+  $PY -c "import hypothesis" 2>/dev/null || wheels+=(.whl/hypothesis-* .whl/sortedcontainers-*)
+  $PY -c "import rich" 2>/dev/null || wheels+=(.whl/rich-* .whl/markdown_it_py-* .whl/mdurl-* .whl/pygments-*)
+  $PY -c "import sklearn" 2>/dev/null || wheels+=(.whl/scikit_learn-* .whl/joblib-* .whl/threadpoolctl-*)
+  if [ ${#wheels[@]} -gt 0 ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}"
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
 fi
 
 if [[ " $steps " == *" build "* ]]; then

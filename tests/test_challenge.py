@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_spdnn.challenge import challenge_bias, radixnet, radixnet_layer, random_inputs
+from jax_spdnn.challenge import (
+    challenge_bias,
+    digit_inputs,
+    radixnet,
+    radixnet_layer,
+    random_inputs,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -70,12 +76,78 @@ def test_generator_properties():
     assert 0.2 < x.mean() < 0.3
 
 
-def test_demo_command_runs():
+def test_digit_inputs():
+    x = digit_inputs(256, 500, seed=1)
+    assert x.shape == (500, 256) and x.dtype == np.float32
+    per_row = np.diff(x.indptr)
+    assert 0.05 * 256 < per_row.mean() < 0.11 * 256 and per_row.min() >= 1
+    assert np.all(x.data == 1.0)
+    again = digit_inputs(256, 500, seed=1)
+    assert (x != again).nnz == 0
+    assert (x != digit_inputs(256, 500, seed=2)).nnz > 0
+    with pytest.raises(ValueError, match="square number"):
+        digit_inputs(512, 10)
+
+
+def test_challenge_command(tmp_path):
+    plot = tmp_path / "active.png"
     out = subprocess.run(
-        [sys.executable, "-m", "jax_spdnn", "--neurons", "256", "--layers", "8", "--batch", "300"],
+        [
+            sys.executable,
+            "-m",
+            "jax_spdnn",
+            "--neurons",
+            "256",
+            "--layers",
+            "8",
+            "--batch",
+            "300",
+            "--profile",
+            "--plot",
+            str(plot),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr
-    assert "TE/s" in out.stdout and "of 300 inputs have a nonzero final row" in out.stdout
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TE/s" in out.stdout and "of 300 images have a nonzero final row" in out.stdout
+    assert "PASSED" in out.stdout and plot.stat().st_size > 0
+
+
+def test_challenge_command_official_layout(tmp_path):
+    """--data with the official file names: layers, images and a truth file."""
+    from jax_spdnn.challenge import (
+        reference_inference,
+        write_categories,
+        write_images,
+        write_layers,
+    )
+
+    layers = radixnet(64, 4, seed=9)
+    write_layers(tmp_path / "neuron64", layers)
+    x = digit_inputs(64, 200, seed=3, fill=0.2)
+    write_images(tmp_path / "sparse-images-64.tsv", x)
+    ref = reference_inference(layers, -0.3, x)
+    write_categories(tmp_path / "neuron64-l4-categories.tsv", ref.categories)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_spdnn",
+            "challenge",
+            "--neurons",
+            "64",
+            "--layers",
+            "4",
+            "--batch",
+            "200",
+            "--data",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "official neuron64-l4-categories.tsv" in out.stdout and "PASSED" in out.stdout

@@ -12,6 +12,7 @@ from jax_spdnn.challenge import (
     radixnet,
     random_inputs,
     reference_inference,
+    reference_inference_fast,
 )
 
 
@@ -53,6 +54,18 @@ def test_unstable_fixed_point_is_ambiguous():
     r = reference_inference(layers, -0.3, x)
     np.testing.assert_array_equal(r.ambiguous, [0])
     assert 1 in r.categories_lower
+
+
+def test_fast_reference_agrees():
+    layers = radixnet(256, 12, seed=4)
+    x = random_inputs(256, 400, seed=5)
+    a = reference_inference(layers, -0.3, x)
+    b = reference_inference_fast(layers, -0.3, x)
+    np.testing.assert_array_equal(a.categories, b.categories)
+    assert a.active_per_layer == b.active_per_layer
+    np.testing.assert_allclose(a.features.toarray(), b.features.toarray(), atol=1e-12)
+    # its bounds are at least as wide
+    assert set(a.ambiguous) <= set(b.ambiguous)
 
 
 def test_check_categories_report():

@@ -4,6 +4,7 @@ the float64 reference and the truth check."""
 from jax_spdnn.challenge.generate import (
     CHALLENGE_BIAS,
     challenge_bias,
+    digit_inputs,
     radixnet,
     radixnet_layer,
     random_inputs,
@@ -23,6 +24,7 @@ from jax_spdnn.challenge.reference import (
     TruthCheck,
     check_categories,
     reference_inference,
+    reference_inference_fast,
 )
 
 __all__ = [
@@ -33,12 +35,14 @@ __all__ = [
     "check_categories",
     "radixnet",
     "radixnet_layer",
+    "digit_inputs",
     "random_inputs",
     "read_categories",
     "read_images",
     "read_layer",
     "read_layers",
     "reference_inference",
+    "reference_inference_fast",
     "write_categories",
     "write_images",
     "write_layer",

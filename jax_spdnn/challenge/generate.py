@@ -15,6 +15,7 @@ row and column has exactly 32 nonzeros.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sps
 
 from jax_spdnn.sparse import SparseMatrix
 
@@ -69,3 +70,57 @@ def random_inputs(n: int, batch: int, *, density=(0.15, 0.35), seed: int = 0, dt
     lo, hi = (density, density) if np.isscalar(density) else density
     d = rng.uniform(lo, hi, size=(batch, 1))
     return (rng.random((batch, n), dtype=np.float32) < d).astype(dtype)
+
+
+def _resample_matrices(rng, count: int, side: int, src: int = 8) -> np.ndarray:
+    """``[count, side, src]`` linear-interpolation matrices mapping a ``src``-pixel axis onto
+    ``side`` pixels with a random scale (digit height 55-85% of the canvas) and offset."""
+    scale = rng.uniform(0.55, 0.85, size=(count, 1)) * side / src  # output pixels per source pixel
+    span = scale * src
+    offset = rng.uniform(0, 1, size=(count, 1)) * (side - span)
+    pos = (np.arange(side)[None, :] + 0.5 - offset) / scale - 0.5  # source coordinate per pixel
+    lo = np.floor(pos).astype(np.int64)
+    frac = pos - lo
+    m = np.zeros((count, side, src))
+    rows = np.arange(count)[:, None]
+    cols = np.arange(side)[None, :]
+    for k, w in ((lo, 1.0 - frac), (lo + 1, frac)):
+        ok = (k >= 0) & (k < src)
+        np.add.at(
+            m,
+            (np.broadcast_to(rows, k.shape)[ok], np.broadcast_to(cols, k.shape)[ok], k[ok]),
+            w[ok],
+        )
+    return m
+
+
+def digit_inputs(
+    n: int, batch: int = 60000, *, fill: float = 0.083, seed: int = 0, chunk: int = 2000
+) -> sps.csr_matrix:
+    """MNIST-like binary inputs ``[batch, n]`` (float32 CSR) from real handwriting.
+
+    Each row is one of scikit-learn's 1797 8x8 handwritten digits, resampled onto a
+    ``sqrt(n) x sqrt(n)`` canvas with a random size and position, then binarized by keeping
+    its brightest pixels: about ``fill`` of the canvas (each image draws its own fraction
+    within +-30% of it).  Deterministic for a given ``seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    side = int(round(np.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"digit_inputs needs a square number of neurons, got N={n}")
+    digits = load_digits().images.astype(np.float64)  # [1797, 8, 8], values 0..16
+    rng = np.random.default_rng([seed, 7])
+    parts = []
+    for start in range(0, batch, chunk):
+        m = min(chunk, batch - start)
+        imgs = digits[rng.integers(0, len(digits), m)]
+        ry = _resample_matrices(rng, m, side)
+        rx = _resample_matrices(rng, m, side)
+        big = np.einsum("bys,bst,bxt->byx", ry, imgs, rx, optimize=True).reshape(m, n)
+        big += rng.uniform(0, 1e-6, big.shape)  # break ties between equal pixels at random
+        keep = np.clip(np.round(fill * rng.uniform(0.7, 1.3, m) * n), 1, n).astype(np.int64)
+        thresh = -np.partition(-big, keep - 1, axis=1)[np.arange(m), keep - 1]
+        on = (big >= thresh[:, None]) & (big > 1e-3)
+        parts.append(sps.csr_matrix(on.astype(np.float32)))
+    return sps.vstack(parts, format="csr")
