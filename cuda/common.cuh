@@ -21,10 +21,19 @@ template <typename A> __device__ __forceinline__ A load_acc(const __half* p) {
   return __half2float(*p);
 }
 
-__device__ __forceinline__ void store_from(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_from(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store_from(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store_from(__half* p, float v) { *p = __float2half_rn(v); }
+// Stores v rounded to the storage type and returns the stored value.
+__device__ __forceinline__ float store_from(float* p, float v) { *p = v; return v; }
+__device__ __forceinline__ double store_from(double* p, double v) { *p = v; return v; }
+__device__ __forceinline__ float store_from(__nv_bfloat16* p, float v) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  *p = h;
+  return __bfloat162float(h);
+}
+__device__ __forceinline__ float store_from(__half* p, float v) {
+  const __half h = __float2half_rn(v);
+  *p = h;
+  return __half2float(h);
+}
 
 // 16-byte vector of the accumulation type, for wide shared-memory loads.
 template <typename A> struct Vec16;

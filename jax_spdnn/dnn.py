@@ -3,11 +3,12 @@
 ``Y <- min(relu(Y W_l + b_l), clip)`` for ``l = 1..L``, every ``W_l`` of shape ``[n, n]``.
 
 With ReLU and biases ``<= 0`` a feature row that became all zero stays zero, so rows that die
-can be skipped.  On the CPU the whole network is one FFI call that keeps an active-row list
-and compacts it after every layer (no host round trip, deterministic order).  On other
-platforms (CUDA today) the network runs as one jitted chain of fused ``sparse_linear`` layers
-over all rows, without skipping dead rows; the device-side active-row kernel is the next step
-(see the project's issues).  Both paths give the same results.
+can be skipped.  On the CPU and on CUDA the whole network is one FFI call that keeps an
+active-row list on the device and compacts it after every layer, in order (deterministic),
+with no host round trip: the CUDA handler enqueues, per layer, the fused layer kernel (a
+persistent grid that reads the row count from device memory) and a one-block compaction.
+Other platforms run one jitted chain of fused ``sparse_linear`` layers over all rows.
+All paths give the same results.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jax_spdnn.sparse import SparseMatrix, Structure
 __all__ = ["DNNResult", "SparseDNN"]
 
 _CPU_TARGET = "spdnn_sparse_dnn_csr"
+_CUDA_TARGET = "spdnn_sparse_dnn_ell"
 
 
 @jax.tree_util.register_dataclass
@@ -176,14 +178,44 @@ def _fused_cpu(net: SparseDNN, x, drop_dead: bool):
     )
 
 
+def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
+    acc = _acc_dtype(x.dtype)
+    ells = [W.structure.sliced_ell for W in net.layers]
+    slice_ptr = np.concatenate([e.slice_ptr for e in ells])
+    indices = np.concatenate([e.indices for e in ells])
+    sp_off = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]]).astype(np.int64)
+    ell_off = np.cumsum([0] + [e.total for e in ells]).astype(np.int64)
+    values = jnp.concatenate(
+        [e.pack_values(jnp.asarray(W.values).astype(acc)) for e, W in zip(ells, net.layers)]
+    )
+    batch, n = x.shape
+    out = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        jax.ShapeDtypeStruct((net.n_layers,), jnp.int32),
+        jax.ShapeDtypeStruct((2 * batch * n,), x.dtype),  # ping-pong feature buffers
+        jax.ShapeDtypeStruct((5 * batch + 2,), jnp.int32),  # marks, row lists, counts
+    )
+    clip = np.float64(np.inf if net.clip is None else net.clip)
+    y, active, _, _ = jax.ffi.ffi_call(_CUDA_TARGET, out)(
+        x,
+        values,
+        net.biases.astype(acc),
+        jnp.asarray(slice_ptr),
+        jnp.asarray(indices),
+        clip=clip,
+        drop_dead=drop_dead,
+        slice_offsets=sp_off,
+        ell_offsets=ell_off,
+    )
+    return y, active
+
+
 @partial(jax.jit, static_argnames=("drop_dead",))
 def _forward(net: SparseDNN, x, *, drop_dead: bool) -> DNNResult:
+    branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):
-        y, active = lax.platform_dependent(
-            x,
-            cpu=lambda x: _fused_cpu(net, x, drop_dead),
-            default=lambda x: _chain(net, x),
-        )
-    else:  # pragma: no cover - the CPU module is always built
-        y, active = _chain(net, x)
+        branches["cpu"] = lambda x: _fused_cpu(net, x, drop_dead)
+    if _native.has_target(_CUDA_TARGET, "cuda"):
+        branches["cuda"] = lambda x: _fused_cuda(net, x, drop_dead)
+    y, active = lax.platform_dependent(x, **branches, default=lambda x: _chain(net, x))
     return DNNResult(y, jnp.any(y != 0, axis=1), active)

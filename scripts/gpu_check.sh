@@ -3,7 +3,7 @@
 # Logs go to $OUT (default ./out).  Wheels of missing pure-Python test
 # dependencies may be provided in .whl/ (installed only when missing).
 #
-#   scripts/gpu_check.sh [build] [test] [bench] [extra pytest args...]
+#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [tune]
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -42,6 +42,12 @@ fi
 if [[ " $steps " == *" bench "* ]]; then
   echo "== bench"
   $PY benchmarks/bench_linear.py --json "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.log" | tail -20
+fi
+
+if [[ " $steps " == *" dnn "* ]]; then
+  echo "== whole-network benchmark"
+  $PY benchmarks/bench_dnn.py --problems ${DNN_PROBLEMS:-1024-120 4096-120} --dtypes float32 bfloat16 \
+    --json "$OUT/bench_dnn.json" 2>&1 | tee "$OUT/bench_dnn.log" | tail -12
 fi
 
 if [[ " $steps " == *" tune "* ]]; then

@@ -1,0 +1,172 @@
+"""Whole-network Graph Challenge inference: SparseDNN side by side with per-layer peers.
+
+For each (N, L): the generated network (RadiX-Net recipe) and 60000 MNIST-like inputs.
+Times inference only (network and inputs on the device), reports tera-edges/s
+(60000 * sum nnz / time), the bandwidth floor (bytes of active rows read and written,
+summed over layers, over the measured copy bandwidth) and the truth check against the
+float64 reference.  Peers (GPU): jax.experimental.sparse BCSR (cuSPARSE) + clamp per layer
+and dense bf16 matmul per layer, both over all rows in one jitted program.
+
+    python benchmarks/bench_dnn.py [--problems 1024-120 4096-120] [--batch 60000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import copy_bandwidth, environment, time_fn  # noqa: E402
+
+import jax_spdnn as sd  # noqa: E402
+from jax_spdnn import challenge as ch  # noqa: E402
+
+
+def run_problem(n, n_layers, batch, bw, peers, dtype):
+    t0 = time.perf_counter()
+    layers = ch.radixnet(n, n_layers, seed=0)
+    x = ch.digit_inputs(n, batch, seed=0)
+    bias = ch.challenge_bias(n)
+    gen_s = time.perf_counter() - t0
+    net = sd.SparseDNN(layers, bias, clip=32.0)
+    xd = jnp.asarray(x.toarray(), dtype)
+    edges = batch * net.nnz
+    f = jax.jit(lambda net, x: net(x))
+    r = jax.block_until_ready(f(net, xd))
+    t = time_fn(f, net, xd, trials=3, min_time=0.0)
+    active = np.asarray(r.active_per_layer).astype(np.int64)
+    rows_in = np.concatenate([[np.count_nonzero(np.diff(x.indptr))], active[:-1]])
+    itemsize = jnp.dtype(dtype).itemsize
+    floor_bytes = float(np.sum((rows_in + active) * n * itemsize))
+    floor_s = floor_bytes / bw if bw else float("nan")
+    ref = ch.reference_inference_fast(layers, bias, x, clip=32.0)
+    check = ch.check_categories(r.categories(), ref.categories, ref.ambiguous)
+    rows = [
+        {
+            "problem": f"{n}-{n_layers}",
+            "method": f"jax_spdnn SparseDNN ({jnp.dtype(dtype).name})",
+            "s": t,
+            "TE/s": edges / t / 1e12,
+            "floor_s": floor_s,
+            "pct_floor": 100 * floor_s / t,
+            "survivors": int(r.categories().size),
+            "check": check.summary(),
+            "gen_s": gen_s,
+        }
+    ]
+    print(rows[-1], flush=True)
+    if peers:
+        from jax.experimental import sparse as jsparse
+
+        jax.config.update("jax_bcoo_cusparse_lowering", True)
+        wts = [
+            jsparse.BCSR.from_scipy_sparse(W.to_scipy().T.tocsr().astype(np.float32))
+            for W in layers
+        ]
+
+        @jax.jit
+        def cusparse(x):
+            for wt in wts:
+                x = jnp.clip((wt @ x.T).T + bias, 0.0, 32.0)
+            return x
+
+        xs = jnp.asarray(x.toarray(), jnp.float32)
+        y = jax.block_until_ready(cusparse(xs))
+        t = time_fn(cusparse, xs, trials=1, min_time=0.0)
+        found = np.flatnonzero(np.asarray(jnp.any(y != 0, axis=1)))
+        c = ch.check_categories(found, ref.categories, ref.ambiguous)
+        rows.append(
+            {
+                "problem": f"{n}-{n_layers}",
+                "method": "BCSR (cuSPARSE) + clamp per layer",
+                "s": t,
+                "TE/s": edges / t / 1e12,
+                "pct_floor": 100 * floor_s / t,
+                "survivors": int(found.size),
+                "check": c.summary(),
+            }
+        )
+        print(rows[-1], flush=True)
+        if n <= 4096:
+            wds = [jnp.asarray(W.to_scipy().toarray(), jnp.bfloat16) for W in layers]
+
+            @jax.jit
+            def dense(x):
+                for wd in wds:
+                    x = jnp.clip(
+                        jnp.dot(x.astype(jnp.bfloat16), wd, preferred_element_type=jnp.float32)
+                        + bias,
+                        0.0,
+                        32.0,
+                    )
+                return x
+
+            y = jax.block_until_ready(dense(xs))
+            t = time_fn(dense, xs, trials=1, min_time=0.0)
+            found = np.flatnonzero(np.asarray(jnp.any(y != 0, axis=1)))
+            c = ch.check_categories(found, ref.categories, ref.ambiguous)
+            rows.append(
+                {
+                    "problem": f"{n}-{n_layers}",
+                    "method": "dense XLA bf16 per layer",
+                    "s": t,
+                    "TE/s": edges / t / 1e12,
+                    "pct_floor": 100 * floor_s / t,
+                    "survivors": int(found.size),
+                    "check": c.summary(),
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--problems", nargs="+", default=["1024-120", "4096-120"])
+    p.add_argument("--batch", type=int, default=60000)
+    p.add_argument("--dtypes", nargs="+", default=["float32"])
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    env = environment()
+    on_gpu = env["platform"] not in ("cpu",)
+    bw = copy_bandwidth() if on_gpu else None
+    rows = []
+    for prob in args.problems:
+        n, n_layers = (int(v) for v in prob.split("-"))
+        for i, dt in enumerate(args.dtypes):
+            peers = on_gpu and not args.no_peers and i == 0
+            rows += run_problem(n, n_layers, args.batch, bw, peers, jnp.dtype(dt))
+    e = env
+    print(
+        f"\n{e['device']}, jax {e['jax']}, jaxlib {e['jaxlib']}, {e['date']}"
+        + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "")
+    )
+    print("| problem | method | time s | TE/s | % of floor | survivors | truth check |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        pf = (
+            f"{r['pct_floor']:.1f}"
+            if r.get("pct_floor") == r.get("pct_floor") and r.get("pct_floor") is not None
+            else "-"
+        )
+        print(
+            f"| {r['problem']} | {r['method']} | {r['s']:.4f} | {r['TE/s']:.2f} | {pf} | "
+            f"{r['survivors']} | {r['check']} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "copy_bandwidth": bw, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

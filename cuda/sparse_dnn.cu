@@ -1,0 +1,248 @@
+// CUDA kernels of SparseDNN: a whole network of L square sparse layers in one FFI
+// call, Y <- min(relu(Y W_l + b_l), clip), with dead rows dropped on the device.
+//
+// Per layer the handler enqueues two kernels and never synchronizes with the host:
+//   1. the fused layer kernel (cuda/fused_layer.cuh) reads the active rows through
+//      a list, writes its outputs packed, and marks rows with a nonzero output;
+//   2. compact_rows (one block) turns the marks into the next list and count with
+//      an in-order prefix sum (deterministic), and records the active count.
+// The layer kernel runs a persistent grid that reads the row count from device
+// memory, so no launch depends on host-side knowledge of how many rows survive.
+// Finally the surviving rows are scattered back to their original positions.
+
+#include <cstdint>
+#include <string>
+
+#include "cuda/common.cuh"
+#include "cuda/fused_layer.cuh"
+
+namespace ffi = xla::ffi;
+
+namespace spdnn::cuda {
+namespace {
+
+constexpr int kScanThreads = 1024;
+
+// alive[row] = 1 if input row `row` has any nonzero feature (one warp per row).
+template <typename T, typename A>
+__global__ void mark_nonzero_rows(const T* __restrict__ x, int64_t rows, int n,
+                                  int32_t* __restrict__ alive) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < rows;
+       row += warps) {
+    bool nz = false;
+    for (int c = lane; c < n; c += 32) nz |= load_acc<A>(x + row * n + c) != A(0);
+    const bool any = __any_sync(0xffffffffu, nz);
+    if (lane == 0) alive[row] = any ? 1 : 0;
+  }
+}
+
+// One block: count = number of marked rows among the first `*count_in` (or `rows`),
+// src_out lists their packed positions in order, ids_out their original row ids.
+// Without drop, every row is kept (the count of marked rows is still recorded).
+// Clears the marks for the next layer.
+__global__ void __launch_bounds__(kScanThreads)
+    compact_rows(const int32_t* __restrict__ count_in, int64_t rows, int32_t* __restrict__ alive,
+                 const int32_t* __restrict__ ids_in, int32_t* __restrict__ src_out,
+                 int32_t* __restrict__ ids_out, int32_t* __restrict__ count_out,
+                 int32_t* __restrict__ active_out, bool drop) {
+  __shared__ int32_t warp_sums[kScanThreads / 32];
+  __shared__ int32_t total_s;
+  const int64_t n = count_in ? static_cast<int64_t>(*count_in) : rows;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t seg = (n + kScanThreads - 1) / kScanThreads;
+  const int64_t begin = min(n, tid * seg), end = min(n, begin + seg);
+  int32_t local = 0;
+  for (int64_t k = begin; k < end; ++k) local += alive[k] != 0;
+  // Block-wide exclusive scan of the per-thread counts.
+  int32_t incl = local;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int32_t v = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += v;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int32_t w = warp_sums[lane];
+    for (int d = 1; d < 32; d <<= 1) {
+      const int32_t v = __shfl_up_sync(0xffffffffu, w, d);
+      if (lane >= d) w += v;
+    }
+    warp_sums[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const int32_t offset = incl - local + (warp > 0 ? warp_sums[warp - 1] : 0);
+  if (tid == kScanThreads - 1) total_s = offset + local;
+  int32_t pos = offset;
+  for (int64_t k = begin; k < end; ++k) {
+    const bool keep = alive[k] != 0;
+    const int32_t id = ids_in ? ids_in[k] : static_cast<int32_t>(k);
+    if (drop) {
+      if (keep) {
+        src_out[pos] = static_cast<int32_t>(k);
+        ids_out[pos] = id;
+        ++pos;
+      }
+    } else {
+      src_out[k] = static_cast<int32_t>(k);
+      ids_out[k] = id;
+    }
+    alive[k] = 0;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    *count_out = drop ? total_s : static_cast<int32_t>(n);
+    if (active_out) *active_out = total_s;
+  }
+}
+
+// y[ids[k]] = buf[src[k]] for the *count surviving rows.
+template <typename T>
+__global__ void scatter_rows(const T* __restrict__ buf, const int32_t* __restrict__ src,
+                             const int32_t* __restrict__ ids, const int32_t* __restrict__ count,
+                             int n, T* __restrict__ y) {
+  const int64_t total = static_cast<int64_t>(*count) * n;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += stride) {
+    const int64_t k = e / n, j = e - k * n;
+    y[static_cast<int64_t>(ids[k]) * n + j] = buf[static_cast<int64_t>(src[k]) * n + j];
+  }
+}
+
+template <typename T, typename A>
+ffi::Error run_network(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values,
+                       ffi::AnyBuffer bias, const int32_t* slice_ptr, const int32_t* indices,
+                       ffi::Result<ffi::AnyBuffer> y, int32_t* active, ffi::Result<ffi::AnyBuffer> work,
+                       int32_t* iwork, int64_t rows, int n, int64_t n_layers, double clip,
+                       bool drop, ffi::Span<const int64_t> sp_off, ffi::Span<const int64_t> ell_off) {
+  constexpr ffi::DataType acc = sizeof(A) == 8 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (values.element_type() != acc || bias.element_type() != acc) {
+    return ffi::Error::InvalidArgument(
+        "sparse_dnn: values and bias must have the accumulation dtype of x");
+  }
+  const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+  T* yp = reinterpret_cast<T*>(y->untyped_data());
+  T* feat = reinterpret_cast<T*>(work->untyped_data());
+  const A* vp = reinterpret_cast<const A*>(values.untyped_data());
+  const A* bp = reinterpret_cast<const A*>(bias.untyped_data());
+  int32_t* alive = iwork;
+  int32_t* src[2] = {iwork + rows, iwork + 2 * rows};
+  int32_t* ids[2] = {iwork + 3 * rows, iwork + 4 * rows};
+  int32_t* counts = iwork + 5 * rows;
+
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
+
+  mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(xp, rows, n, alive);
+  compact_rows<<<1, kScanThreads, 0, stream>>>(nullptr, rows, alive, nullptr, src[0], ids[0],
+                                               counts, nullptr, drop);
+  if (auto err = last_launch_error("sparse_dnn: compaction"); err.failure()) return err;
+
+  const T* in = xp;
+  int cur = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    LayerArgs<T, A> args{};
+    args.x = in;
+    args.values = vp + ell_off[l];
+    args.bias = bp + l * n;
+    args.slice_ptr = slice_ptr + sp_off[l];
+    args.indices = indices + ell_off[l];
+    args.y = feat + (l % 2) * rows * n;
+    args.rows = rows;
+    args.count = counts + cur;
+    args.src_rows = src[cur];
+    args.alive = alive;
+    args.n_in = n;
+    args.n_out = n;
+    args.relu = true;
+    args.clip = static_cast<A>(clip);
+    if (auto err = launch_layer<T, A>(stream, args); err.failure()) return err;
+    compact_rows<<<1, kScanThreads, 0, stream>>>(counts + cur, rows, alive, ids[cur], src[1 - cur],
+                                                 ids[1 - cur], counts + 1 - cur, active + l, drop);
+    if (auto err = last_launch_error("sparse_dnn: compaction"); err.failure()) return err;
+    in = args.y;
+    cur = 1 - cur;
+  }
+  cudaMemsetAsync(yp, 0, sizeof(T) * rows * n, stream);
+  scatter_rows<T><<<grid, 256, 0, stream>>>(in, src[cur], ids[cur], counts + cur, n, yp);
+  return last_launch_error("sparse_dnn: scatter");
+}
+
+ffi::Error sparse_dnn_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values,
+                           ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> slice_ptr,
+                           ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Result<ffi::Buffer<ffi::S32>> active,
+                           ffi::Result<ffi::AnyBuffer> work,
+                           ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip, bool drop_dead,
+                           ffi::Span<const int64_t> sp_off, ffi::Span<const int64_t> ell_off) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("sparse_dnn: x must be [batch, n]");
+  const int64_t rows = xd[0], n = xd[1];
+  const int64_t n_layers = static_cast<int64_t>(active->element_count());
+  const int64_t n_slices = (n + kSlice - 1) / kSlice;
+  if (n > 0x7fffffff || rows >= 0x7fffffff) {
+    return ffi::Error::InvalidArgument("sparse_dnn: batch and n must be below 2^31");
+  }
+  if (static_cast<int64_t>(sp_off.size()) != n_layers ||
+      static_cast<int64_t>(ell_off.size()) != n_layers + 1 ||
+      static_cast<int64_t>(bias.element_count()) != n_layers * n ||
+      static_cast<int64_t>(slice_ptr.element_count()) != n_layers * (n_slices + 1) ||
+      static_cast<int64_t>(indices.element_count()) != ell_off[n_layers] ||
+      static_cast<int64_t>(values.element_count()) != ell_off[n_layers] ||
+      static_cast<int64_t>(work->element_count()) != 2 * rows * n ||
+      static_cast<int64_t>(iwork->element_count()) != 5 * rows + 2) {
+    return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
+  }
+  if (x.element_type() != y->element_type() || x.element_type() != work->element_type()) {
+    return ffi::Error::InvalidArgument("sparse_dnn: x, y and the workspace must share a dtype");
+  }
+  if (rows == 0 || n_layers == 0) {
+    cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
+    return last_launch_error("sparse_dnn");
+  }
+  const int ni = static_cast<int>(n);
+  int32_t* ap = active->typed_data();
+  int32_t* ip = iwork->typed_data();
+  const int32_t* sp = slice_ptr.typed_data();
+  const int32_t* ix = indices.typed_data();
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      return run_network<float, float>(stream, x, values, bias, sp, ix, y, ap, work, ip, rows, ni,
+                                       n_layers, clip, drop_dead, sp_off, ell_off);
+    case ffi::DataType::F64:
+      return run_network<double, double>(stream, x, values, bias, sp, ix, y, ap, work, ip, rows,
+                                         ni, n_layers, clip, drop_dead, sp_off, ell_off);
+    case ffi::DataType::BF16:
+      return run_network<__nv_bfloat16, float>(stream, x, values, bias, sp, ix, y, ap, work, ip,
+                                               rows, ni, n_layers, clip, drop_dead, sp_off, ell_off);
+    case ffi::DataType::F16:
+      return run_network<__half, float>(stream, x, values, bias, sp, ix, y, ap, work, ip, rows, ni,
+                                        n_layers, clip, drop_dead, sp_off, ell_off);
+    default:
+      return ffi::Error::InvalidArgument("sparse_dnn: unsupported feature dtype");
+  }
+}
+
+}  // namespace
+}  // namespace spdnn::cuda
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnCuda, spdnn::cuda::sparse_dnn_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [batch, n]
+                                  .Arg<ffi::AnyBuffer>()         // values, all layers, ELL order
+                                  .Arg<ffi::AnyBuffer>()         // bias [L, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr, all layers
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ELL indices, all layers
+                                  .Ret<ffi::AnyBuffer>()         // y [batch, n]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
+                                  .Ret<ffi::AnyBuffer>()         // workspace [2, batch, n]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // workspace [5 batch + 2]
+                                  .Attr<double>("clip")
+                                  .Attr<bool>("drop_dead")
+                                  .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [L]
+                                  .Attr<ffi::Span<const int64_t>>("ell_offsets"));  // [L + 1]
