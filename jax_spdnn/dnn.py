@@ -91,15 +91,21 @@ class SparseDNN:
         self.layers = layers
         self.biases = b
         self.clip = None if clip is None else float(clip)
+        # Decided once, while the biases are concrete, and carried as static metadata so
+        # that calls under jit (where the biases are traced) still skip dead rows.
+        try:
+            self._nonpositive_bias = bool(np.all(np.asarray(b) <= 0))
+        except jax.errors.TracerArrayConversionError:
+            self._nonpositive_bias = False
 
     def tree_flatten(self):
-        return (self.layers, self.biases), self.clip
+        return (self.layers, self.biases), (self.clip, self._nonpositive_bias)
 
     @classmethod
-    def tree_unflatten(cls, clip, children):
+    def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
         obj.layers, obj.biases = children
-        obj.clip = clip
+        obj.clip, obj._nonpositive_bias = aux
         return obj
 
     @property
@@ -119,11 +125,9 @@ class SparseDNN:
         return f"SparseDNN(n={self.n}, layers={self.n_layers}, nnz={self.nnz}, clip={self.clip})"
 
     def can_drop_dead_rows(self) -> bool:
-        """Whether rows that became zero may be skipped (all biases <= 0, known now)."""
-        try:
-            return bool(np.all(np.asarray(self.biases) <= 0))
-        except jax.errors.TracerArrayConversionError:
-            return False
+        """Whether rows that became zero may be skipped: every bias was <= 0 when the
+        network was built (biases traced at construction count as unknown: no)."""
+        return self._nonpositive_bias
 
     def __call__(self, x, *, drop_dead_rows: bool | None = None) -> DNNResult:
         """Runs the network on ``x: [batch, n]``.

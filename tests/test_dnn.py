@@ -87,8 +87,12 @@ def test_jit_and_pytree():
     x = random_inputs(64, 20, seed=1)
     leaves = jax.tree_util.tree_leaves(net)
     assert len(leaves) == 4  # three layers' values and the biases
-    r = jax.jit(lambda net, x: net(x).features)(net, x)
-    np.testing.assert_array_equal(np.asarray(r), np.asarray(net(x).features))
+    r = jax.jit(lambda net, x: net(x))(net, x)
+    np.testing.assert_array_equal(np.asarray(r.features), np.asarray(net(x).features))
+    # dead-row skipping is still chosen under jit (decided when the network was built)
+    assert net.can_drop_dead_rows()
+    flat, tree = jax.tree_util.tree_flatten(net)
+    assert jax.tree_util.tree_unflatten(tree, flat).can_drop_dead_rows()
     assert "layers=3" in repr(net)
 
 
