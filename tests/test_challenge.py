@@ -151,3 +151,23 @@ def test_challenge_command_official_layout(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "official neuron64-l4-categories.tsv" in out.stdout and "PASSED" in out.stdout
+
+
+def test_official_layers_run_through_sparse_dnn(device, tmp_path):
+    """The official layers kept in tests/data, read with the official reader and run as a
+    network, match the float64 reference on every unambiguous image."""
+    import jax_spdnn as sd
+    from jax_spdnn.challenge import check_categories, read_layers, reference_inference
+
+    net_dir = tmp_path / "neuron1024"
+    net_dir.mkdir()
+    for new_k, k in enumerate((1, 2, 6, 7), start=1):
+        with gzip.open(DATA / f"n1024-l{k}.tsv.gz", "rb") as f:
+            (net_dir / f"n1024-l{new_k}.tsv").write_bytes(f.read())
+    layers = read_layers(net_dir, 1024, 4)
+    x = digit_inputs(1024, 3000, seed=5)
+    ref = reference_inference(layers, -0.3, x)
+    got = sd.SparseDNN(layers, -0.3)(x.toarray())
+    check = check_categories(got.categories(), ref.categories, ref.ambiguous)
+    assert check.passed, check.summary()
+    assert 0 < ref.categories.size < 3000
