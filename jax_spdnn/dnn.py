@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from jax_spdnn import _native
-from jax_spdnn.linear import _FEATURE_DTYPES, _acc_dtype, sparse_linear
+from jax_spdnn.linear import _FEATURE_DTYPES, _acc_dtype, _match_vma, _vma, sparse_linear
 from jax_spdnn.sparse import SparseMatrix, Structure
 
 __all__ = ["DNNResult", "SparseDNN"]
@@ -162,21 +162,27 @@ def _chain(net: SparseDNN, x):
     return x, jnp.stack(actives)
 
 
+def _like(x, shape, dtype):
+    """A result type derived from x's aval, so shard_map's varying axes carry over."""
+    return jax.typeof(x).update(shape=tuple(shape), dtype=jnp.dtype(dtype), weak_type=False)
+
+
+def _operands(x, *arrays):
+    """Makes every operand vary over the axes x varies over (inside shard_map)."""
+    axes = _vma(x)
+    arrays = tuple(jnp.asarray(a) for a in arrays)
+    return tuple(_match_vma(a, axes) for a in arrays) if axes else arrays
+
+
 def _fused_cpu(net: SparseDNN, x, drop_dead: bool):
     acc = _acc_dtype(x.dtype)
     indptr, indices = _concat_structures(tuple(W.structure for W in net.layers))
     values = jnp.concatenate([jnp.asarray(W.values).astype(acc) for W in net.layers])
-    out = (
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        jax.ShapeDtypeStruct((net.n_layers,), jnp.int32),
-    )
+    out = (_like(x, x.shape, x.dtype), _like(x, (net.n_layers,), jnp.int32))
     clip = np.float64(np.inf if net.clip is None else net.clip)
     return jax.ffi.ffi_call(_CPU_TARGET, out)(
         x,
-        values,
-        net.biases.astype(acc),
-        jnp.asarray(indptr),
-        jnp.asarray(indices),
+        *_operands(x, values, net.biases.astype(acc), indptr, indices),
         clip=clip,
         drop_dead=drop_dead,
     )
@@ -194,18 +200,15 @@ def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
     )
     batch, n = x.shape
     out = (
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        jax.ShapeDtypeStruct((net.n_layers,), jnp.int32),
-        jax.ShapeDtypeStruct((2 * batch * n,), x.dtype),  # ping-pong feature buffers
-        jax.ShapeDtypeStruct((5 * batch + 2,), jnp.int32),  # marks, row lists, counts
+        _like(x, x.shape, x.dtype),
+        _like(x, (net.n_layers,), jnp.int32),
+        _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
+        _like(x, (5 * batch + 2,), jnp.int32),  # marks, row lists, counts
     )
     clip = np.float64(np.inf if net.clip is None else net.clip)
     y, active, _, _ = jax.ffi.ffi_call(_CUDA_TARGET, out)(
         x,
-        values,
-        net.biases.astype(acc),
-        jnp.asarray(slice_ptr),
-        jnp.asarray(indices),
+        *_operands(x, values, net.biases.astype(acc), slice_ptr, indices),
         clip=clip,
         drop_dead=drop_dead,
         slice_offsets=sp_off,

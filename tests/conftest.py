@@ -1,5 +1,6 @@
-"""Shared test fixtures: float64 enabled, and a ``device`` fixture that runs a test
-on the CPU and, where JAX sees one, on a CUDA GPU (skipped otherwise)."""
+"""Shared test fixtures: float64 enabled, four virtual CPU devices, and a ``device``
+fixture that runs a test on the CPU and, where JAX sees one, on a CUDA GPU (skipped
+otherwise)."""
 
 import jax
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
+# Four virtual CPU devices for the sharding tests (must be set before the backend starts).
+jax.config.update("jax_num_cpu_devices", 4)
 
 import jax_spdnn  # noqa: E402
 
