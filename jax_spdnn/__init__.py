@@ -16,6 +16,7 @@ __all__ = [
     "DNNResult",
     "SparseDNN",
     "challenge",
+    "distributed",
     "EllPack",
     "pack_sliced_ell",
     "SparseMatrix",

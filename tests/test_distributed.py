@@ -1,0 +1,112 @@
+"""jax_spdnn.distributed: sharded networks and layers equal single-device results (uneven
+batches, a device left with no active rows, inputs already sharded), pmap works, and a
+two-process CPU runtime reproduces the single-process categories."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_spdnn as sd
+from jax_spdnn import distributed as dist
+from jax_spdnn.challenge import radixnet, random_inputs
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    devices = jax.devices("cpu")
+    if len(devices) < 4:
+        pytest.skip("needs 4 CPU devices (jax_num_cpu_devices)")
+    return dist.batch_mesh(devices[:4])
+
+
+@pytest.fixture(scope="module")
+def net():
+    return sd.SparseDNN(radixnet(256, 10, seed=3), -0.3)
+
+
+@pytest.mark.parametrize("batch", [400, 401, 3])
+def test_sharded_network_equals_single_device(mesh, net, batch):
+    x = random_inputs(256, batch, seed=2)
+    r = dist.shard(net, mesh)(x)
+    ref = net(x)
+    np.testing.assert_array_equal(np.asarray(r.features), np.asarray(ref.features))
+    np.testing.assert_array_equal(np.asarray(r.alive), np.asarray(ref.alive))
+    np.testing.assert_array_equal(np.asarray(r.active_per_layer), np.asarray(ref.active_per_layer))
+
+
+def test_device_with_no_active_rows(mesh, net):
+    x = random_inputs(256, 400, seed=4)
+    x[300:] = 0.0  # the last device's rows are all zero from the start
+    r = dist.shard(net, mesh)(x)
+    assert not np.asarray(r.alive)[300:].any()
+    np.testing.assert_array_equal(np.asarray(r.features), np.asarray(net(x).features))
+
+
+def test_sharded_layers_and_no_all_gather(mesh):
+    layers = radixnet(256, 3, seed=1)
+    x = jax.device_put(random_inputs(256, 64, seed=0), NamedSharding(mesh, P("batch")))
+
+    def f(h):
+        for W in layers:
+            h = sd.sparse_linear(h, W, -0.3, clip=32.0)
+        return h
+
+    g = dist.shard(f, mesh)
+    np.testing.assert_array_equal(np.asarray(g(x)), np.asarray(f(x)))
+    hlo = g.lower(x).compile().as_text()
+    assert "all-gather" not in hlo
+
+
+def test_pmap(mesh, net):
+    devices = jax.devices("cpu")[:4]
+    W = net.layers[0]
+    x = random_inputs(256, 40, seed=1)
+    y = jax.pmap(lambda h: sd.sparse_linear(h, W, -0.3, clip=32.0), devices=devices)(
+        x.reshape(4, 10, 256)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(y).reshape(40, 256), np.asarray(sd.sparse_linear(x, W, -0.3, clip=32.0))
+    )
+    r = jax.pmap(lambda h: net(h).features, devices=devices)(x.reshape(4, 10, 256))
+    np.testing.assert_array_equal(np.asarray(r).reshape(40, 256), np.asarray(net(x).features))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_single_process():
+    worker = Path(__file__).with_name("multiprocess_worker.py")
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(port), str(i), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    net = sd.SparseDNN(radixnet(256, 12, seed=3), -0.3)
+    ref = net(random_inputs(256, 400, seed=2))
+    want = ",".join(map(str, np.flatnonzero(np.asarray(ref.alive))))
+    want_active = ",".join(map(str, np.asarray(ref.active_per_layer)))
+    for out, _ in outs:
+        lines = dict(line.split(" ", 1) for line in out.strip().splitlines() if " " in line)
+        assert lines["CATEGORIES"] == want
+        assert lines["ACTIVE"] == want_active
