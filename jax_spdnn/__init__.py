@@ -4,7 +4,7 @@ Fused sparse layers (``sparse_linear``) run as XLA FFI kernels on CPU and CUDA,
 composing with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.shard_map``.
 """
 
-from jax_spdnn import _native, challenge
+from jax_spdnn import _native, challenge, distributed
 from jax_spdnn._native import cuda_available
 from jax_spdnn.dnn import DNNResult, SparseDNN
 from jax_spdnn.linear import sparse_linear, sparse_linear_p
