@@ -250,11 +250,32 @@ def _jvp(primals, tangents, *, structure: Structure, activation: int, clip: floa
     return y, t
 
 
+_SDDMM_CHUNK_ELEMENTS = 1 << 24  # gathered [rows, nnz] elements per step (64 MB in float32)
+
+
 def _sddmm(x, g, structure: Structure, dtype):
-    """``dW[k] = sum_b x[b, indices[k]] * g[b, row(k)]``: the values' cotangent."""
+    """``dW[k] = sum_b x[b, indices[k]] * g[b, row(k)]``: the values' cotangent.
+
+    The gathered ``[rows, nnz]`` products are summed in row chunks so that memory stays
+    bounded for large batches (a sequential scan; order fixed, so deterministic)."""
     x2 = x.reshape(-1, structure.n_in).astype(dtype)
     g2 = g.reshape(-1, structure.n_out).astype(dtype)
-    return jnp.einsum("bk,bk->k", x2[:, structure.indices], g2[:, structure.row_ids])
+    cols, rows = jnp.asarray(structure.indices), jnp.asarray(structure.row_ids)
+
+    def part(xc, gc):
+        return jnp.einsum("bk,bk->k", jnp.take(xc, cols, axis=1), jnp.take(gc, rows, axis=1))
+
+    chunk = max(1, _SDDMM_CHUNK_ELEMENTS // max(structure.nnz, 1))
+    n = x2.shape[0]
+    if n <= chunk:
+        return part(x2, g2)
+    pad = (-n) % chunk
+    x3 = jnp.pad(x2, ((0, pad), (0, 0))).reshape(-1, chunk, structure.n_in)
+    g3 = jnp.pad(g2, ((0, pad), (0, 0))).reshape(-1, chunk, structure.n_out)
+    total, _ = lax.scan(
+        lambda acc, xg: (acc + part(*xg), None), jnp.zeros((structure.nnz,), dtype), (x3, g3)
+    )
+    return total
 
 
 def _transpose(ct, x, values, bias, *, structure: Structure, activation: int, clip: float):

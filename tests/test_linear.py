@@ -217,6 +217,23 @@ def test_grad_matches_dense(device, rng):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-10, atol=1e-12)
 
 
+def test_values_grad_in_chunks(device, rng, monkeypatch):
+    """The values' cotangent is summed over row chunks for large batches: same result."""
+    import jax_spdnn.linear as lin
+
+    _, W = _layer(rng)
+    x = rng.standard_normal((37, 24))
+
+    def grad():
+        return jax.grad(lambda v: sd.sparse_linear(x, W.with_values(v), activation=None).sum())(
+            W.values
+        )
+
+    whole = np.asarray(grad())
+    monkeypatch.setattr(lin, "_SDDMM_CHUNK_ELEMENTS", 5 * W.nnz)  # chunks of 5 rows
+    np.testing.assert_allclose(np.asarray(grad()), whole, rtol=1e-12, atol=1e-12)
+
+
 def test_grad_through_sparse_matrix_pytree(device, rng):
     _, W = _layer(rng)
     x = rng.standard_normal((5, 24))
