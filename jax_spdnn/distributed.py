@@ -61,7 +61,67 @@ def _pad_rows(x, multiple: int):
     return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]), pad
 
 
-def shard(fn: Callable | SparseDNN, mesh: Mesh, *, axis: str | None = None) -> Callable:
+def _route(y, ids, dest, slot, axis: str, size: int):
+    """Sends row k of ``y``/``ids`` to device ``dest[k]``, position ``slot[k]`` (rows with
+    ``dest == size`` stay behind) with one ``all_to_all``; returns the received rows, zeros
+    and id -1 where nothing arrived."""
+    b = y.shape[0]
+    send = jnp.zeros((size, b) + y.shape[1:], y.dtype).at[dest, slot].set(y, mode="drop")
+    send_ids = jnp.full((size, b), -1, jnp.int32).at[dest, slot].set(ids, mode="drop")
+    recv = lax.all_to_all(send, axis, 0, 0)
+    recv_ids = lax.all_to_all(send_ids, axis, 0, 0)
+    got = recv_ids >= 0  # each position is filled by at most one source: the sum is exact
+    return jnp.sum(jnp.where(got[..., None], recv, 0), axis=0), jnp.max(recv_ids, axis=0)
+
+
+def _rebalance(y, alive, ids, axis: str, size: int):
+    """Spreads the alive rows evenly over the devices (in global order); dead rows vanish."""
+    b = y.shape[0]
+    order = jnp.argsort(~alive, stable=True)  # alive rows first, in order
+    y, ids, alive = y[order], ids[order], alive[order]
+    count = jnp.sum(alive).astype(jnp.int32)
+    counts = lax.all_gather(count, axis)
+    first = jnp.sum(jnp.where(jnp.arange(size) < lax.axis_index(axis), counts, 0))
+    cap = jnp.maximum((jnp.sum(counts) + size - 1) // size, 1)
+    rank = first + jnp.arange(b, dtype=jnp.int32)
+    dest = jnp.where(jnp.arange(b) < count, rank // cap, size)
+    return _route(y, ids, dest, rank % cap, axis, size)
+
+
+def _balanced_network(net: SparseDNN, every: int, axis: str, size: int):
+    if not net.can_drop_dead_rows():
+        raise ValueError("rebalancing needs a network whose dead rows stay dead (biases <= 0)")
+    cuts = list(range(0, net.n_layers, every)) + [net.n_layers]
+    parts = [
+        SparseDNN(net.layers[a:b], net.biases[a:b], clip=net.clip) for a, b in zip(cuts, cuts[1:])
+    ]
+
+    def body(x):
+        b = x.shape[0]
+        home = (lax.axis_index(axis) * b + jnp.arange(b)).astype(jnp.int32)
+        ids, actives = home, []
+        for k, part in enumerate(parts):
+            r = part(x)
+            actives.append(lax.psum(r.active_per_layer, axis))
+            x = r.features
+            if k + 1 < len(parts):
+                x, ids = _rebalance(x, r.alive, ids, axis, size)
+        # Send every surviving row back to its home device and position.
+        keep = ids >= 0
+        dest = jnp.where(keep, ids // b, size)
+        y, _ = _route(x, ids, dest, jnp.where(keep, ids % b, 0), axis, size)
+        return y, jnp.any(y != 0, axis=1), jnp.concatenate(actives)
+
+    return body
+
+
+def shard(
+    fn: Callable | SparseDNN,
+    mesh: Mesh,
+    *,
+    axis: str | None = None,
+    rebalance_every: int | None = None,
+) -> Callable:
     """Runs ``fn(x)`` with the rows of ``x`` split over ``mesh``'s ``axis``, jitted.
 
     ``fn`` is a :class:`SparseDNN` (the result is a :class:`DNNResult` whose
@@ -69,16 +129,23 @@ def shard(fn: Callable | SparseDNN, mesh: Mesh, *, axis: str | None = None) -> C
     ...]`` built from the library's ops (weights it closes over are replicated).
     ``x`` may be a host array or an array already sharded by rows (``NamedSharding``
     with ``P(axis)``), which is used as it is.
+
+    ``rebalance_every=k`` (networks only; off by default) moves the surviving rows every
+    ``k`` layers so each device holds an equal share (``all_gather`` of the counts and one
+    ``all_to_all`` of the rows; the rows go home at the end).  Results are identical.
     """
     axis = axis or mesh.axis_names[0]
     size = mesh.shape[axis]
     spec = P(axis)
     if isinstance(fn, SparseDNN):
         net = fn
+        if rebalance_every:
+            body = _balanced_network(net, int(rebalance_every), axis, size)
+        else:
 
-        def body(x):
-            r = net(x)
-            return r.features, r.alive, lax.psum(r.active_per_layer, axis)
+            def body(x):
+                r = net(x)
+                return r.features, r.alive, lax.psum(r.active_per_layer, axis)
 
         mapped = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=(spec, spec, P()))
 
@@ -91,6 +158,8 @@ def shard(fn: Callable | SparseDNN, mesh: Mesh, *, axis: str | None = None) -> C
 
         return _with_input_sharding(run_net, mesh, spec)
 
+    if rebalance_every:
+        raise ValueError("rebalance_every applies to SparseDNN networks only")
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)
 
     @jax.jit

@@ -110,3 +110,30 @@ def test_two_processes_match_single_process():
         lines = dict(line.split(" ", 1) for line in out.strip().splitlines() if " " in line)
         assert lines["CATEGORIES"] == want
         assert lines["ACTIVE"] == want_active
+
+
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("batch", [400, 397])
+def test_rebalancing_gives_identical_results(mesh, net, every, batch):
+    """Rows die unevenly (the first devices start with zero rows); rebalancing moves the
+    survivors around and home again without changing a bit."""
+    x = random_inputs(256, batch, seed=6)
+    x[:180] = 0.0
+    ref = net(x)
+    r = dist.shard(net, mesh, rebalance_every=every)(x)
+    np.testing.assert_array_equal(np.asarray(r.features), np.asarray(ref.features))
+    np.testing.assert_array_equal(np.asarray(r.alive), np.asarray(ref.alive))
+    np.testing.assert_array_equal(np.asarray(r.active_per_layer), np.asarray(ref.active_per_layer))
+
+
+def test_rebalancing_when_everything_dies(mesh):
+    net = sd.SparseDNN(radixnet(64, 6, seed=1), -50.0)
+    r = dist.shard(net, mesh, rebalance_every=2)(random_inputs(64, 40, seed=0))
+    assert not np.asarray(r.alive).any() and not np.asarray(r.active_per_layer).any()
+
+
+def test_rebalancing_errors(mesh, net):
+    with pytest.raises(ValueError, match="biases <= 0"):
+        dist.shard(sd.SparseDNN(net.layers, 0.1), mesh, rebalance_every=2)
+    with pytest.raises(ValueError, match="SparseDNN networks only"):
+        dist.shard(lambda h: h, mesh, rebalance_every=2)
