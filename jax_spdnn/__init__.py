@@ -1,11 +1,15 @@
 """jax_spdnn: fast inference with sparse neural networks in JAX.
 
-Fused sparse layers (``sparse_linear``) run as XLA FFI kernels on CPU and CUDA,
-composing with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.shard_map``.
+Fused sparse layers (``sparse_linear``) and whole networks with dead rows dropped on the
+device (``SparseDNN``) run as XLA FFI kernels on CPU and CUDA, composing with ``jax.jit``,
+``jax.vmap``, ``jax.grad`` and ``jax.shard_map`` (``jax_spdnn.distributed``).  The Sparse DNN
+Graph Challenge tools (file formats, generators, reference, truth check) are in
+``jax_spdnn.challenge``.
 """
 
-from jax_spdnn import _native, challenge, distributed
-from jax_spdnn._native import cuda_available
+from jax_spdnn import _native as _native  # noqa: F401  (registers the FFI targets)
+from jax_spdnn import challenge, distributed
+from jax_spdnn._native import cuda_available, cuda_status
 from jax_spdnn.dnn import DNNResult, SparseDNN
 from jax_spdnn.linear import sparse_linear, sparse_linear_p
 from jax_spdnn.sparse import EllPack, SparseMatrix, Structure, pack_sliced_ell
@@ -22,7 +26,7 @@ __all__ = [
     "SparseMatrix",
     "Structure",
     "cuda_available",
+    "cuda_status",
     "sparse_linear",
     "sparse_linear_p",
-    "_native",
 ]

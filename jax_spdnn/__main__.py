@@ -45,7 +45,7 @@ def _challenge(args) -> int:
     console.print(
         f"[bold]Sparse DNN Graph Challenge[/] N={n}, L={n_layers}, dtype={args.dtype}, "
         f"device={getattr(dev, 'device_kind', dev.platform)} "
-        f"({escape(sd._native.cuda_status())})"
+        f"({escape(sd.cuda_status())})"
     )
 
     def progress(it, what):
