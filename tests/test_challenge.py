@@ -89,26 +89,17 @@ def test_digit_inputs():
         digit_inputs(512, 10)
 
 
+def _run_cli(*args):
+    """Runs ``python -m jax_spdnn *args`` and returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "jax_spdnn", *args], capture_output=True, text=True, timeout=300
+    )
+
+
 def test_challenge_command(tmp_path):
     plot = tmp_path / "active.png"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jax_spdnn",
-            "--neurons",
-            "256",
-            "--layers",
-            "8",
-            "--batch",
-            "300",
-            "--profile",
-            "--plot",
-            str(plot),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = _run_cli(
+        "--neurons", "256", "--layers", "8", "--batch", "300", "--profile", "--plot", str(plot)
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "TE/s" in out.stdout and "of 300 images have a nonzero final row" in out.stdout
@@ -130,24 +121,8 @@ def test_challenge_command_official_layout(tmp_path):
     write_images(tmp_path / "sparse-images-64.tsv", x)
     ref = reference_inference(layers, -0.3, x)
     write_categories(tmp_path / "neuron64-l4-categories.tsv", ref.categories)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jax_spdnn",
-            "challenge",
-            "--neurons",
-            "64",
-            "--layers",
-            "4",
-            "--batch",
-            "200",
-            "--data",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = _run_cli(
+        "challenge", "--neurons", "64", "--layers", "4", "--batch", "200", "--data", str(tmp_path)
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "official neuron64-l4-categories.tsv" in out.stdout and "PASSED" in out.stdout

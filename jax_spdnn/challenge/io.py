@@ -97,6 +97,9 @@ class LayerSource:
     def __len__(self) -> int:
         return len(self._members)
 
+    def has_layer(self, k: int) -> bool:
+        return layer_filename(self.n, k) in self._members
+
     def prefetch(self, ks) -> None:
         """Reads the archive members of layers ``ks`` in one sequential pass (a gzip
         stream has no random access: extracting members one by one re-reads it)."""
@@ -150,7 +153,7 @@ def read_layers(
     src = LayerSource(path, n)
     try:
         ks = range(1, n_layers + 1)
-        missing = [k for k in ks if layer_filename(n, k) not in src._members]
+        missing = [k for k in ks if not src.has_layer(k)]
         if missing:
             raise FileNotFoundError(
                 f"missing layer file {layer_filename(n, missing[0])} in {path} "
