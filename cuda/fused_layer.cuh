@@ -18,13 +18,17 @@
 //
 // For whole networks the kernel also reads its rows through an active-row list
 // (src_rows), takes the row count from device memory (count, with a persistent
-// grid striding over the work) and marks rows with a nonzero output (alive).
+// grid striding over the work) and builds the next layer's list itself: the
+// block that finishes a row tile appends the tile's surviving rows (no separate
+// compaction kernel, no scan over dead rows).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "cuda/common.cuh"
 
@@ -61,7 +65,20 @@ struct LayerArgs {
   int64_t rows;              // rows (an upper bound when count is set)
   const int32_t* count;      // device-side row count, or nullptr for `rows`
   const int32_t* src_rows;   // input row of each packed row, or nullptr for identity
-  int32_t* alive;            // set to 1 for rows with a nonzero output, or nullptr
+  // Fused compaction (whole networks; all nullptr for a single layer).  The block
+  // that finishes a row tile last lists the tile's rows with a nonzero output:
+  // slot = atomicAdd(active_out, 1), next_src[slot] = packed row, next_ids[slot] =
+  // ids_in[packed row] (with drop off: slot = packed row, every row listed).  Row
+  // order in the next list is arbitrary, results are not: each row is computed
+  // alone, in a fixed order.  With several output groups per tile, the groups
+  // meet through alive (OR of their marks) and done (groups finished per tile).
+  int32_t* alive;            // [rows] zero on entry, left zero
+  int32_t* done;             // [tiles] zero on entry, left zero
+  const int32_t* ids_in;     // original id of each packed input row
+  int32_t* next_src;         // next list: packed row of each surviving row
+  int32_t* next_ids;         // next list: original id of each surviving row
+  int32_t* active_out;       // count of rows with a nonzero output (zero on entry)
+  bool drop;                 // list only rows with a nonzero output
   int n_in, n_out;
   bool relu;
   A clip;
@@ -87,6 +104,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const VT* xv = reinterpret_cast<const VT*>(smem_raw);
+  __shared__ int row_live[kRows];
+  __shared__ int last_group;
 
   // Rows to compute: a static count, or one a previous kernel left on the device
   // (then the grid is persistent and strides over the work).
@@ -103,6 +122,11 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
   for (int r = 0; r < kRows; ++r) {
     const int64_t k = row0 + min(r, valid - 1);
     src_row[r] = args.src_rows ? static_cast<int64_t>(__ldg(args.src_rows + k)) : k;
+  }
+
+  if (args.active_out) {
+    if (threadIdx.x < kRows) row_live[threadIdx.x] = 0;
+    __syncthreads();
   }
 
   int pos[kOuts], end[kOuts];
@@ -232,13 +256,41 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
       }
     }
   }
-  if (args.alive) {  // mark rows with a nonzero output: integer OR, order-free
+  if (args.active_out) {
+    // Rows of this tile with a nonzero output in this group (same-value stores).
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      if (__any_sync(0xffffffffu, nonzero[r]) && (threadIdx.x % 32) == 0 && r < valid) {
-        atomicOr(args.alive + row0 + r, 1);
+      if (__any_sync(0xffffffffu, nonzero[r]) && (threadIdx.x % 32) == 0) row_live[r] = 1;
+    }
+    __syncthreads();
+    bool last = true;
+    if (n_groups > 1) {
+      if (threadIdx.x < valid && row_live[threadIdx.x]) atomicOr(args.alive + row0 + threadIdx.x, 1);
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) last_group = atomicAdd(args.done + tile, 1) == n_groups - 1;
+      __syncthreads();
+      last = last_group;
+    }
+    if (last && threadIdx.x < valid) {
+      const int64_t k = row0 + threadIdx.x;
+      bool live = row_live[threadIdx.x];
+      if (n_groups > 1) {
+        __threadfence();
+        live = atomicExch(args.alive + k, 0) != 0;
+        if (threadIdx.x == 0) args.done[tile] = 0;
+      }
+      int64_t slot = k;
+      if (live) {
+        const int32_t s = atomicAdd(args.active_out, 1);
+        if (args.drop) slot = s;
+      }
+      if (live || !args.drop) {
+        args.next_src[slot] = static_cast<int32_t>(k);
+        args.next_ids[slot] = args.ids_in[k];
       }
     }
+    __syncthreads();  // row_live and last_group are reused by the next item
   }
   }  // work items
 }
@@ -253,21 +305,40 @@ xla::ffi::Error launch_outs(cudaStream_t stream, const LayerArgs<T, A>& args) {
   const int chunk = std::max(1, std::min(args.n_in, kMaxSharedBytes / col_bytes / 8 * 8));
   const size_t smem = static_cast<size_t>((chunk + 7) / 8 * 8) * col_bytes;
   auto kernel = fused_layer_kernel<T, A, kOuts>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) {
-      return xla::ffi::Error::Internal(std::string("fused layer: cudaFuncSetAttribute: ") +
-                                       cudaGetErrorString(err));
+  // Host-side queries are cached: a network launches this once per layer, and the
+  // attribute and occupancy calls would otherwise cost more than a small layer.
+  // The shared-memory size takes one of few values (it depends on n_in only up
+  // to the 64 KB cap), so the cache stays tiny.
+  struct Launch { size_t smem; int device; int blocks; };
+  static std::mutex mu;
+  static std::vector<Launch> cache;
+  int device = 0;
+  cudaGetDevice(&device);
+  int resident = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Launch& c : cache) {
+      if (c.smem == smem && c.device == device) resident = c.blocks;
+    }
+    if (resident == 0) {
+      if (smem > 48 * 1024) {
+        cudaError_t err = cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        if (err != cudaSuccess) {
+          return xla::ffi::Error::Internal(std::string("fused layer: cudaFuncSetAttribute: ") +
+                                           cudaGetErrorString(err));
+        }
+      }
+      int sms = 0, per_sm = 0;
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+      resident = std::max(1, sms * per_sm);
+      cache.push_back({smem, device, resident});
     }
   }
   int64_t n_blocks = n_work;
   if (args.count) {  // persistent grid: as many blocks as fit on the device at once
-    int device = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-    n_blocks = std::min<int64_t>(n_work, static_cast<int64_t>(std::max(1, sms * per_sm)));
+    n_blocks = std::min<int64_t>(n_work, resident);
   }
   if (n_blocks > 0x7fffffff) {
     return xla::ffi::Error::InvalidArgument("fused layer: batch too large for one launch");

@@ -1,14 +1,15 @@
 // CUDA kernels of SparseDNN: a whole network of L square sparse layers in one FFI
 // call, Y <- min(relu(Y W_l + b_l), clip), with dead rows dropped on the device.
 //
-// Per layer the handler enqueues two kernels and never synchronizes with the host:
-//   1. the fused layer kernel (cuda/fused_layer.cuh) reads the active rows through
-//      a list, writes its outputs packed, and marks rows with a nonzero output;
-//   2. compact_rows (one block) turns the marks into the next list and count with
-//      an in-order prefix sum (deterministic), and records the active count.
-// The layer kernel runs a persistent grid that reads the row count from device
+// Per layer the handler enqueues one kernel and never synchronizes with the host:
+// the fused layer kernel (cuda/fused_layer.cuh) reads the active rows through a
+// list, writes its outputs packed, and builds the next list itself (the block
+// that finishes a row tile appends its surviving rows with an atomic counter,
+// which is also the layer's active count).  The order of rows within a list
+// depends on timing; the results do not, because every row is computed alone
+// in a fixed order and finally scattered back to its original position.  The
+// layer kernel runs a persistent grid that reads the row count from device
 // memory, so no launch depends on host-side knowledge of how many rows survive.
-// Finally the surviving rows are scattered back to their original positions.
 
 #include <cstdint>
 #include <string>
@@ -21,79 +22,25 @@ namespace ffi = xla::ffi;
 namespace spdnn::cuda {
 namespace {
 
-constexpr int kScanThreads = 1024;
-
-// alive[row] = 1 if input row `row` has any nonzero feature (one warp per row).
+// The first list: rows of x with any nonzero feature (one warp per row); with
+// drop off, every row in order and *count = rows.
 template <typename T, typename A>
-__global__ void mark_nonzero_rows(const T* __restrict__ x, int64_t rows, int n,
-                                  int32_t* __restrict__ alive) {
+__global__ void list_nonzero_rows(const T* __restrict__ x, int64_t rows, int n, bool drop,
+                                  int32_t* __restrict__ src, int32_t* __restrict__ ids,
+                                  int32_t* __restrict__ count) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  if (!drop && blockIdx.x == 0 && threadIdx.x == 0) *count = static_cast<int32_t>(rows);
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < rows;
        row += warps) {
     bool nz = false;
     for (int c = lane; c < n; c += 32) nz |= load_acc<A>(x + row * n + c) != A(0);
     const bool any = __any_sync(0xffffffffu, nz);
-    if (lane == 0) alive[row] = any ? 1 : 0;
-  }
-}
-
-// One block: count = number of marked rows among the first `*count_in` (or `rows`),
-// src_out lists their packed positions in order, ids_out their original row ids.
-// Without drop, every row is kept (the count of marked rows is still recorded).
-// Clears the marks for the next layer.
-__global__ void __launch_bounds__(kScanThreads)
-    compact_rows(const int32_t* __restrict__ count_in, int64_t rows, int32_t* __restrict__ alive,
-                 const int32_t* __restrict__ ids_in, int32_t* __restrict__ src_out,
-                 int32_t* __restrict__ ids_out, int32_t* __restrict__ count_out,
-                 int32_t* __restrict__ active_out, bool drop) {
-  __shared__ int32_t warp_sums[kScanThreads / 32];
-  __shared__ int32_t total_s;
-  const int64_t n = count_in ? static_cast<int64_t>(*count_in) : rows;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t seg = (n + kScanThreads - 1) / kScanThreads;
-  const int64_t begin = min(n, tid * seg), end = min(n, begin + seg);
-  int32_t local = 0;
-  for (int64_t k = begin; k < end; ++k) local += alive[k] != 0;
-  // Block-wide exclusive scan of the per-thread counts.
-  int32_t incl = local;
-  for (int d = 1; d < 32; d <<= 1) {
-    const int32_t v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += v;
-  }
-  if (lane == 31) warp_sums[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int32_t w = warp_sums[lane];
-    for (int d = 1; d < 32; d <<= 1) {
-      const int32_t v = __shfl_up_sync(0xffffffffu, w, d);
-      if (lane >= d) w += v;
+    if (lane == 0 && (any || !drop)) {
+      const int64_t slot = drop ? atomicAdd(count, 1) : row;
+      src[slot] = static_cast<int32_t>(row);
+      ids[slot] = static_cast<int32_t>(row);
     }
-    warp_sums[lane] = w;  // inclusive over warps
-  }
-  __syncthreads();
-  const int32_t offset = incl - local + (warp > 0 ? warp_sums[warp - 1] : 0);
-  if (tid == kScanThreads - 1) total_s = offset + local;
-  int32_t pos = offset;
-  for (int64_t k = begin; k < end; ++k) {
-    const bool keep = alive[k] != 0;
-    const int32_t id = ids_in ? ids_in[k] : static_cast<int32_t>(k);
-    if (drop) {
-      if (keep) {
-        src_out[pos] = static_cast<int32_t>(k);
-        ids_out[pos] = id;
-        ++pos;
-      }
-    } else {
-      src_out[k] = static_cast<int32_t>(k);
-      ids_out[k] = id;
-    }
-    alive[k] = 0;
-  }
-  __syncthreads();
-  if (tid == 0) {
-    *count_out = drop ? total_s : static_cast<int32_t>(n);
-    if (active_out) *active_out = total_s;
   }
 }
 
@@ -127,22 +74,27 @@ ffi::Error run_network(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer val
   T* feat = reinterpret_cast<T*>(work->untyped_data());
   const A* vp = reinterpret_cast<const A*>(values.untyped_data());
   const A* bp = reinterpret_cast<const A*>(bias.untyped_data());
+  // Integer workspace: alive and done (zero between kernels), two row lists of
+  // packed positions and original ids (double-buffered), the first count.
   int32_t* alive = iwork;
-  int32_t* src[2] = {iwork + rows, iwork + 2 * rows};
-  int32_t* ids[2] = {iwork + 3 * rows, iwork + 4 * rows};
-  int32_t* counts = iwork + 5 * rows;
+  int32_t* done = iwork + rows;
+  int32_t* src[2] = {iwork + 2 * rows, iwork + 3 * rows};
+  int32_t* ids[2] = {iwork + 4 * rows, iwork + 5 * rows};
+  int32_t* count0 = iwork + 6 * rows;
+  cudaMemsetAsync(iwork, 0, sizeof(int32_t) * 2 * rows, stream);
+  cudaMemsetAsync(count0, 0, sizeof(int32_t) * 2, stream);
+  cudaMemsetAsync(active, 0, sizeof(int32_t) * n_layers, stream);
 
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
 
-  mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(xp, rows, n, alive);
-  compact_rows<<<1, kScanThreads, 0, stream>>>(nullptr, rows, alive, nullptr, src[0], ids[0],
-                                               counts, nullptr, drop);
-  if (auto err = last_launch_error("sparse_dnn: compaction"); err.failure()) return err;
+  list_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(xp, rows, n, drop, src[0], ids[0], count0);
+  if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
   const T* in = xp;
+  const int32_t* count = count0;
   int cur = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
     LayerArgs<T, A> args{};
@@ -153,22 +105,26 @@ ffi::Error run_network(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer val
     args.indices = indices + ell_off[l];
     args.y = feat + (l % 2) * rows * n;
     args.rows = rows;
-    args.count = counts + cur;
+    args.count = count;
     args.src_rows = src[cur];
     args.alive = alive;
+    args.done = done;
+    args.ids_in = ids[cur];
+    args.next_src = src[1 - cur];
+    args.next_ids = ids[1 - cur];
+    args.active_out = active + l;
+    args.drop = drop;
     args.n_in = n;
     args.n_out = n;
     args.relu = true;
     args.clip = static_cast<A>(clip);
     if (auto err = launch_layer<T, A>(stream, args); err.failure()) return err;
-    compact_rows<<<1, kScanThreads, 0, stream>>>(counts + cur, rows, alive, ids[cur], src[1 - cur],
-                                                 ids[1 - cur], counts + 1 - cur, active + l, drop);
-    if (auto err = last_launch_error("sparse_dnn: compaction"); err.failure()) return err;
     in = args.y;
+    if (drop) count = active + l;
     cur = 1 - cur;
   }
   cudaMemsetAsync(yp, 0, sizeof(T) * rows * n, stream);
-  scatter_rows<T><<<grid, 256, 0, stream>>>(in, src[cur], ids[cur], counts + cur, n, yp);
+  scatter_rows<T><<<grid, 256, 0, stream>>>(in, src[cur], ids[cur], count, n, yp);
   return last_launch_error("sparse_dnn: scatter");
 }
 
@@ -194,7 +150,7 @@ ffi::Error sparse_dnn_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
       static_cast<int64_t>(indices.element_count()) != ell_off[n_layers] ||
       static_cast<int64_t>(values.element_count()) != ell_off[n_layers] ||
       static_cast<int64_t>(work->element_count()) != 2 * rows * n ||
-      static_cast<int64_t>(iwork->element_count()) != 5 * rows + 2) {
+      static_cast<int64_t>(iwork->element_count()) != 6 * rows + 2) {
     return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
   }
   if (x.element_type() != y->element_type() || x.element_type() != work->element_type()) {
@@ -241,7 +197,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnCuda, spdnn::cuda::sparse_dnn_impl,
                                   .Ret<ffi::AnyBuffer>()         // y [batch, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
                                   .Ret<ffi::AnyBuffer>()         // workspace [2, batch, n]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // workspace [5 batch + 2]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // workspace [6 batch + 2]
                                   .Attr<double>("clip")
                                   .Attr<bool>("drop_dead")
                                   .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [L]

@@ -4,9 +4,11 @@
 
 With ReLU and biases ``<= 0`` a feature row that became all zero stays zero, so rows that die
 can be skipped.  On the CPU and on CUDA the whole network is one FFI call that keeps an
-active-row list on the device and compacts it after every layer, in order (deterministic),
-with no host round trip: the CUDA handler enqueues, per layer, the fused layer kernel (a
-persistent grid that reads the row count from device memory) and a one-block compaction.
+active-row list on the device, with no host round trip: the CPU kernel compacts the list in
+order after every layer; on CUDA the fused layer kernel (a persistent grid that reads the row
+count from device memory) builds the next list itself, one atomic slot per surviving row (the
+order of rows in the list varies, the results do not: rows are computed independently and
+scattered back to their positions at the end).
 Other platforms run one jitted chain of fused ``sparse_linear`` layers over all rows.
 All paths give the same results.
 """
@@ -203,7 +205,7 @@ def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
         _like(x, x.shape, x.dtype),
         _like(x, (net.n_layers,), jnp.int32),
         _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
-        _like(x, (5 * batch + 2,), jnp.int32),  # marks, row lists, counts
+        _like(x, (6 * batch + 2,), jnp.int32),  # marks, row lists, counts
     )
     clip = np.float64(np.inf if net.clip is None else net.clip)
     y, active, _, _ = jax.ffi.ffi_call(_CUDA_TARGET, out)(

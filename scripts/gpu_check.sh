@@ -3,7 +3,7 @@
 # Logs go to $OUT (default ./out).  Wheels of missing pure-Python test
 # dependencies may be provided in .whl/ (installed only when missing).
 #
-#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [tune]
+#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [conv] [tune] [profile]
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -36,7 +36,7 @@ fi
 
 if [[ " $steps " == *" test "* ]]; then
   echo "== test"
-  $PY -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -15
+  $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 
 if [[ " $steps " == *" bench "* ]]; then
@@ -55,4 +55,12 @@ if [[ " $steps " == *" tune "* ]]; then
   for outs in 1 2 4; do
     SPDNN_LINEAR_OUTS=$outs $PY benchmarks/bench_linear.py --ours-only 2>&1 | grep "^| [0-9]" | tee -a "$OUT/tune.log"
   done
+fi
+
+if [[ " $steps " == *" profile "* ]]; then
+  echo "== profile (per-launch kernel durations of SparseDNN runs)"
+  ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+    $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} >"$OUT/profile.csv" 2>"$OUT/profile.err"
+  grep -E "^run|^active" "$OUT/profile.csv" | cut -c1-400
+  $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 3 2>&1 | grep "^run"
 fi
