@@ -11,7 +11,10 @@
 // layer kernel runs a persistent grid that reads the row count from device
 // memory, so no launch depends on host-side knowledge of how many rows survive.
 
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/common.cuh"
@@ -160,6 +163,21 @@ ffi::Error sparse_dnn_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
     cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
     return last_launch_error("sparse_dnn");
   }
+  // SPDNN_HOST_TIMING=1 prints the host time spent enqueueing the network (profiling aid).
+  static const bool host_timing = std::getenv("SPDNN_HOST_TIMING") != nullptr;
+  const auto t0 = std::chrono::steady_clock::now();
+  struct Report {
+    bool on;
+    std::chrono::steady_clock::time_point t0;
+    int64_t layers;
+    ~Report() {
+      if (!on) return;
+      const double us = std::chrono::duration<double, std::micro>(
+          std::chrono::steady_clock::now() - t0).count();
+      std::fprintf(stderr, "sparse_dnn: enqueued %lld layers in %.1f us on the host\n",
+                   static_cast<long long>(layers), us);
+    }
+  } report{host_timing, t0, n_layers};
   const int ni = static_cast<int>(n);
   int32_t* ap = active->typed_data();
   int32_t* ip = iwork->typed_data();

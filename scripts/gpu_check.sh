@@ -62,5 +62,5 @@ if [[ " $steps " == *" profile "* ]]; then
   ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
     $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} >"$OUT/profile.csv" 2>"$OUT/profile.err"
   grep -E "^run|^active" "$OUT/profile.csv" | cut -c1-400
-  $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 3 2>&1 | grep "^run"
+  SPDNN_HOST_TIMING=1 $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 3 2>&1 | grep -E "^run|calls|enqueued" | tail -8
 fi
