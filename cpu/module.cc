@@ -6,6 +6,7 @@
 
 extern "C" XLA_FFI_Error* SpdnnSparseLinearCpu(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* SpdnnSparseDnnCpu(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* SpdnnSparseConvCpu(XLA_FFI_CallFrame* call_frame);
 
 namespace nb = nanobind;
 
@@ -19,6 +20,7 @@ NB_MODULE(_spdnn_cpu, m) {
     nb::dict d;
     d["spdnn_sparse_linear_csr"] = encapsulate(SpdnnSparseLinearCpu);
     d["spdnn_sparse_dnn_csr"] = encapsulate(SpdnnSparseDnnCpu);
+    d["spdnn_sparse_conv_direct"] = encapsulate(SpdnnSparseConvCpu);
     return d;
   });
 }

@@ -1,7 +1,8 @@
 """jax_spdnn: fast inference with sparse neural networks in JAX.
 
 Fused sparse layers (``sparse_linear``) and whole networks with dead rows dropped on the
-device (``SparseDNN``) run as XLA FFI kernels on CPU and CUDA, composing with ``jax.jit``,
+device (``SparseDNN``) and direct sparse convolution of pruned CNN filters (``sparse_conv2d``)
+run as XLA FFI kernels on CPU and CUDA, composing with ``jax.jit``,
 ``jax.vmap``, ``jax.grad`` and ``jax.shard_map`` (``jax_spdnn.distributed``).  The Sparse DNN
 Graph Challenge tools (file formats, generators, reference, truth check) are in
 ``jax_spdnn.challenge``.
@@ -10,6 +11,14 @@ Graph Challenge tools (file formats, generators, reference, truth check) are in
 from jax_spdnn import _native as _native  # noqa: F401  (registers the FFI targets)
 from jax_spdnn import challenge, distributed
 from jax_spdnn._native import cuda_available, cuda_status
+from jax_spdnn.conv import (
+    SparseConvKernel,
+    conv_output_shape,
+    magnitude_threshold,
+    prune_global,
+    sparse_conv2d,
+    sparse_conv2d_p,
+)
 from jax_spdnn.dnn import DNNResult, SparseDNN
 from jax_spdnn.linear import sparse_linear, sparse_linear_p
 from jax_spdnn.sparse import EllPack, SparseMatrix, Structure, pack_sliced_ell
@@ -23,8 +32,14 @@ __all__ = [
     "distributed",
     "EllPack",
     "pack_sliced_ell",
+    "SparseConvKernel",
     "SparseMatrix",
     "Structure",
+    "conv_output_shape",
+    "magnitude_threshold",
+    "prune_global",
+    "sparse_conv2d",
+    "sparse_conv2d_p",
     "cuda_available",
     "cuda_status",
     "sparse_linear",

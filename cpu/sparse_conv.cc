@@ -1,0 +1,164 @@
+// CPU kernel of sparse_conv2d: direct sparse convolution (Escort-style), NCHW.
+//
+//   y[b, o, oh, ow] = act(bias[o] + sum_j values[j] * x[b, chan[j], oh*sh - pt + dy[j],
+//                                                          ow*sw - pl + dx[j]])
+// over the nonzeros j of output channel o (CSR by output channel).  chan[j] is the
+// input channel including the group's base, dy/dx the dilated tap offsets; the
+// Python side precomputes them once per kernel and geometry.  Taps that fall into
+// the padding contribute zero: for each nonzero the range of output rows and
+// columns whose input is inside the image is computed once, so the inner loop is
+// a plain (vectorizable for stride 1) multiply-add along an output row.
+//
+// Work items are (image, output channel) planes, spread over threads; each output
+// is summed in CSR order by one thread (deterministic).  NHWC is handled by the
+// Python lowering (transposes around this kernel).
+
+#include <algorithm>
+#include <type_traits>
+#include <string>
+#include <vector>
+
+#include "cpu/common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace spdnn::cpu {
+namespace {
+
+// First and one-past-last output index o with 0 <= o*s - p + d < n, clamped to [0, out).
+inline void valid_range(int64_t n, int64_t out, int64_t s, int64_t p, int64_t d, int64_t* lo,
+                        int64_t* hi) {
+  const int64_t a = p - d;                                // need o*s >= a
+  int64_t l = a <= 0 ? 0 : (a + s - 1) / s;
+  const int64_t b = n - 1 + p - d;                        // need o*s <= b
+  int64_t h = b < 0 ? 0 : b / s + 1;
+  *lo = std::min(l, out);
+  *hi = std::max(*lo, std::min(h, out));
+}
+
+struct Geometry {
+  int64_t batch, channels, height, width, out_channels, out_h, out_w;
+  int64_t sh, sw, pt, pl;
+};
+
+template <typename T, typename A>
+void sparse_conv_kernel(const T* x, const A* values, const A* bias, const int32_t* indptr,
+                        const int32_t* chan, const int32_t* dy, const int32_t* dx, T* y,
+                        const Geometry& g, bool relu) {
+  const int64_t plane_in = g.height * g.width, plane_out = g.out_h * g.out_w;
+  parallel_for(g.batch * g.out_channels, [&](int64_t item) {
+    const int64_t b = item / g.out_channels, o = item % g.out_channels;
+    thread_local std::vector<A> acc;
+    acc.assign(static_cast<size_t>(plane_out), A(0));
+    const T* xb = x + b * g.channels * plane_in;
+    for (int32_t j = indptr[o]; j < indptr[o + 1]; ++j) {
+      const A v = values[j];
+      int64_t oh0, oh1, ow0, ow1;
+      valid_range(g.height, g.out_h, g.sh, g.pt, dy[j], &oh0, &oh1);
+      valid_range(g.width, g.out_w, g.sw, g.pl, dx[j], &ow0, &ow1);
+      const T* xc = xb + static_cast<int64_t>(chan[j]) * plane_in;
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const T* xr = xc + (oh * g.sh - g.pt + dy[j]) * g.width + (-g.pl + dx[j]);
+        A* ar = acc.data() + oh * g.out_w;
+        if (g.sw == 1) {
+          for (int64_t ow = ow0; ow < ow1; ++ow) ar[ow] += v * to_float(xr[ow]);
+        } else {
+          for (int64_t ow = ow0; ow < ow1; ++ow) ar[ow] += v * to_float(xr[ow * g.sw]);
+        }
+      }
+    }
+    const A bo = bias[o];
+    T* yo = y + item * plane_out;
+    for (int64_t k = 0; k < plane_out; ++k) {
+      A out = acc[k] + bo;
+      if (relu && out < A(0)) out = A(0);  // comparisons keep NaN, like jnp.maximum
+      yo[k] = from_float<T>(out);
+    }
+  });
+}
+
+ffi::Error sparse_conv_impl(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::AnyBuffer bias,
+                            ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> chan,
+                            ffi::Buffer<ffi::S32> dy, ffi::Buffer<ffi::S32> dx,
+                            ffi::Result<ffi::AnyBuffer> y, int64_t stride_h, int64_t stride_w,
+                            int64_t pad_top, int64_t pad_left, int32_t activation) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || yd.size() != 4) {
+    return ffi::Error::InvalidArgument("sparse_conv2d: x and y must be NCHW arrays");
+  }
+  Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], stride_h, stride_w, pad_top, pad_left};
+  const int64_t nnz = static_cast<int64_t>(values.element_count());
+  if (yd[0] != g.batch || static_cast<int64_t>(indptr.element_count()) != g.out_channels + 1 ||
+      static_cast<int64_t>(bias.element_count()) != g.out_channels ||
+      static_cast<int64_t>(chan.element_count()) != nnz ||
+      static_cast<int64_t>(dy.element_count()) != nnz ||
+      static_cast<int64_t>(dx.element_count()) != nnz) {
+    return ffi::Error::InvalidArgument("sparse_conv2d: inconsistent buffer sizes");
+  }
+  if (stride_h < 1 || stride_w < 1) {
+    return ffi::Error::InvalidArgument("sparse_conv2d: strides must be positive");
+  }
+  const int32_t* ip = indptr.typed_data();
+  const int32_t* cp = chan.typed_data();
+  if (ip[0] != 0 || ip[g.out_channels] != nnz) {
+    return ffi::Error::InvalidArgument("sparse_conv2d: indptr does not match the nonzeros");
+  }
+  for (int64_t j = 0; j < nnz; ++j) {
+    if (cp[j] < 0 || cp[j] >= g.channels) {
+      return ffi::Error::InvalidArgument("sparse_conv2d: input channel index out of range");
+    }
+  }
+  const bool relu = activation == 1;
+  const auto acc_type = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64
+                                                                : ffi::DataType::F32;
+  if (values.element_type() != acc_type || bias.element_type() != acc_type) {
+    return ffi::Error::InvalidArgument(
+        "sparse_conv2d: values and bias must have the accumulation dtype of x");
+  }
+  if (x.element_type() != y->element_type()) {
+    return ffi::Error::InvalidArgument("sparse_conv2d: x and y must share a dtype");
+  }
+  auto run = [&](auto* tag, auto* acc_tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using A = std::remove_pointer_t<decltype(acc_tag)>;
+    sparse_conv_kernel<T, A>(reinterpret_cast<const T*>(x.untyped_data()),
+                             reinterpret_cast<const A*>(values.untyped_data()),
+                             reinterpret_cast<const A*>(bias.untyped_data()), ip, cp,
+                             dy.typed_data(), dx.typed_data(),
+                             reinterpret_cast<T*>(y->untyped_data()), g, relu);
+    return ffi::Error::Success();
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      return run(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+    case ffi::DataType::F64:
+      return run(static_cast<double*>(nullptr), static_cast<double*>(nullptr));
+    case ffi::DataType::BF16:
+      return run(static_cast<bf16*>(nullptr), static_cast<float*>(nullptr));
+    case ffi::DataType::F16:
+      return run(static_cast<f16*>(nullptr), static_cast<float*>(nullptr));
+    default:
+      return ffi::Error::InvalidArgument("sparse_conv2d: unsupported feature dtype");
+  }
+}
+
+}  // namespace
+}  // namespace spdnn::cpu
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseConvCpu, spdnn::cpu::sparse_conv_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // x [B, C, H, W]
+                                  .Arg<ffi::AnyBuffer>()         // values [nnz]
+                                  .Arg<ffi::AnyBuffer>()         // bias [O]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // indptr [O + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // input channel [nnz]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // dilated row offset [nnz]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // dilated column offset [nnz]
+                                  .Ret<ffi::AnyBuffer>()         // y [B, O, OH, OW]
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int32_t>("activation"));
