@@ -9,8 +9,11 @@
 // columns whose input is inside the image is computed once, so the inner loop is
 // a plain (vectorizable for stride 1) multiply-add along an output row.
 //
-// Work items are (image, output channel) planes, spread over threads; each output
-// is summed in CSR order by one thread (deterministic).  NHWC is handled by the
+// The input is first staged with kImg images innermost ([block][c][h][w][kImg]), so
+// each weight multiplies one contiguous vector of kImg images per output pixel:
+// the FMA vectorizes whatever the map's width and the weight is reused kImg times.
+// Work items are (image block, output channel) planes, spread over threads; each
+// output is summed in CSR order by one thread (deterministic).  NHWC is handled by the
 // Python lowering (transposes around this kernel).
 
 #include <algorithm>
@@ -42,38 +45,62 @@ struct Geometry {
   int64_t sh, sw, pt, pl;
 };
 
+constexpr int kImg = 8;  // images per work item, innermost in the staged input (one vector)
+
 template <typename T, typename A>
 void sparse_conv_kernel(const T* x, const A* values, const A* bias, const int32_t* indptr,
                         const int32_t* chan, const int32_t* dy, const int32_t* dx, T* y,
                         const Geometry& g, bool relu) {
   const int64_t plane_in = g.height * g.width, plane_out = g.out_h * g.out_w;
-  parallel_for(g.batch * g.out_channels, [&](int64_t item) {
-    const int64_t b = item / g.out_channels, o = item % g.out_channels;
+  const int64_t image_in = g.channels * plane_in;
+  const int64_t blocks = (g.batch + kImg - 1) / kImg;
+  // Stage the input as [block][channel][row][col][kImg]: one weight then meets kImg
+  // images in one contiguous vector, whatever the map's width.
+  std::vector<A> xt(static_cast<size_t>(blocks * image_in * kImg));
+  parallel_for(blocks * g.channels, [&](int64_t item) {
+    const int64_t blk = item / g.channels, c = item % g.channels;
+    A* dst = xt.data() + (blk * g.channels + c) * plane_in * kImg;
+    for (int k = 0; k < kImg; ++k) {
+      const int64_t b = blk * kImg + k;
+      if (b < g.batch) {
+        const T* src = x + b * image_in + c * plane_in;
+        for (int64_t e = 0; e < plane_in; ++e) dst[e * kImg + k] = to_float(src[e]);
+      } else {
+        for (int64_t e = 0; e < plane_in; ++e) dst[e * kImg + k] = A(0);
+      }
+    }
+  });
+  parallel_for(blocks * g.out_channels, [&](int64_t item) {
+    const int64_t blk = item / g.out_channels, o = item % g.out_channels;
     thread_local std::vector<A> acc;
-    acc.assign(static_cast<size_t>(plane_out), A(0));
-    const T* xb = x + b * g.channels * plane_in;
+    acc.assign(static_cast<size_t>(plane_out * kImg), A(0));
+    const A* xb = xt.data() + blk * image_in * kImg;
     for (int32_t j = indptr[o]; j < indptr[o + 1]; ++j) {
       const A v = values[j];
       int64_t oh0, oh1, ow0, ow1;
       valid_range(g.height, g.out_h, g.sh, g.pt, dy[j], &oh0, &oh1);
       valid_range(g.width, g.out_w, g.sw, g.pl, dx[j], &ow0, &ow1);
-      const T* xc = xb + static_cast<int64_t>(chan[j]) * plane_in;
+      const A* xc = xb + static_cast<int64_t>(chan[j]) * plane_in * kImg;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
-        const T* xr = xc + (oh * g.sh - g.pt + dy[j]) * g.width + (-g.pl + dx[j]);
-        A* ar = acc.data() + oh * g.out_w;
-        if (g.sw == 1) {
-          for (int64_t ow = ow0; ow < ow1; ++ow) ar[ow] += v * to_float(xr[ow]);
-        } else {
-          for (int64_t ow = ow0; ow < ow1; ++ow) ar[ow] += v * to_float(xr[ow * g.sw]);
+        const A* xr = xc + ((oh * g.sh - g.pt + dy[j]) * g.width - g.pl + dx[j]) * kImg;
+        A* ar = acc.data() + oh * g.out_w * kImg;
+        for (int64_t ow = ow0; ow < ow1; ++ow) {
+          const A* xp = xr + ow * g.sw * kImg;
+          A* ap = ar + ow * kImg;
+          for (int k = 0; k < kImg; ++k) ap[k] += v * xp[k];
         }
       }
     }
     const A bo = bias[o];
-    T* yo = y + item * plane_out;
-    for (int64_t k = 0; k < plane_out; ++k) {
-      A out = acc[k] + bo;
-      if (relu && out < A(0)) out = A(0);  // comparisons keep NaN, like jnp.maximum
-      yo[k] = from_float<T>(out);
+    for (int k = 0; k < kImg; ++k) {
+      const int64_t b = blk * kImg + k;
+      if (b >= g.batch) break;
+      T* yo = y + (b * g.out_channels + o) * plane_out;
+      for (int64_t e = 0; e < plane_out; ++e) {
+        A out = acc[e * kImg + k] + bo;
+        if (relu && out < A(0)) out = A(0);  // comparisons keep NaN, like jnp.maximum
+        yo[e] = from_float<T>(out);
+      }
     }
   });
 }

@@ -60,3 +60,36 @@ def assert_matches_ref(y, x, w, bias=None, activation="relu", clip=None):
         assert np.all(yf <= clip)
     if activation == "relu":
         assert np.all(yf >= 0)
+
+
+def conv2d_ref(x, w, strides, pads, dilation, groups, bias=None, activation=None):
+    """float64 NCHW convolution with OIHW ``w``, as ``lax.conv_general_dilated`` defines it:
+    zero padding (negative pads crop), filter dilation, feature groups."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    b, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    (pt, pb), (pl, pr) = pads
+    sh, sw = strides
+    dh, dw = dilation
+    xp = np.zeros((b, c, h + max(pt, 0) + max(pb, 0), wd + max(pl, 0) + max(pr, 0)))
+    xp[:, :, max(pt, 0) : max(pt, 0) + h, max(pl, 0) : max(pl, 0) + wd] = x
+    xp = xp[:, :, max(-pt, 0) : xp.shape[2] - max(-pb, 0), max(-pl, 0) : xp.shape[3] - max(-pr, 0)]
+    oh = max(0, (xp.shape[2] - ((kh - 1) * dh + 1)) // sh + 1) if xp.shape[2] >= (kh - 1) * dh + 1 else 0
+    ow = max(0, (xp.shape[3] - ((kw - 1) * dw + 1)) // sw + 1) if xp.shape[3] >= (kw - 1) * dw + 1 else 0
+    y = np.zeros((b, o, oh, ow))
+    og = o // groups
+    for g in range(groups):
+        xs = xp[:, g * cg : (g + 1) * cg]
+        ws = w[g * og : (g + 1) * og]
+        for r in range(kh):
+            for s in range(kw):
+                patch = xs[:, :, r * dh : r * dh + (oh - 1) * sh + 1 : sh,
+                           s * dw : s * dw + (ow - 1) * sw + 1 : sw]
+                if oh and ow:
+                    y[:, g * og : (g + 1) * og] += np.einsum("bchw,oc->bohw", patch, ws[:, :, r, s])
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)[None, :, None, None]
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return y

@@ -1,0 +1,336 @@
+"""sparse_conv2d against a float64 NumPy reference and lax.conv_general_dilated, on CPU and
+(where present) CUDA: random geometry and sparsity, both layouts, dtypes, jit/vmap/grad,
+pruning tools, and every argument error."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax import lax
+from jax.test_util import check_grads
+from reference import conv2d_ref
+
+import jax_spdnn as sd
+
+
+def random_filter(rng, o, cg, kh, kw, density, dtype=np.float64):
+    w = rng.standard_normal((o, cg, kh, kw))
+    w[rng.random(w.shape) >= density] = 0.0
+    return w.astype(dtype)
+
+
+def to_nchw(a, layout):
+    return np.transpose(a, (0, 3, 1, 2)) if layout == "NHWC" else a
+
+
+def resolve_pads(padding, hw, k, strides, dilation):
+    if isinstance(padding, str):
+        window = [(kk - 1) * d + 1 for kk, d in zip(k, dilation)]
+        return tuple(lax.padtype_to_pads(hw, window, strides, padding))
+    return padding
+
+
+def check_conv(y, x, w, strides, padding, dilation, groups, bias, activation, layout):
+    xn = to_nchw(np.asarray(x).astype(np.float64), layout)
+    pads = resolve_pads(padding, xn.shape[2:], w.shape[2:], strides, dilation)
+    ref = conv2d_ref(xn, w, strides, pads, dilation, groups, bias, activation)
+    mag = conv2d_ref(np.abs(xn), np.abs(w), strides, pads, dilation, groups,
+                     None if bias is None else np.abs(bias))
+    yn = to_nchw(np.asarray(y).astype(np.float64), layout)
+    assert yn.shape == ref.shape, (yn.shape, ref.shape)
+    eps = {np.float64: 1e-13, np.float32: 3e-6}.get(np.dtype(y.dtype).type, 1e-2)
+    bound = eps * (mag + 1.0) * np.sqrt(max(w[0].size, 1))
+    err = np.abs(yn - ref)
+    assert np.all(err <= bound), f"max err {err.max():.3g} (bound {bound.max():.3g})"
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg = draw(st.integers(1, 5))
+    og = draw(st.integers(1, 5))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    batch = draw(st.sampled_from([0, 1, 2, 3, 5, 9]))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = draw(st.one_of(
+        st.sampled_from(["SAME", "VALID", "SAME_LOWER"]),
+        st.tuples(st.tuples(st.integers(-1, 3), st.integers(-1, 3)),
+                  st.tuples(st.integers(-1, 3), st.integers(-1, 3))),
+    ))
+    density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+    bias = draw(st.booleans())
+    activation = draw(st.sampled_from([None, "relu"]))
+    layout = draw(st.sampled_from(["NCHW", "NHWC"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (groups, cg, og, kh, kw, h, w, batch, strides, dilation, padding, density, bias,
+            activation, layout, seed)
+
+
+@given(case=conv_cases(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_matches_reference(device, case, dtype):
+    (groups, cg, og, kh, kw, h, w, batch, strides, dilation, padding, density, has_bias,
+     activation, layout, seed) = case
+    rng = np.random.default_rng(seed)
+    o, c = og * groups, cg * groups
+    wt = random_filter(rng, o, cg, kh, kw, density, dtype)
+    K = sd.SparseConvKernel.from_oihw(wt)
+    shape = (batch, c, h, w) if layout == "NCHW" else (batch, h, w, c)
+    x = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(o).astype(dtype) if has_bias else None
+    window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
+    pads = resolve_pads(padding, (h, w), (kh, kw), strides, dilation)
+    if any(n + lo + hi < win for n, (lo, hi), win in zip((h, w), pads, window)):
+        return  # no output position (lax rejects it too)
+    y = sd.sparse_conv2d(x, K, strides=strides, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, activation=activation, layout=layout)
+    assert y.dtype == dtype
+    check_conv(y, x, wt, strides, padding, dilation, groups, bias, activation, layout)
+    # Same output shape as lax.conv_general_dilated.
+    ref_shape = jax.eval_shape(
+        lambda x: lax.conv_general_dilated(
+            x, wt, strides, padding, rhs_dilation=dilation, feature_group_count=groups,
+            dimension_numbers=(layout, "OIHW", layout)),
+        jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
+    assert y.shape == ref_shape
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+def test_pruned_layer_sizes(device, layout, sparsity):
+    """A realistic layer (batch not a multiple of the kernel's images per thread, channels
+    not a multiple of its channel chunk) at sparsities from dense to empty."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((70, 24, 3, 3)).astype(np.float32)
+    K = sd.SparseConvKernel.from_oihw(w, sparsity=sparsity)
+    assert abs(K.sparsity - sparsity) < 1e-3
+    x = rng.standard_normal((9, 24, 13, 13) if layout == "NCHW" else (9, 13, 13, 24))
+    x = x.astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    y = jax.jit(lambda x, K: sd.sparse_conv2d(x, K, padding="SAME", bias=b, activation="relu",
+                                              layout=layout))(x, K)
+    check_conv(y, x, np.asarray(K.todense()), (1, 1), "SAME", (1, 1), 1, b, "relu", layout)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_storage(device, dtype):
+    rng = np.random.default_rng(3)
+    w = random_filter(rng, 8, 6, 3, 3, 0.3, np.float32)
+    K = sd.SparseConvKernel.from_oihw(w)
+    x = jnp.asarray(rng.standard_normal((5, 6, 9, 9)), dtype)
+    y = sd.sparse_conv2d(x, K, padding="SAME", activation="relu")
+    assert y.dtype == dtype
+    ref = conv2d_ref(np.asarray(x, np.float64), w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1,
+                     activation="relu")
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_matches_lax_on_dense_filter(device):
+    rng = np.random.default_rng(11)
+    w = random_filter(rng, 12, 4, 3, 2, 0.4)
+    K = sd.SparseConvKernel.from_oihw(w)
+    x = rng.standard_normal((3, 8, 10, 9))
+    kw = dict(padding=((2, 0), (1, 1)), dilation=(2, 1), groups=2)
+    y = sd.sparse_conv2d(x, K, strides=(1, 2), **kw)
+    ref = lax.conv_general_dilated(x, w, (1, 2), kw["padding"], rhs_dilation=(2, 1),
+                                   feature_group_count=2, precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+# -- transformations ---------------------------------------------------------------------------
+
+
+def _layer(rng, o=6, c=4, k=3, density=0.5):
+    w = random_filter(rng, o, c, k, k, density)
+    return sd.SparseConvKernel.from_oihw(w), w
+
+
+def test_jit_and_kernel_as_argument(device):
+    rng = np.random.default_rng(0)
+    K, w = _layer(rng)
+    x = rng.standard_normal((2, 4, 7, 7))
+    f = jax.jit(lambda x, K: sd.sparse_conv2d(x, K, strides=2, activation="relu"))
+    y = f(x, K)
+    np.testing.assert_allclose(y, sd.sparse_conv2d(x, K, strides=2, activation="relu"))
+    y2 = f(x, K.with_values(2 * K.values))
+    np.testing.assert_allclose(y2, 2 * y, rtol=1e-12)
+
+
+def test_vmap(device):
+    rng = np.random.default_rng(1)
+    K, w = _layer(rng)
+    xs = rng.standard_normal((3, 2, 4, 6, 5))
+    f = lambda x, v: sd.sparse_conv2d(x, K.with_values(v), padding="VALID", bias=0.1)  # noqa: E731
+    ys = jax.vmap(f, in_axes=(0, None))(xs, K.values)
+    for i in range(3):
+        np.testing.assert_allclose(ys[i], f(xs[i], K.values), rtol=1e-12)
+    vs = np.stack([K.values, -K.values, 0.5 * K.values])
+    ys = jax.vmap(f, in_axes=(None, 0))(xs[0], vs)
+    for i in range(3):
+        np.testing.assert_allclose(ys[i], f(xs[0], vs[i]), rtol=1e-12)
+    ys = jax.vmap(f, in_axes=(1, 0))(np.moveaxis(xs, 0, 1), vs)
+    for i in range(3):
+        np.testing.assert_allclose(ys[i], f(xs[i], vs[i]), rtol=1e-12)
+    # vmap over the bias
+    g = lambda b: sd.sparse_conv2d(xs[0], K, bias=b)  # noqa: E731
+    bs = rng.standard_normal((2, 6))
+    ys = jax.vmap(g)(bs)
+    np.testing.assert_allclose(ys[1], g(bs[1]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_grad(device, layout):
+    rng = np.random.default_rng(2)
+    K, w = _layer(rng, density=0.6)
+    x = rng.standard_normal((2, 4, 7, 8) if layout == "NCHW" else (2, 7, 8, 4))
+    b = rng.standard_normal(6)
+
+    def f(x, v, b):
+        return sd.sparse_conv2d(x, K.with_values(v), strides=(2, 1), padding="SAME",
+                                dilation=(1, 2), bias=b, activation="relu", layout=layout)
+
+    check_grads(f, (x, K.values, b), order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    check_grads(f, (x, K.values, b), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_grad_matches_masked_dense(device):
+    """The values' gradient equals the dense filter's gradient at the nonzeros."""
+    rng = np.random.default_rng(4)
+    K, w = _layer(rng, o=8, c=6, density=0.3)
+    x = rng.standard_normal((3, 6, 9, 9))
+
+    def sparse_loss(v):
+        return jnp.sum(sd.sparse_conv2d(x, K.with_values(v), activation="relu") ** 2)
+
+    def dense_loss(wd):
+        y = lax.conv_general_dilated(x, wd, (1, 1), "SAME", precision=lax.Precision.HIGHEST)
+        return jnp.sum(jnp.maximum(y, 0) ** 2)
+
+    gs = jax.grad(sparse_loss)(K.values)
+    gd = np.asarray(jax.grad(dense_loss)(w)).reshape(8, -1)
+    rows = np.repeat(np.arange(8), np.diff(K.structure.indptr))
+    np.testing.assert_allclose(gs, gd[rows, K.structure.indices], rtol=1e-10, atol=1e-10)
+
+
+# -- the filter container and pruning --------------------------------------------------------------
+
+
+def test_kernel_round_trips():
+    rng = np.random.default_rng(5)
+    w = random_filter(rng, 5, 3, 2, 4, 0.4)
+    K = sd.SparseConvKernel.from_oihw(w)
+    np.testing.assert_array_equal(K.todense(), w)
+    np.testing.assert_array_equal(K.todense("HWIO"), np.transpose(w, (2, 3, 1, 0)))
+    K2 = sd.SparseConvKernel.from_hwio(np.transpose(w, (2, 3, 1, 0)))
+    assert K2.structure == K.structure
+    np.testing.assert_array_equal(K2.values, K.values)
+    assert K.nnz == np.count_nonzero(w)
+    assert K.sparsity == pytest.approx(1 - np.count_nonzero(w) / w.size)
+    leaves, tree = jax.tree_util.tree_flatten(K)
+    assert len(leaves) == 1
+    assert jax.tree_util.tree_unflatten(tree, leaves).shape == K.shape
+    assert "SparseConvKernel" in repr(K)
+    assert K.astype(np.float32).dtype == np.float32
+
+
+def test_magnitude_pruning():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((16, 8, 3, 3))
+    for s in (0.0, 0.5, 0.9, 0.97, 1.0):
+        K = sd.SparseConvKernel.from_oihw(w, sparsity=s)
+        assert K.nnz == w.size - round(s * w.size)
+        if 0 < K.nnz < w.size:
+            kept = np.abs(np.asarray(K.values)).min()
+            dense = np.asarray(K.todense())
+            assert np.abs(w[dense == 0]).max() <= kept
+    K = sd.SparseConvKernel.from_oihw(w, threshold=1.0)
+    assert K.nnz == np.count_nonzero(np.abs(w) > 1.0)
+
+
+def test_prune_global():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((8, 4, 3, 3))
+    b = 0.1 * rng.standard_normal((6, 8, 3, 3))  # small weights: pruned harder
+    out = sd.prune_global({"a": a, "b": b}, 0.8)
+    total = out["a"].nnz + out["b"].nnz
+    assert abs(total - 0.2 * (a.size + b.size)) <= 1
+    assert out["b"].sparsity > out["a"].sparsity
+    hw = sd.prune_global([np.transpose(a, (2, 3, 1, 0))], 0.5, layout="HWIO")
+    assert hw[0].structure == sd.SparseConvKernel.from_oihw(a, sparsity=0.5).structure
+    assert sd.magnitude_threshold(a, 0.0) < 0
+    with pytest.raises(ValueError, match="sparsity"):
+        sd.magnitude_threshold(a, 1.5)
+    with pytest.raises(ValueError, match="no filters"):
+        sd.prune_global([], 0.5)
+    with pytest.raises(ValueError, match="layout"):
+        sd.prune_global([a], 0.5, layout="NCHW")
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+def test_kernel_validation():
+    with pytest.raises(ValueError, match="shape"):
+        sd.SparseConvKernel([0, 0], [], [], (1, 2, 3))
+    with pytest.raises(ValueError, match="out of range"):
+        sd.SparseConvKernel([0, 1], [18], [1.0], (1, 2, 3, 3))
+    with pytest.raises(ValueError, match="[Dd]uplicate"):
+        sd.SparseConvKernel([0, 2], [3, 3], [1.0, 2.0], (1, 2, 3, 3))
+    with pytest.raises(ValueError, match="finite"):
+        sd.SparseConvKernel([0, 1], [3], [np.nan], (1, 2, 3, 3))
+    with pytest.raises(ValueError, match="indptr"):
+        sd.SparseConvKernel([0, 1, 1], [3], [1.0], (1, 2, 3, 3))
+    with pytest.raises(ValueError, match="finite"):
+        sd.SparseConvKernel.from_oihw(np.full((1, 1, 1, 1), np.inf))
+    with pytest.raises(ValueError, match="4-D"):
+        sd.SparseConvKernel.from_oihw(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="4-D"):
+        sd.SparseConvKernel.from_hwio(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="either threshold or sparsity"):
+        sd.SparseConvKernel.from_oihw(np.ones((1, 1, 1, 1)), threshold=0.1, sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        sd.SparseConvKernel.from_oihw(np.ones((1, 1, 1, 1)), sparsity=-0.1)
+    with pytest.raises(ValueError, match="layout"):
+        sd.SparseConvKernel.from_oihw(np.ones((1, 1, 1, 1))).todense("NCHW")
+
+
+def test_argument_errors():
+    K = sd.SparseConvKernel.from_oihw(np.ones((4, 3, 3, 3)))
+    x = np.ones((2, 3, 8, 8), np.float32)
+    with pytest.raises(TypeError, match="SparseConvKernel"):
+        sd.sparse_conv2d(x, np.ones((4, 3, 3, 3)))
+    with pytest.raises(TypeError, match="rank 4"):
+        sd.sparse_conv2d(x[0], K)
+    with pytest.raises(TypeError, match="float32"):
+        sd.sparse_conv2d(x.astype(np.int32), K)
+    with pytest.raises(ValueError, match="do not match"):
+        sd.sparse_conv2d(np.ones((2, 5, 8, 8)), K)
+    with pytest.raises(ValueError, match="must divide the input channels"):
+        sd.sparse_conv2d(x, K, groups=2)
+    with pytest.raises(ValueError, match="must divide the output channels"):
+        sd.sparse_conv2d(np.ones((2, 9, 8, 8)), sd.SparseConvKernel.from_oihw(np.ones((4, 1, 3, 3))),
+                         groups=9)
+    with pytest.raises(ValueError, match="groups"):
+        sd.sparse_conv2d(x, K, groups=0)
+    with pytest.raises(ValueError, match="padding"):
+        sd.sparse_conv2d(x, K, padding="FULL")
+    with pytest.raises(TypeError, match="padding"):
+        sd.sparse_conv2d(x, K, padding=3)
+    with pytest.raises(ValueError, match="2 \\(low, high\\) pairs"):
+        sd.sparse_conv2d(x, K, padding=((1, 1),))
+    with pytest.raises(ValueError, match="strides"):
+        sd.sparse_conv2d(x, K, strides=0)
+    with pytest.raises(TypeError, match="dilation"):
+        sd.sparse_conv2d(x, K, dilation="x")
+    with pytest.raises(ValueError, match="layout"):
+        sd.sparse_conv2d(x, K, layout="CHWN")
+    with pytest.raises(ValueError, match="activation"):
+        sd.sparse_conv2d(x, K, activation="gelu")
+    with pytest.raises(ValueError, match="bias"):
+        sd.sparse_conv2d(x, K, bias=np.ones(3))
+    # NHWC checks the last axis for channels.
+    with pytest.raises(ValueError, match="do not match"):
+        sd.sparse_conv2d(x, K, layout="NHWC")
