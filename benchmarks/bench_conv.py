@@ -36,8 +36,12 @@ from common import environment, time_fn, time_iterated  # noqa: E402
 import jax_spdnn as sd  # noqa: E402
 
 LAYERS_CSV = os.path.join(os.path.dirname(__file__), "data", "pruned_conv_layers.csv")
-SWEEP_LAYERS = ["alexnet/conv3", "vgg16/conv4_2", "resnet50/res4a_branch2b",
-                "googlenet/inception_4e/3x3"]
+SWEEP_LAYERS = [
+    "alexnet/conv3",
+    "vgg16/conv4_2",
+    "resnet50/res4a_branch2b",
+    "googlenet/inception_4e/3x3",
+]
 SWEEP_SPARSITIES = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98]
 
 
@@ -49,11 +53,21 @@ def load_layers(pattern: str | None = None):
         if pattern and not re.search(pattern, r["layer"]):
             continue
         sp = {k: float(r[k]) for k in ("sparsity_han2015", "sparsity_skimcaffe") if r[k]}
-        out.append(dict(
-            name=r["layer"], c=int(r["in_channels"]), o=int(r["out_channels"]),
-            h=int(r["height"]), w=int(r["width"]), kh=int(r["kernel_h"]), kw=int(r["kernel_w"]),
-            stride=int(r["stride"]), pad=int(r["padding"]), groups=int(r["groups"]), sparsity=sp,
-        ))
+        out.append(
+            dict(
+                name=r["layer"],
+                c=int(r["in_channels"]),
+                o=int(r["out_channels"]),
+                h=int(r["height"]),
+                w=int(r["width"]),
+                kh=int(r["kernel_h"]),
+                kw=int(r["kernel_w"]),
+                stride=int(r["stride"]),
+                pad=int(r["padding"]),
+                groups=int(r["groups"]),
+                sparsity=sp,
+            )
+        )
     return out
 
 
@@ -67,8 +81,9 @@ def make_inputs(layer, batch, layout, seed=0):
     c, h, w = layer["c"], layer["h"], layer["w"]
     shape = (batch, c, h, w) if layout == "NCHW" else (batch, h, w, c)
     x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
-    wd = rng.standard_normal((layer["o"], c // layer["groups"], layer["kh"], layer["kw"]),
-                             dtype=np.float32)
+    wd = rng.standard_normal(
+        (layer["o"], c // layer["groups"], layer["kh"], layer["kw"]), dtype=np.float32
+    )
     return x, wd
 
 
@@ -78,8 +93,14 @@ def dense_step(layer, layout, wd, precision, dtype):
 
     def step(x):
         y = lax.conv_general_dilated(
-            x, k, (layer["stride"],) * 2, pads, feature_group_count=layer["groups"],
-            dimension_numbers=(layout, "OIHW", layout), precision=precision)
+            x,
+            k,
+            (layer["stride"],) * 2,
+            pads,
+            feature_group_count=layer["groups"],
+            dimension_numbers=(layout, "OIHW", layout),
+            precision=precision,
+        )
         return feed_back(x, y)
 
     return step
@@ -89,8 +110,9 @@ def sparse_step(layer, layout, K):
     pads = ((layer["pad"],) * 2,) * 2
 
     def step(x):
-        y = sd.sparse_conv2d(x, K, strides=layer["stride"], padding=pads,
-                             groups=layer["groups"], layout=layout)
+        y = sd.sparse_conv2d(
+            x, K, strides=layer["stride"], padding=pads, groups=layer["groups"], layout=layout
+        )
         return feed_back(x, y)
 
     return step
@@ -99,7 +121,8 @@ def sparse_step(layer, layout, K):
 def useful_flops(layer, batch, sparsity):
     oh = (layer["h"] + 2 * layer["pad"] - layer["kh"]) // layer["stride"] + 1
     ow = (layer["w"] + 2 * layer["pad"] - layer["kw"]) // layer["stride"] + 1
-    dense = 2 * batch * layer["o"] * oh * ow * (layer["c"] // layer["groups"]) * layer["kh"] * layer["kw"]
+    taps = (layer["c"] // layer["groups"]) * layer["kh"] * layer["kw"]
+    dense = 2 * batch * layer["o"] * oh * ow * taps
     return dense * (1 - sparsity)
 
 
@@ -124,8 +147,10 @@ def run(layers, batches, layouts, peers, iters, sweep):
                     dense_cache[key] = {}
                     peer_list = [("fp32", lax.Precision.HIGHEST, jnp.float32)]
                     if on_gpu:
-                        peer_list += [("tf32", lax.Precision.DEFAULT, jnp.float32),
-                                      ("bf16", lax.Precision.DEFAULT, jnp.bfloat16)]
+                        peer_list += [
+                            ("tf32", lax.Precision.DEFAULT, jnp.float32),
+                            ("bf16", lax.Precision.DEFAULT, jnp.bfloat16),
+                        ]
                     for name, prec, dt in peer_list if peers else []:
                         xx = x.astype(dt)
                         dense_cache[key][name] = timer(dense_step(layer, layout, wd, prec, dt), xx)
@@ -134,17 +159,33 @@ def run(layers, batches, layouts, peers, iters, sweep):
                     t = timer(sparse_step(layer, layout, K), x)
                     # Correctness against true-float32 dense on the pruned filter.
                     pads = ((layer["pad"],) * 2,) * 2
-                    ys = sd.sparse_conv2d(x, K, strides=layer["stride"], padding=pads,
-                                          groups=layer["groups"], layout=layout)
+                    ys = sd.sparse_conv2d(
+                        x,
+                        K,
+                        strides=layer["stride"],
+                        padding=pads,
+                        groups=layer["groups"],
+                        layout=layout,
+                    )
                     yd = lax.conv_general_dilated(
-                        x, K.todense(), (layer["stride"],) * 2, pads,
+                        x,
+                        K.todense(),
+                        (layer["stride"],) * 2,
+                        pads,
                         feature_group_count=layer["groups"],
                         dimension_numbers=(layout, "OIHW", layout),
-                        precision=lax.Precision.HIGHEST)
+                        precision=lax.Precision.HIGHEST,
+                    )
                     err = float(jnp.max(jnp.abs(ys - yd)) / (jnp.max(jnp.abs(yd)) + 1e-30))
-                    row = dict(layer=layer["name"], batch=batch, layout=layout, sparsity=sp,
-                               ours_ms=1e3 * t, tflops=useful_flops(layer, batch, sp) / t / 1e12,
-                               rel_err=err)
+                    row = dict(
+                        layer=layer["name"],
+                        batch=batch,
+                        layout=layout,
+                        sparsity=sp,
+                        ours_ms=1e3 * t,
+                        tflops=useful_flops(layer, batch, sp) / t / 1e12,
+                        rel_err=err,
+                    )
                     for name, tp in dense_cache[key].items():
                         row[f"{name}_ms"] = 1e3 * tp
                         row[f"vs_{name}"] = tp / t

@@ -51,7 +51,7 @@ _FEATURE_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bflo
 sparse_conv2d_p = Primitive("sparse_conv2d")
 
 
-# -- the filter container --------------------------------------------------------------------
+# -- the filter container ----------------------------------------------------------------------
 
 
 def magnitude_threshold(w, sparsity: float) -> float:
@@ -150,8 +150,9 @@ class SparseConvKernel:
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
-    def from_oihw(cls, w, *, threshold: float | None = None, sparsity: float | None = None,
-                  dtype=None) -> SparseConvKernel:
+    def from_oihw(
+        cls, w, *, threshold: float | None = None, sparsity: float | None = None, dtype=None
+    ) -> SparseConvKernel:
         """From dense OIHW filters, keeping ``|w| > threshold`` (default: the nonzeros), or
         the largest-magnitude ``1 - sparsity`` fraction (magnitude pruning of this layer)."""
         w = np.asarray(w)
@@ -171,8 +172,10 @@ class SparseConvKernel:
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         rows, taps = np.nonzero(flat)  # row-major: sorted by (o, tap)
         vals = w.reshape(o, -1)[rows, taps]
-        dt = dtype if dtype is not None else (
-            w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
+        dt = (
+            dtype
+            if dtype is not None
+            else (w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32)
         )
         return cls(indptr, taps, vals.astype(dt), w.shape)
 
@@ -240,7 +243,7 @@ def prune_global(filters, sparsity: float, *, layout: str = "OIHW"):
     return type(filters)(out) if isinstance(filters, tuple) else out
 
 
-# -- geometry -----------------------------------------------------------------------------------
+# -- geometry ----------------------------------------------------------------------------------
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -249,7 +252,9 @@ def _pair(v, name: str) -> tuple[int, int]:
     try:
         a, b = (int(t) for t in v)
     except (TypeError, ValueError):
-        raise TypeError(f"sparse_conv2d: {name} must be an int or a pair of ints, got {v!r}") from None
+        raise TypeError(
+            f"sparse_conv2d: {name} must be an int or a pair of ints, got {v!r}"
+        ) from None
     if a < 1 or b < 1:
         raise ValueError(f"sparse_conv2d: {name} must be positive, got {(a, b)}")
     return a, b
@@ -304,7 +309,7 @@ def _taps(structure: Structure, shape, dilation, groups, hw) -> tuple[np.ndarray
     return chan.astype(np.int32), dy.astype(np.int32), dx.astype(np.int32), records
 
 
-# -- public op ------------------------------------------------------------------------------------
+# -- public op ---------------------------------------------------------------------------------
 
 
 def sparse_conv2d(
@@ -358,13 +363,9 @@ def sparse_conv2d(
     o, cg, kh, kw = K.shape
     c = x.shape[1] if layout == "NCHW" else x.shape[3]
     if c % groups:
-        raise ValueError(
-            f"sparse_conv2d: groups ({groups}) must divide the input channels ({c})"
-        )
+        raise ValueError(f"sparse_conv2d: groups ({groups}) must divide the input channels ({c})")
     if o % groups:
-        raise ValueError(
-            f"sparse_conv2d: groups ({groups}) must divide the output channels ({o})"
-        )
+        raise ValueError(f"sparse_conv2d: groups ({groups}) must divide the output channels ({o})")
     if c // groups != cg:
         raise ValueError(
             f"sparse_conv2d: input channels {c} / groups {groups} = {c // groups} do not match "
@@ -406,11 +407,12 @@ def sparse_conv2d(
     return jnp.transpose(y, (0, 2, 3, 1)) if layout == "NHWC" else y
 
 
-# -- shape rule ------------------------------------------------------------------------------------
+# -- shape rule --------------------------------------------------------------------------------
 
 
-def _abstract_eval(x, values, bias, *, structure, shape, strides, pads, dilation, groups,
-                   activation):
+def _abstract_eval(
+    x, values, bias, *, structure, shape, strides, pads, dilation, groups, activation
+):
     if x.ndim != 4:
         raise TypeError(f"sparse_conv2d: x must be NCHW (rank 4), got rank {x.ndim}")
     if np.dtype(x.dtype) not in _FEATURE_DTYPES:
@@ -439,7 +441,7 @@ sparse_conv2d_p.def_abstract_eval(_abstract_eval)
 sparse_conv2d_p.def_impl(partial(jax._src.dispatch.apply_primitive, sparse_conv2d_p))
 
 
-# -- lowering ----------------------------------------------------------------------------------------
+# -- lowering ----------------------------------------------------------------------------------
 
 
 def _out_struct(x, shape, strides, pads, dilation):
@@ -460,16 +462,26 @@ def _attrs(strides, pads, activation):
 def _cpu_impl(x, values, bias, *, structure, shape, strides, pads, dilation, groups, activation):
     chan, dy, dx, _ = _taps(structure, shape, dilation, groups, tuple(x.shape[2:]))
     return jax.ffi.ffi_call(_TARGET, _out_struct(x, shape, strides, pads, dilation))(
-        x, values, bias, jnp.asarray(structure.indptr), jnp.asarray(chan), jnp.asarray(dy),
-        jnp.asarray(dx), **_attrs(strides, pads, activation)
+        x,
+        values,
+        bias,
+        jnp.asarray(structure.indptr),
+        jnp.asarray(chan),
+        jnp.asarray(dy),
+        jnp.asarray(dx),
+        **_attrs(strides, pads, activation),
     )
 
 
 def _cuda_impl(x, values, bias, *, structure, shape, strides, pads, dilation, groups, activation):
     *_, records = _taps(structure, shape, dilation, groups, tuple(x.shape[2:]))
     return jax.ffi.ffi_call(_TARGET, _out_struct(x, shape, strides, pads, dilation))(
-        x, jnp.asarray(records), values, bias, jnp.asarray(structure.indptr),
-        **_attrs(strides, pads, activation)
+        x,
+        jnp.asarray(records),
+        values,
+        bias,
+        jnp.asarray(structure.indptr),
+        **_attrs(strides, pads, activation),
     )
 
 
@@ -483,7 +495,7 @@ if _native.has_target(_TARGET, "cuda"):
     )
 
 
-# -- autodiff --------------------------------------------------------------------------------------
+# -- autodiff ----------------------------------------------------------------------------------
 
 
 def _dense_conv(x, values, *, structure, shape, strides, pads, dilation, groups):
@@ -524,21 +536,29 @@ def _jvp(primals, tangents, **params):
     return y, t
 
 
-def _transpose(ct, x, values, bias, *, structure, shape, strides, pads, dilation, groups,
-               activation):
+def _transpose(
+    ct, x, values, bias, *, structure, shape, strides, pads, dilation, groups, activation
+):
     if activation != 0:
         raise NotImplementedError("sparse_conv2d is only linear without activation")
     if ad.is_undefined_primal(bias):
         raise NotImplementedError("sparse_conv2d: transpose with respect to bias")
     if type(ct) is ad.Zero:
         return None, None, None
-    geom = dict(structure=structure, shape=shape, strides=strides, pads=pads,
-                dilation=dilation, groups=groups)
+    geom = dict(
+        structure=structure,
+        shape=shape,
+        strides=strides,
+        pads=pads,
+        dilation=dilation,
+        groups=groups,
+    )
     ct_x = ct_v = None
     if ad.is_undefined_primal(x):
         aval = x.aval
-        _, vjp = jax.vjp(lambda x_: _dense_conv(x_, values, **geom),
-                         jnp.zeros(aval.shape, aval.dtype))
+        _, vjp = jax.vjp(
+            lambda x_: _dense_conv(x_, values, **geom), jnp.zeros(aval.shape, aval.dtype)
+        )
         (ct_x,) = vjp(ct.astype(aval.dtype))
     if ad.is_undefined_primal(values):
         aval = values.aval
@@ -552,7 +572,7 @@ ad.primitive_jvps[sparse_conv2d_p] = _jvp
 ad.primitive_transposes[sparse_conv2d_p] = _transpose
 
 
-# -- batching --------------------------------------------------------------------------------------
+# -- batching ----------------------------------------------------------------------------------
 
 
 def _batch(args, dims, **params):
@@ -578,4 +598,3 @@ def _batch(args, dims, **params):
 
 
 batching.primitive_batchers[sparse_conv2d_p] = _batch
-

@@ -75,8 +75,9 @@ def conv2d_ref(x, w, strides, pads, dilation, groups, bias=None, activation=None
     xp = np.zeros((b, c, h + max(pt, 0) + max(pb, 0), wd + max(pl, 0) + max(pr, 0)))
     xp[:, :, max(pt, 0) : max(pt, 0) + h, max(pl, 0) : max(pl, 0) + wd] = x
     xp = xp[:, :, max(-pt, 0) : xp.shape[2] - max(-pb, 0), max(-pl, 0) : xp.shape[3] - max(-pr, 0)]
-    oh = max(0, (xp.shape[2] - ((kh - 1) * dh + 1)) // sh + 1) if xp.shape[2] >= (kh - 1) * dh + 1 else 0
-    ow = max(0, (xp.shape[3] - ((kw - 1) * dw + 1)) // sw + 1) if xp.shape[3] >= (kw - 1) * dw + 1 else 0
+    span_h, span_w = xp.shape[2] - ((kh - 1) * dh + 1), xp.shape[3] - ((kw - 1) * dw + 1)
+    oh = span_h // sh + 1 if span_h >= 0 else 0
+    ow = span_w // sw + 1 if span_w >= 0 else 0
     y = np.zeros((b, o, oh, ow))
     og = o // groups
     for g in range(groups):
@@ -84,8 +85,12 @@ def conv2d_ref(x, w, strides, pads, dilation, groups, bias=None, activation=None
         ws = w[g * og : (g + 1) * og]
         for r in range(kh):
             for s in range(kw):
-                patch = xs[:, :, r * dh : r * dh + (oh - 1) * sh + 1 : sh,
-                           s * dw : s * dw + (ow - 1) * sw + 1 : sw]
+                patch = xs[
+                    :,
+                    :,
+                    r * dh : r * dh + (oh - 1) * sh + 1 : sh,
+                    s * dw : s * dw + (ow - 1) * sw + 1 : sw,
+                ]
                 if oh and ow:
                     y[:, g * og : (g + 1) * og] += np.einsum("bchw,oc->bohw", patch, ws[:, :, r, s])
     if bias is not None:

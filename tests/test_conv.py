@@ -36,8 +36,15 @@ def check_conv(y, x, w, strides, padding, dilation, groups, bias, activation, la
     xn = to_nchw(np.asarray(x).astype(np.float64), layout)
     pads = resolve_pads(padding, xn.shape[2:], w.shape[2:], strides, dilation)
     ref = conv2d_ref(xn, w, strides, pads, dilation, groups, bias, activation)
-    mag = conv2d_ref(np.abs(xn), np.abs(w), strides, pads, dilation, groups,
-                     None if bias is None else np.abs(bias))
+    mag = conv2d_ref(
+        np.abs(xn),
+        np.abs(w),
+        strides,
+        pads,
+        dilation,
+        groups,
+        None if bias is None else np.abs(bias),
+    )
     yn = to_nchw(np.asarray(y).astype(np.float64), layout)
     assert yn.shape == ref.shape, (yn.shape, ref.shape)
     eps = {np.float64: 1e-13, np.float32: 3e-6}.get(np.dtype(y.dtype).type, 1e-2)
@@ -56,24 +63,60 @@ def conv_cases(draw):
     batch = draw(st.sampled_from([0, 1, 2, 3, 5, 9]))
     strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = draw(st.one_of(
-        st.sampled_from(["SAME", "VALID", "SAME_LOWER"]),
-        st.tuples(st.tuples(st.integers(-1, 3), st.integers(-1, 3)),
-                  st.tuples(st.integers(-1, 3), st.integers(-1, 3))),
-    ))
+    padding = draw(
+        st.one_of(
+            st.sampled_from(["SAME", "VALID", "SAME_LOWER"]),
+            st.tuples(
+                st.tuples(st.integers(-1, 3), st.integers(-1, 3)),
+                st.tuples(st.integers(-1, 3), st.integers(-1, 3)),
+            ),
+        )
+    )
     density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
     bias = draw(st.booleans())
     activation = draw(st.sampled_from([None, "relu"]))
     layout = draw(st.sampled_from(["NCHW", "NHWC"]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return (groups, cg, og, kh, kw, h, w, batch, strides, dilation, padding, density, bias,
-            activation, layout, seed)
+    return (
+        groups,
+        cg,
+        og,
+        kh,
+        kw,
+        h,
+        w,
+        batch,
+        strides,
+        dilation,
+        padding,
+        density,
+        bias,
+        activation,
+        layout,
+        seed,
+    )
 
 
 @given(case=conv_cases(), dtype=st.sampled_from([np.float32, np.float64]))
 def test_matches_reference(device, case, dtype):
-    (groups, cg, og, kh, kw, h, w, batch, strides, dilation, padding, density, has_bias,
-     activation, layout, seed) = case
+    (
+        groups,
+        cg,
+        og,
+        kh,
+        kw,
+        h,
+        w,
+        batch,
+        strides,
+        dilation,
+        padding,
+        density,
+        has_bias,
+        activation,
+        layout,
+        seed,
+    ) = case
     rng = np.random.default_rng(seed)
     o, c = og * groups, cg * groups
     wt = random_filter(rng, o, cg, kh, kw, density, dtype)
@@ -85,16 +128,32 @@ def test_matches_reference(device, case, dtype):
     pads = resolve_pads(padding, (h, w), (kh, kw), strides, dilation)
     if any(n + lo + hi < win for n, (lo, hi), win in zip((h, w), pads, window)):
         return  # no output position (lax rejects it too)
-    y = sd.sparse_conv2d(x, K, strides=strides, padding=padding, dilation=dilation,
-                         groups=groups, bias=bias, activation=activation, layout=layout)
+    y = sd.sparse_conv2d(
+        x,
+        K,
+        strides=strides,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        activation=activation,
+        layout=layout,
+    )
     assert y.dtype == dtype
     check_conv(y, x, wt, strides, padding, dilation, groups, bias, activation, layout)
     # Same output shape as lax.conv_general_dilated.
     ref_shape = jax.eval_shape(
         lambda x: lax.conv_general_dilated(
-            x, wt, strides, padding, rhs_dilation=dilation, feature_group_count=groups,
-            dimension_numbers=(layout, "OIHW", layout)),
-        jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
+            x,
+            wt,
+            strides,
+            padding,
+            rhs_dilation=dilation,
+            feature_group_count=groups,
+            dimension_numbers=(layout, "OIHW", layout),
+        ),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+    ).shape
     assert y.shape == ref_shape
 
 
@@ -110,8 +169,11 @@ def test_pruned_layer_sizes(device, layout, sparsity):
     x = rng.standard_normal((9, 24, 13, 13) if layout == "NCHW" else (9, 13, 13, 24))
     x = x.astype(np.float32)
     b = rng.standard_normal(70).astype(np.float32)
-    y = jax.jit(lambda x, K: sd.sparse_conv2d(x, K, padding="SAME", bias=b, activation="relu",
-                                              layout=layout))(x, K)
+    y = jax.jit(
+        lambda x, K: sd.sparse_conv2d(
+            x, K, padding="SAME", bias=b, activation="relu", layout=layout
+        )
+    )(x, K)
     check_conv(y, x, np.asarray(K.todense()), (1, 1), "SAME", (1, 1), 1, b, "relu", layout)
 
 
@@ -123,8 +185,9 @@ def test_half_storage(device, dtype):
     x = jnp.asarray(rng.standard_normal((5, 6, 9, 9)), dtype)
     y = sd.sparse_conv2d(x, K, padding="SAME", activation="relu")
     assert y.dtype == dtype
-    ref = conv2d_ref(np.asarray(x, np.float64), w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1,
-                     activation="relu")
+    ref = conv2d_ref(
+        np.asarray(x, np.float64), w, (1, 1), ((1, 1), (1, 1)), (1, 1), 1, activation="relu"
+    )
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-2, atol=2e-2)
 
 
@@ -135,8 +198,15 @@ def test_matches_lax_on_dense_filter(device):
     x = rng.standard_normal((3, 8, 10, 9))
     kw = dict(padding=((2, 0), (1, 1)), dilation=(2, 1), groups=2)
     y = sd.sparse_conv2d(x, K, strides=(1, 2), **kw)
-    ref = lax.conv_general_dilated(x, w, (1, 2), kw["padding"], rhs_dilation=(2, 1),
-                                   feature_group_count=2, precision=lax.Precision.HIGHEST)
+    ref = lax.conv_general_dilated(
+        x,
+        w,
+        (1, 2),
+        kw["padding"],
+        rhs_dilation=(2, 1),
+        feature_group_count=2,
+        precision=lax.Precision.HIGHEST,
+    )
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -189,8 +259,16 @@ def test_grad(device, layout):
     b = rng.standard_normal(6)
 
     def f(x, v, b):
-        return sd.sparse_conv2d(x, K.with_values(v), strides=(2, 1), padding="SAME",
-                                dilation=(1, 2), bias=b, activation="relu", layout=layout)
+        return sd.sparse_conv2d(
+            x,
+            K.with_values(v),
+            strides=(2, 1),
+            padding="SAME",
+            dilation=(1, 2),
+            bias=b,
+            activation="relu",
+            layout=layout,
+        )
 
     check_grads(f, (x, K.values, b), order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     check_grads(f, (x, K.values, b), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
@@ -215,7 +293,7 @@ def test_grad_matches_masked_dense(device):
     np.testing.assert_allclose(gs, gd[rows, K.structure.indices], rtol=1e-10, atol=1e-10)
 
 
-# -- the filter container and pruning --------------------------------------------------------------
+# -- the filter container and pruning ----------------------------------------------------------
 
 
 def test_kernel_round_trips():
@@ -269,7 +347,7 @@ def test_prune_global():
         sd.prune_global([a], 0.5, layout="NCHW")
 
 
-# -- errors -------------------------------------------------------------------------------------------
+# -- errors ------------------------------------------------------------------------------------
 
 
 def test_kernel_validation():
@@ -311,8 +389,9 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="must divide the input channels"):
         sd.sparse_conv2d(x, K, groups=2)
     with pytest.raises(ValueError, match="must divide the output channels"):
-        sd.sparse_conv2d(np.ones((2, 9, 8, 8)), sd.SparseConvKernel.from_oihw(np.ones((4, 1, 3, 3))),
-                         groups=9)
+        sd.sparse_conv2d(
+            np.ones((2, 9, 8, 8)), sd.SparseConvKernel.from_oihw(np.ones((4, 1, 3, 3))), groups=9
+        )
     with pytest.raises(ValueError, match="groups"):
         sd.sparse_conv2d(x, K, groups=0)
     with pytest.raises(ValueError, match="padding"):
