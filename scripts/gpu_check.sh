@@ -50,6 +50,12 @@ if [[ " $steps " == *" dnn "* ]]; then
     --json "$OUT/bench_dnn.json" 2>&1 | tee "$OUT/bench_dnn.log" | tail -12
 fi
 
+if [[ " $steps " == *" conv "* ]]; then
+  echo "== pruned conv layers"
+  $PY benchmarks/bench_conv.py ${CONV_ARGS:-} --json "$OUT/bench_conv.json" 2>&1 \
+    | tee "$OUT/bench_conv.log" | cut -c1-220 | tail -${CONV_TAIL:-20}
+fi
+
 if [[ " $steps " == *" tune "* ]]; then
   echo "== tune (output-group width)"
   for outs in 1 2 4; do
