@@ -293,7 +293,7 @@ def conv_output_shape(in_hw, kernel_hw, strides, pads, dilation) -> tuple[int, i
 @lru_cache(maxsize=256)
 def _taps(structure: Structure, shape, dilation, groups, hw) -> tuple[np.ndarray, ...]:
     """Per nonzero: input channel (group base included), dilated row and column offsets, and
-    the CUDA record ``{chan*H*W + dy*W + dx, dy, dx, 0}``.  Cached per kernel and geometry."""
+    the CUDA record ``{chan, dy, dx, 0}``.  Cached per kernel and geometry."""
     o, cg, kh, kw = shape
     tap = structure.indices.astype(np.int64)
     c_local, rest = np.divmod(tap, kh * kw)
@@ -303,7 +303,7 @@ def _taps(structure: Structure, shape, dilation, groups, hw) -> tuple[np.ndarray
     dy, dx = r * dilation[0], s * dilation[1]
     h, w = hw
     records = np.zeros((structure.nnz, 4), np.int32)
-    records[:, 0] = chan * h * w + dy * w + dx
+    records[:, 0] = chan
     records[:, 1] = dy
     records[:, 2] = dx
     return chan.astype(np.int32), dy.astype(np.int32), dx.astype(np.int32), records
@@ -475,12 +475,16 @@ def _cpu_impl(x, values, bias, *, structure, shape, strides, pads, dilation, gro
 
 def _cuda_impl(x, values, bias, *, structure, shape, strides, pads, dilation, groups, activation):
     *_, records = _taps(structure, shape, dilation, groups, tuple(x.shape[2:]))
+    window = ((shape[2] - 1) * dilation[0] + 1, (shape[3] - 1) * dilation[1] + 1)
     return jax.ffi.ffi_call(_TARGET, _out_struct(x, shape, strides, pads, dilation))(
         x,
         jnp.asarray(records),
         values,
         bias,
         jnp.asarray(structure.indptr),
+        groups=np.int64(groups),
+        window_h=np.int64(window[0]),
+        window_w=np.int64(window[1]),
         **_attrs(strides, pads, activation),
     )
 
