@@ -52,7 +52,7 @@ fi
 
 if [[ " $steps " == *" conv "* ]]; then
   echo "== pruned conv layers"
-  $PY benchmarks/bench_conv.py ${CONV_ARGS:-} --json "$OUT/bench_conv.json" 2>&1 \
+  $PY benchmarks/bench_conv.py ${CONV_ARGS:-} ${CONV_LAYERS:+--layers "$CONV_LAYERS"} --json "$OUT/bench_conv.json" 2>&1 \
     | tee "$OUT/bench_conv.log" | cut -c1-220 | tail -${CONV_TAIL:-20}
 fi
 
