@@ -309,6 +309,21 @@ def _taps(structure: Structure, shape, dilation, groups, hw) -> tuple[np.ndarray
     return chan.astype(np.int32), dy.astype(np.int32), dx.astype(np.int32), records
 
 
+@lru_cache(maxsize=256)
+def _chan_ptr(structure: Structure, shape) -> np.ndarray:
+    """``[O, C/groups + 1]``: the first nonzero of each output channel whose local input
+    channel is ``>= c`` (a CSR row pointer per channel; the CUDA kernel finds each staged
+    chunk's nonzeros with two loads)."""
+    o, cg, kh, kw = shape
+    c_local = structure.indices.astype(np.int64) // (kh * kw)
+    counts = np.zeros((o, cg), np.int64)
+    np.add.at(counts, (structure.row_ids.astype(np.int64), c_local), 1)
+    ptr = np.zeros((o, cg + 1), np.int64)
+    ptr[:, 1:] = np.cumsum(counts, axis=1)
+    ptr += np.asarray(structure.indptr[:-1], np.int64)[:, None]
+    return ptr.astype(np.int32)
+
+
 # -- public op ---------------------------------------------------------------------------------
 
 
@@ -482,6 +497,7 @@ def _cuda_impl(x, values, bias, *, structure, shape, strides, pads, dilation, gr
         values,
         bias,
         jnp.asarray(structure.indptr),
+        jnp.asarray(_chan_ptr(structure, shape)),
         groups=np.int64(groups),
         window_h=np.int64(window[0]),
         window_w=np.int64(window[1]),
