@@ -1,30 +1,25 @@
-// CUDA kernels of sparse_conv2d: direct sparse convolution (Escort-style), NCHW.
+// CUDA kernel of sparse_conv2d: direct sparse convolution (Escort-style), NCHW.
 //
 //   y[b, o, oh, ow] = act(bias[o] + sum_j w_j * x[b, chan_j, oh*sh - pt + dy_j, ow*sw - pl + dx_j])
 //
-// over the nonzeros j of output channel o (CSR by output channel, sorted by tap).  Each
-// nonzero has a 16-byte record {chan, dy, dx, 0} (input channel with the group's base,
-// dilated tap offsets) precomputed once per kernel and geometry by the Python side.
-// No im2col and no padded copy of the input.
+// over the nonzeros j of output channel o (CSR by output channel).  Each nonzero has
+// a 16-byte record {offset, dy, dx, 0} precomputed once per kernel and input
+// geometry (offset = chan*H*W + dy*W + dx, "stretched" as in Escort), so the inner
+// loop is two broadcast loads (record, value), a bounds test and, per image, one load and one
+// FMA: no im2col, no padded copy of the input (taps in the padding are skipped).
 //
-// sparse_conv_staged (default): a block stages the zero-padded input footprint of its
-// output tile in shared memory, a chunk of input channels at a time, and applies the
-// nonzeros of OC output channels to it (weights broadcast: every lane reads the same
-// record; each thread accumulates OC channels x IMG images in registers).  Staged
-// values are reused by all the block's nonzeros that touch them, which is what makes
-// the kernel fast: L2 traffic falls by about OC x density x taps.
-//
-// sparse_conv_kernel (fallback, when one channel's footprint exceeds the shared-memory
-// budget, or SPDNN_CONV_CONFIG=direct): the Escort kernel proper, one thread per output
-// pixel of kImg images, inputs through L1 with bounds tests.
-//
-// Each output is summed by one thread in CSR order: deterministic, no atomics.  Any
-// stride, padding (including negative), dilation and groups; NHWC is handled by the
-// Python lowering (transposes).
+// Thread = one output pixel of kImg images (the Escort batched variant): the record
+// and the bounds test are shared by the kImg images, and consecutive lanes hold
+// consecutive pixels, so input loads and output stores are coalesced.  A block
+// loops over a chunk of output channels (all lanes walk the same channel's
+// nonzeros: warp-uniform control flow, broadcast record loads).  Blocks that share
+// pixels are adjacent in the grid (channel chunk fastest), so their inputs come
+// from L2 once and from L1 after.  Each output is summed by one thread in CSR
+// order: deterministic, no atomics.  Any stride, padding (including negative),
+// dilation and groups; NHWC is handled by the Python lowering (transposes).
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/common.cuh"
@@ -52,7 +47,6 @@ __global__ void __launch_bounds__(kConvThreads)
   const int64_t plane_out = g.out_h * g.out_w;
   const int64_t plane_in = g.height * g.width;
   const int64_t image_in = g.channels * plane_in;
-  const int plane_in_i = static_cast<int>(plane_in), width_i = static_cast<int>(g.width);
   const int64_t q = static_cast<int64_t>(blockIdx.y) * kConvThreads + threadIdx.x;
   const int64_t b0 = q / plane_out * kImg;
   const bool active = b0 < g.batch;
@@ -78,8 +72,7 @@ __global__ void __launch_bounds__(kConvThreads)
     for (int j = __ldg(indptr + o); j < j_end; ++j) {
       const int4 r = __ldg(records + j);  // same address in every lane: one broadcast
       const A v = __ldg(values + j);
-      const int dy = r.y, dx = r.z;
-      const int off = r.x * plane_in_i + dy * width_i + dx;
+      const int off = r.x, dy = r.y, dx = r.z;
       const bool inside = static_cast<unsigned>(ih0 + dy) < static_cast<unsigned>(g.height) &&
                           static_cast<unsigned>(iw0 + dx) < static_cast<unsigned>(g.width);
       if (inside) {
@@ -101,133 +94,14 @@ __global__ void __launch_bounds__(kConvThreads)
   }
 }
 
-// ---- staged kernel (default) -------------------------------------------------------
-// A block owns a tile of output pixels (whole rows where they fit) for `slots` x IMG
-// images and OC output channels.  It stages the tile's input footprint (zero-padded,
-// so no bounds tests) for a chunk of input channels in shared memory, then applies
-// the nonzeros of its OC channels that fall into the staged channels: chan_ptr[o][c]
-// (first nonzero of o at local channel >= c, precomputed with the structure) gives
-// each channel's range for the chunk without searching, so the inner loop has a
-// known trip count and its broadcast loads pipeline.  Each staged value is reused by
-// every nonzero of the block's channels that touches it (about OC x density x taps
-// times); accumulators (OC x IMG) stay in registers.
-constexpr int kStageBytes = 48 * 1024;
-
-struct StagedGeom {
-  int64_t batch, channels, height, width, out_channels, out_h, out_w;
-  int sh, sw, pt, pl;
-  int th, tw, fh, fw, slots, chunk, tiles_h, tiles_w, oc_blocks, cg, og;
-};
-
-template <typename T, typename A, int OC, int IMG>
-__global__ void __launch_bounds__(kConvThreads, (OC * IMG * sizeof(A) <= 128   ? 3
-                                                  : OC * IMG * sizeof(A) <= 256 ? 2
-                                                                                : 1))
-    sparse_conv_staged(const T* __restrict__ x, const int4* __restrict__ records,
-                       const A* __restrict__ values, const A* __restrict__ bias,
-                       const int32_t* __restrict__ chan_ptr, T* __restrict__ y, StagedGeom g,
-                       bool relu) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* xs = reinterpret_cast<A*>(smem_raw);
-  const int fhw = g.fh * g.fw;
-  const int img_per_block = g.slots * IMG;
-  // Block -> (image group, tile, output-channel block), channel block fastest so that
-  // blocks sharing inputs run together.
-  int64_t rest = blockIdx.x;
-  const int ocb = static_cast<int>(rest % g.oc_blocks);
-  rest /= g.oc_blocks;
-  const int tile = static_cast<int>(rest % (g.tiles_h * g.tiles_w));
-  const int64_t b_base = rest / (g.tiles_h * g.tiles_w) * img_per_block;
-  const int tile_h = tile / g.tiles_w, tile_w = tile % g.tiles_w;
-  const int pixels = g.th * g.tw;
-  const int slot = threadIdx.x / pixels, pix = threadIdx.x % pixels;
-  const int ty = pix / g.tw, tx = pix % g.tw;
-  const int oh = tile_h * g.th + ty, ow = tile_w * g.tw + tx;
-  const bool computes = slot < g.slots && oh < g.out_h && ow < g.out_w;
-  const int ih_base = tile_h * g.th * g.sh - g.pt, iw_base = tile_w * g.tw * g.sw - g.pl;
-
-  const int o0 = ocb * OC;
-  const int o1 = static_cast<int>(min(static_cast<int64_t>(o0 + OC), g.out_channels));
-  const int c_begin = (o0 / g.og) * g.cg;  // input channels of the block's groups
-  const int c_end = ((o1 - 1) / g.og + 1) * g.cg;
-
-  A acc[OC][IMG];
-#pragma unroll
-  for (int o = 0; o < OC; ++o) {
-#pragma unroll
-    for (int k = 0; k < IMG; ++k) acc[o][k] = A(0);
-  }
-  const int img_stride = g.chunk * fhw;
-  const int my_base = slot * IMG * img_stride + ty * g.sh * g.fw + tx * g.sw;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-
-  for (int c0 = c_begin; c0 < c_end; c0 += g.chunk) {
-    const int cn = min(g.chunk, c_end - c0);
-    __syncthreads();
-    // Stage rows (image, channel, footprint row): a warp per row, lanes along it.
-    const int rows = img_per_block * cn * g.fh;
-    for (int r = warp; r < rows; r += kConvThreads / 32) {
-      const int fy = r % g.fh;
-      const int c = (r / g.fh) % cn;
-      const int img = r / (g.fh * cn);
-      const int64_t b = b_base + img;
-      const int ih = ih_base + fy;
-      const bool row_ok = b < g.batch && static_cast<unsigned>(ih) < static_cast<unsigned>(g.height);
-      const T* src = x + ((b * g.channels + c0 + c) * g.height + ih) * g.width;
-      A* dst = xs + (img * g.chunk + c) * fhw + fy * g.fw;
-      for (int fx = lane; fx < g.fw; fx += 32) {
-        const int iw = iw_base + fx;
-        dst[fx] = row_ok && static_cast<unsigned>(iw) < static_cast<unsigned>(g.width)
-                      ? load_acc<A>(src + iw) : A(0);
-      }
-    }
-    __syncthreads();
-    if (!computes) continue;
-#pragma unroll
-    for (int o = 0; o < OC; ++o) {
-      if (o0 + o < o1) {
-        // This channel's nonzeros with input channel in [c0, c0 + cn) (its group's part).
-        const int* cp = chan_ptr + static_cast<int64_t>(o0 + o) * (g.cg + 1);
-        const int cbase = ((o0 + o) / g.og) * g.cg;
-        const int lo = min(max(c0 - cbase, 0), g.cg), hi = min(max(c0 + cn - cbase, 0), g.cg);
-        const int p_end = __ldg(cp + hi);
-        const int rel = my_base - c0 * fhw;
-#pragma unroll 4
-        for (int p = __ldg(cp + lo); p < p_end; ++p) {
-          const int4 rec = __ldg(records + p);  // {chan, dy, dx, 0}: same in every lane
-          const A v = __ldg(values + p);
-          const int off = rel + rec.x * fhw + rec.y * g.fw + rec.z;
-#pragma unroll
-          for (int k = 0; k < IMG; ++k) acc[o][k] = fma(v, xs[off + k * img_stride], acc[o][k]);
-        }
-      }
-    }
-  }
-  if (!computes) return;
-  const int64_t plane_out = g.out_h * g.out_w;
-#pragma unroll
-  for (int o = 0; o < OC; ++o) {
-    if (o0 + o < o1) {
-      const A bo = __ldg(bias + o0 + o);
-#pragma unroll
-      for (int k = 0; k < IMG; ++k) {
-        const int64_t b = b_base + slot * IMG + k;
-        if (b < g.batch) {
-          A out = acc[o][k] + bo;
-          if (relu && out < A(0)) out = A(0);  // comparisons keep NaN, like jnp.maximum
-          store_from(y + (b * g.out_channels + o0 + o) * plane_out + oh * g.out_w + ow, out);
-        }
-      }
-    }
-  }
-}
-
 template <typename T, typename A>
-ffi::Error launch_direct(cudaStream_t stream, const T* x, const int4* records, const A* values,
-                         const A* bias, const int32_t* indptr, T* y, ConvGeom g, bool relu) {
+ffi::Error launch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
+                  ffi::AnyBuffer values, ffi::AnyBuffer bias, const int32_t* indptr,
+                  ffi::Result<ffi::AnyBuffer> y, ConvGeom g, bool relu) {
   const int64_t plane_out = g.out_h * g.out_w;
   const int64_t groups = (g.batch + kImg - 1) / kImg;
   const int64_t pixel_blocks = (groups * plane_out + kConvThreads - 1) / kConvThreads;
+  if (pixel_blocks == 0 || g.out_channels == 0) return ffi::Error::Success();
   if (pixel_blocks > 65535) {
     return ffi::Error::InvalidArgument("sparse_conv2d: batch x output pixels too large for one launch");
   }
@@ -242,91 +116,20 @@ ffi::Error launch_direct(cudaStream_t stream, const T* x, const int4* records, c
       1, (g.out_channels + want_chunks - 1) / want_chunks));
   const int64_t chunks = (g.out_channels + g.oc_chunk - 1) / g.oc_chunk;
   dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(pixel_blocks));
-  sparse_conv_kernel<T, A><<<grid, kConvThreads, 0, stream>>>(x, records, values, bias, indptr,
-                                                              y, g, relu);
-  return last_launch_error("sparse_conv2d (direct)");
-}
-
-// Plans the staged kernel's tiles; false when one channel's footprint does not fit
-// in the shared-memory budget or the grid is too large (then the direct kernel runs).
-template <typename A, int OC, int IMG>
-bool plan_staged(StagedGeom& s, int window_h, int window_w, int64_t* blocks, size_t* smem) {
-  s.tw = static_cast<int>(std::min<int64_t>(s.out_w, kConvThreads));
-  s.th = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(s.out_h, kConvThreads / s.tw)));
-  const int64_t img_groups_total = (s.batch + IMG - 1) / IMG;
-  s.slots = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(kConvThreads / (s.th * s.tw), img_groups_total)));
-  s.fh = (s.th - 1) * s.sh + window_h;
-  s.fw = (s.tw - 1) * s.sw + window_w;
-  const int64_t per_channel = static_cast<int64_t>(s.slots) * IMG * s.fh * s.fw * sizeof(A);
-  const int64_t span = std::min<int64_t>(s.channels, (OC + s.og - 1) / s.og * s.cg + s.cg);
-  s.chunk = static_cast<int>(std::min<int64_t>(kStageBytes / per_channel, span));
-  if (s.chunk < 1) return false;
-  s.tiles_h = static_cast<int>((s.out_h + s.th - 1) / s.th);
-  s.tiles_w = static_cast<int>((s.out_w + s.tw - 1) / s.tw);
-  s.oc_blocks = static_cast<int>((s.out_channels + OC - 1) / OC);
-  const int64_t img_blocks = (s.batch + s.slots * IMG - 1) / (s.slots * IMG);
-  *blocks = img_blocks * s.tiles_h * s.tiles_w * s.oc_blocks;
-  *smem = static_cast<size_t>(per_channel) * s.chunk;
-  return *blocks < (int64_t{1} << 31);
-}
-
-template <typename T, typename A, int OC, int IMG>
-bool try_staged(cudaStream_t stream, const T* x, const int4* records, const A* values,
-                const A* bias, const int32_t* chan_ptr, T* y, StagedGeom s, int window_h,
-                int window_w, bool relu) {
-  int64_t blocks = 0;
-  size_t smem = 0;
-  if (!plan_staged<A, OC, IMG>(s, window_h, window_w, &blocks, &smem)) return false;
-  sparse_conv_staged<T, A, OC, IMG><<<static_cast<unsigned>(blocks), kConvThreads, smem, stream>>>(
-      x, records, values, bias, chan_ptr, y, s, relu);
-  return true;
-}
-
-// Staged configurations (output channels x images per thread); SPDNN_CONV_CONFIG
-// picks one for tuning runs ("direct" forces the direct kernel).
-template <typename T, typename A>
-ffi::Error launch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
-                  ffi::AnyBuffer values, ffi::AnyBuffer bias, const int32_t* indptr,
-                  const int32_t* chan_ptr, ffi::Result<ffi::AnyBuffer> y, ConvGeom g,
-                  int groups, int window_h, int window_w, bool relu) {
-  if (g.batch == 0 || g.out_h * g.out_w == 0 || g.out_channels == 0) {
-    return ffi::Error::Success();
-  }
-  const T* xp = reinterpret_cast<const T*>(x.untyped_data());
-  const int4* rp = reinterpret_cast<const int4*>(records.untyped_data());
-  const A* vp = reinterpret_cast<const A*>(values.untyped_data());
-  const A* bp = reinterpret_cast<const A*>(bias.untyped_data());
-  T* yp = reinterpret_cast<T*>(y->untyped_data());
-  static const std::string config = [] {
-    const char* env = std::getenv("SPDNN_CONV_CONFIG");
-    return std::string(env ? env : "");
-  }();
-  StagedGeom s{g.batch, g.channels, g.height, g.width, g.out_channels, g.out_h, g.out_w,
-               g.sh, g.sw, g.pt, g.pl};
-  s.cg = static_cast<int>(g.channels / groups);
-  s.og = static_cast<int>(g.out_channels / groups);
-  bool done = false;
-  if (config == "32x2") {
-    done = try_staged<T, A, 32, 2>(stream, xp, rp, vp, bp, chan_ptr, yp, s, window_h, window_w, relu);
-  } else if (config == "16x2") {
-    done = try_staged<T, A, 16, 2>(stream, xp, rp, vp, bp, chan_ptr, yp, s, window_h, window_w, relu);
-  } else if (config == "8x4") {
-    done = try_staged<T, A, 8, 4>(stream, xp, rp, vp, bp, chan_ptr, yp, s, window_h, window_w, relu);
-  } else if (config != "direct") {
-    done = try_staged<T, A, 16, 4>(stream, xp, rp, vp, bp, chan_ptr, yp, s, window_h, window_w, relu);
-  }
-  if (!done) return launch_direct<T, A>(stream, xp, rp, vp, bp, indptr, yp, g, relu);
-  return last_launch_error("sparse_conv2d (staged)");
+  sparse_conv_kernel<T, A><<<grid, kConvThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(x.untyped_data()),
+      reinterpret_cast<const int4*>(records.untyped_data()),
+      reinterpret_cast<const A*>(values.untyped_data()),
+      reinterpret_cast<const A*>(bias.untyped_data()), indptr,
+      reinterpret_cast<T*>(y->untyped_data()), g, relu);
+  return last_launch_error("sparse_conv2d");
 }
 
 ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
                             ffi::AnyBuffer values, ffi::AnyBuffer bias,
-                            ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> chan_ptr,
-                            ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Buffer<ffi::S32> indptr, ffi::Result<ffi::AnyBuffer> y,
                             int64_t stride_h, int64_t stride_w, int64_t pad_top,
-                            int64_t pad_left, int32_t activation, int64_t groups,
-                            int64_t window_h, int64_t window_w) {
+                            int64_t pad_left, int32_t activation) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 4 || yd.size() != 4) {
@@ -346,9 +149,8 @@ ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
       g.width >= (1 << 30)) {
     return ffi::Error::InvalidArgument("sparse_conv2d: one image must have fewer than 2^31 elements");
   }
-  if (stride_h < 1 || stride_w < 1 || groups < 1 || window_h < 1 || window_w < 1 ||
-      g.channels % groups || g.out_channels % groups) {
-    return ffi::Error::InvalidArgument("sparse_conv2d: bad strides, groups or window");
+  if (stride_h < 1 || stride_w < 1) {
+    return ffi::Error::InvalidArgument("sparse_conv2d: strides must be positive");
   }
   if (x.element_type() != y->element_type()) {
     return ffi::Error::InvalidArgument("sparse_conv2d: x and y must share a dtype");
@@ -361,25 +163,15 @@ ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
   }
   const bool relu = activation == 1;
   const int32_t* ip = indptr.typed_data();
-  if (static_cast<int64_t>(chan_ptr.element_count()) != g.out_channels * (g.channels / groups + 1)) {
-    return ffi::Error::InvalidArgument("sparse_conv2d: chan_ptr must be [O, C / groups + 1]");
-  }
-  const int32_t* cp = chan_ptr.typed_data();
-  const int ng = static_cast<int>(groups), wh = static_cast<int>(window_h),
-            ww = static_cast<int>(window_w);
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      return launch<float, float>(stream, x, records, values, bias, ip, cp, y, g, ng, wh, ww,
-                                relu);
+      return launch<float, float>(stream, x, records, values, bias, ip, y, g, relu);
     case ffi::DataType::F64:
-      return launch<double, double>(stream, x, records, values, bias, ip, cp, y, g, ng, wh, ww,
-                                relu);
+      return launch<double, double>(stream, x, records, values, bias, ip, y, g, relu);
     case ffi::DataType::BF16:
-      return launch<__nv_bfloat16, float>(stream, x, records, values, bias, ip, cp, y, g, ng, wh, ww,
-                                relu);
+      return launch<__nv_bfloat16, float>(stream, x, records, values, bias, ip, y, g, relu);
     case ffi::DataType::F16:
-      return launch<__half, float>(stream, x, records, values, bias, ip, cp, y, g, ng, wh, ww,
-                                relu);
+      return launch<__half, float>(stream, x, records, values, bias, ip, y, g, relu);
     default:
       return ffi::Error::InvalidArgument("sparse_conv2d: unsupported feature dtype");
   }
@@ -396,13 +188,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseConvCuda, spdnn::cuda::sparse_conv_impl
                                   .Arg<ffi::AnyBuffer>()         // values [nnz]
                                   .Arg<ffi::AnyBuffer>()         // bias [O]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [O + 1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // chan_ptr [O, C/groups + 1]
                                   .Ret<ffi::AnyBuffer>()         // y [B, O, OH, OW]
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left")
-                                  .Attr<int32_t>("activation")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("window_h")     // dilated filter extent
-                                  .Attr<int64_t>("window_w"));
+                                  .Attr<int32_t>("activation"));
