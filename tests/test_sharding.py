@@ -1,4 +1,4 @@
-"""sparse_linear and SparseDNN under jax.shard_map on four virtual CPU devices: weights
+"""sparse_linear, sparse_conv2d and SparseDNN under jax.shard_map on four virtual CPU devices: weights
 replicated, batch split; results and gradients equal the single-device ones, and sharded
 inputs are not all-gathered."""
 
@@ -81,3 +81,52 @@ def test_sparse_dnn_sharded(mesh):
     ref = net(x)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(ref.features))
     np.testing.assert_array_equal(np.asarray(alive), np.asarray(ref.alive))
+
+
+def _conv_layer(seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((6, 4, 3, 3))
+    w[rng.random(w.shape) < 0.7] = 0.0
+    K = sd.SparseConvKernel.from_oihw(w)
+    return K, rng.standard_normal((8, 7, 7, 4)), rng.standard_normal(6) * 0.1
+
+
+def test_conv_sharded_forward_and_gradients(mesh):
+    K, x, b = _conv_layer()
+
+    def f(x, v, b):
+        return sd.sparse_conv2d(
+            x, K.with_values(v), strides=2, bias=b, activation="relu", layout="NHWC"
+        )
+
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("batch"), P(), P()), out_specs=P("batch")))
+    xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    y = g(xs, K.values, b)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(f(x, K.values, b)), rtol=1e-13)
+    hlo = g.lower(xs, K.values, b).compile().as_text()
+    assert "all-gather" not in hlo
+
+    def loss_sharded(x, v, b):
+        return jnp.sum(jnp.tanh(g(x, v, b)))
+
+    def loss(x, v, b):
+        return jnp.sum(jnp.tanh(f(x, v, b)))
+
+    gs = jax.jit(jax.grad(loss_sharded, argnums=(0, 1, 2)))(x, K.values, b)
+    g1 = jax.grad(loss, argnums=(0, 1, 2))(x, K.values, b)
+    for a, c in zip(gs, g1):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-10, atol=1e-12)
+
+
+def test_conv_shard_helper_uneven_batch_and_pmap(mesh):
+    from jax_spdnn import distributed as dist
+
+    K, x, b = _conv_layer(1)
+
+    def f(h):
+        return sd.sparse_conv2d(h, K, bias=b, activation="relu", layout="NHWC")
+
+    g = dist.shard(f, mesh)
+    np.testing.assert_allclose(np.asarray(g(x[:7])), np.asarray(f(x[:7])), rtol=1e-13)
+    y = jax.pmap(f, devices=jax.devices("cpu")[:4])(x.reshape(4, 2, 7, 7, 4))
+    np.testing.assert_allclose(np.asarray(y).reshape(8, 7, 7, 6), np.asarray(f(x)), rtol=1e-13)
