@@ -554,18 +554,27 @@ def _transpose(
         groups=groups,
     )
     ct_x = ct_v = None
+    # Cotangents carry the varying type of their primal (inside shard_map).
     if ad.is_undefined_primal(x):
         aval = x.aval
-        _, vjp = jax.vjp(
-            lambda x_: _dense_conv(x_, values, **geom), jnp.zeros(aval.shape, aval.dtype)
-        )
+        zero = _match_vma(jnp.zeros(aval.shape, aval.dtype), _aval_vma(aval))
+        _, vjp = jax.vjp(lambda x_: _dense_conv(x_, values, **geom), zero)
         (ct_x,) = vjp(ct.astype(aval.dtype))
     if ad.is_undefined_primal(values):
         aval = values.aval
-        _, vjp = jax.vjp(lambda v_: _dense_conv(x, v_, **geom), jnp.zeros(aval.shape, aval.dtype))
+        zero = _match_vma(jnp.zeros(aval.shape, aval.dtype), _aval_vma(aval))
+        _, vjp = jax.vjp(lambda v_: _dense_conv(x, v_, **geom), zero)
         (ct_v,) = vjp(ct.astype(x.dtype))
         ct_v = ct_v.astype(aval.dtype)
     return ct_x, ct_v, None
+
+
+def _aval_vma(aval) -> frozenset:
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
+        vma = getattr(mat, "varying", frozenset())
+    return frozenset(vma)
 
 
 ad.primitive_jvps[sparse_conv2d_p] = _jvp

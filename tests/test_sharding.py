@@ -1,6 +1,6 @@
-"""sparse_linear, sparse_conv2d and SparseDNN under jax.shard_map on four virtual CPU devices: weights
-replicated, batch split; results and gradients equal the single-device ones, and sharded
-inputs are not all-gathered."""
+"""sparse_linear, sparse_conv2d and SparseDNN under jax.shard_map on four virtual CPU
+devices: weights replicated, batch split; results and gradients equal the single-device
+ones, and sharded inputs are not all-gathered."""
 
 import jax
 import jax.numpy as jnp
