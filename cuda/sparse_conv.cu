@@ -23,6 +23,10 @@
 #include <cstdlib>
 #include <string>
 
+#include <cuda_pipeline.h>
+
+#include <type_traits>
+
 #include "cuda/common.cuh"
 
 namespace ffi = xla::ffi;
@@ -174,10 +178,18 @@ __global__ void __launch_bounds__(kConvThreads)
       A* dst = xs + img * img_stride + c * fhw + fy * g.fw;
       for (int fx = lane; fx < g.fw; fx += 32) {
         const int iw = fx - g.pl;
-        dst[fx] = row_ok && static_cast<unsigned>(iw) < static_cast<unsigned>(g.width)
-                      ? load_acc<A>(src + iw)
-                      : A(0);
+        const bool ok = row_ok && static_cast<unsigned>(iw) < static_cast<unsigned>(g.width);
+        if constexpr (std::is_same_v<T, A>) {
+          // Asynchronous copy (zero-filled in the padding): no load latency per row.
+          __pipeline_memcpy_async(dst + fx, ok ? src + iw : x, sizeof(A), ok ? 0 : sizeof(A));
+        } else {
+          dst[fx] = ok ? load_acc<A>(src + iw) : A(0);
+        }
       }
+    }
+    if constexpr (std::is_same_v<T, A>) {
+      __pipeline_commit();
+      __pipeline_wait_prior(0);
     }
     __syncthreads();
 #pragma unroll
