@@ -160,30 +160,38 @@ __global__ void __launch_bounds__(kConvThreads)
 #pragma unroll
     for (int k = 0; k < kTileImg; ++k) acc[i][k] = A(0);
   }
+  // Source offset (within an input plane) of each footprint element, -1 in the padding;
+  // the same for every staged plane, so computed once.
+  int* table = reinterpret_cast<int*>(xs + kTileImg * img_stride);
+  const int footprint = rows * g.fw;
+  const int64_t plane_in = g.height * g.width;
+  for (int e = threadIdx.x; e < footprint; e += kConvThreads) {
+    const int ih = ih_base + e / g.fw, iw = e % g.fw - g.pl;
+    const bool ok = static_cast<unsigned>(ih) < static_cast<unsigned>(g.height) &&
+                    static_cast<unsigned>(iw) < static_cast<unsigned>(g.width);
+    table[e] = ok ? static_cast<int>(ih * g.width + iw) : -1;
+  }
 
   for (int c0 = c_begin; c0 < c_end; c0 += g.chunk) {
     const int cn = min(g.chunk, c_end - c0);
     __syncthreads();
-    // Stage footprint rows (image, channel, row): a warp per row, lanes along it.
-    const int n_rows = kTileImg * cn * rows;
-    for (int r = warp; r < n_rows; r += kTileWarps) {
-      const int fy = r % rows;
-      const int c = (r / rows) % cn;
-      const int img = r / (rows * cn);
+    // Stage the footprint of each (image, channel) plane: a warp per plane, lanes over
+    // its elements, source offsets from the table (no index arithmetic per element).
+    const int planes = kTileImg * cn;
+    for (int pl_i = warp; pl_i < planes; pl_i += kTileWarps) {
+      const int img = pl_i / cn, c = pl_i - img * cn;
       const int64_t b = b0 + img;
-      const int ih = ih_base + fy;
-      const bool row_ok =
-          b < g.batch && static_cast<unsigned>(ih) < static_cast<unsigned>(g.height);
-      const T* src = x + ((b * g.channels + c0 + c) * g.height + ih) * g.width;
-      A* dst = xs + img * img_stride + c * fhw + fy * g.fw;
-      for (int fx = lane; fx < g.fw; fx += 32) {
-        const int iw = fx - g.pl;
-        const bool ok = row_ok && static_cast<unsigned>(iw) < static_cast<unsigned>(g.width);
+      const bool image_ok = b < g.batch;
+      const T* src = x + (b * g.channels + c0 + c) * plane_in;
+      A* dst = xs + img * img_stride + c * fhw;
+      for (int e = lane; e < footprint; e += 32) {
+        const int off = table[e];
+        const bool ok = image_ok && off >= 0;
         if constexpr (std::is_same_v<T, A>) {
-          // Asynchronous copy (zero-filled in the padding): no load latency per row.
-          __pipeline_memcpy_async(dst + fx, ok ? src + iw : x, sizeof(A), ok ? 0 : sizeof(A));
+          // Asynchronous copy, zero-filled in the padding.
+          __pipeline_memcpy_async(dst + e, ok ? src + off : x, sizeof(A), ok ? 0 : sizeof(A));
         } else {
-          dst[fx] = ok ? load_acc<A>(src + iw) : A(0);
+          dst[e] = ok ? load_acc<A>(src + off) : A(0);
         }
       }
     }
@@ -286,8 +294,9 @@ ffi::Error launch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
   t.fh = static_cast<int>((rows - 1) * g.sh + window_h);
   t.fw = static_cast<int>((g.out_w - 1) * g.sw + window_w);
   const int64_t per_channel = int64_t{kTileImg} * t.fh * t.fw * sizeof(A);
+  const int64_t table_bytes = int64_t{4} * t.fh * t.fw;
   const int64_t span = std::min<int64_t>(g.channels, (kTileOC + t.og - 1) / t.og * t.cg + t.cg);
-  const int64_t chunk = std::min<int64_t>(kTileStageBytes / per_channel, span);
+  const int64_t chunk = std::min<int64_t>((kTileStageBytes - table_bytes) / per_channel, span);
   const int64_t plane_out = g.out_h * g.out_w;
   t.pixel_tiles = static_cast<int>((plane_out + 31) / 32);
   t.oc_blocks = static_cast<int>((g.out_channels + kTileOC - 1) / kTileOC);
@@ -297,7 +306,8 @@ ffi::Error launch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
     return launch_direct<T, A>(stream, x, records, values, bias, indptr, y, g, relu);
   }
   t.chunk = static_cast<int>(chunk);
-  const size_t smem = static_cast<size_t>(per_channel * chunk);
+  const size_t smem = static_cast<size_t>(per_channel * chunk) +
+                      sizeof(int) * static_cast<size_t>(t.fh) * t.fw;  // + offset table
   sparse_conv_tiled<T, A><<<static_cast<unsigned>(blocks), kConvThreads, smem, stream>>>(
       reinterpret_cast<const T*>(x.untyped_data()),
       reinterpret_cast<const int4*>(records.untyped_data()),
