@@ -20,12 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
-
-#include <cuda_pipeline.h>
-
-#include <type_traits>
 
 #include "cuda/common.cuh"
 
@@ -99,152 +94,10 @@ __global__ void __launch_bounds__(kConvThreads)
   }
 }
 
-// ---- tiled kernel (default) ---------------------------------------------------------
-// A block owns 32 consecutive output pixels (flattened over the map) of kTileImg images
-// and kTileOC output channels.  It stages the pixels' input footprint (zero-padded, so
-// no bounds tests) for a chunk of input channels in shared memory; each of its 8 warps
-// then applies the nonzeros of its own kTileOC / 8 output channels to the staged tile,
-// lane = pixel, kTileImg images per lane.  The record and the smem offset of a tap are
-// the same in every lane (broadcast); the lane adds its pixel's offset.  A staged value
-// is reused by all the block's nonzeros that touch it (about kTileOC x density x taps
-// times), so L2 traffic falls by that factor against the direct kernel, while the
-// channel split across warps keeps registers low and occupancy high.  chan_ptr gives
-// each output channel's nonzeros per input channel (two loads per chunk, no search).
-constexpr int kTileImg = 4;
-constexpr int kTileOC = 64;
-constexpr int kTileWarps = kConvThreads / 32;
-constexpr int kTileStageBytes = 48 * 1024;
-
-struct TiledGeom {
-  int64_t batch, channels, height, width, out_channels, out_h, out_w;
-  int sh, sw, pt, pl, window_h;
-  int fh, fw, chunk, pixel_tiles, oc_blocks, cg, og;
-};
-
 template <typename T, typename A>
-__global__ void __launch_bounds__(kConvThreads)
-    sparse_conv_tiled(const T* __restrict__ x, const int4* __restrict__ records,
-                      const A* __restrict__ values, const A* __restrict__ bias,
-                      const int32_t* __restrict__ chan_ptr, T* __restrict__ y, TiledGeom g,
-                      bool relu) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* xs = reinterpret_cast<A*>(smem_raw);
-  constexpr int kPerWarp = kTileOC / kTileWarps;
-  const int fhw = g.fh * g.fw;
-  const int img_stride = g.chunk * fhw;
-  int64_t rest = blockIdx.x;
-  const int ocb = static_cast<int>(rest % g.oc_blocks);
-  rest /= g.oc_blocks;
-  const int tile = static_cast<int>(rest % g.pixel_tiles);
-  const int64_t b0 = rest / g.pixel_tiles * kTileImg;
-  const int64_t plane_out = g.out_h * g.out_w;
-  const int64_t p0 = static_cast<int64_t>(tile) * 32;
-  const int64_t p_last = min(p0 + 31, plane_out - 1);
-  const int r0 = static_cast<int>(p0 / g.out_w);
-  const int rows = (static_cast<int>(p_last / g.out_w) - r0) * g.sh + g.window_h;  // <= g.fh
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t p = p0 + lane;
-  const bool pixel_ok = p < plane_out;
-  const int oh = static_cast<int>(p / g.out_w), ow = static_cast<int>(p % g.out_w);
-  const int my_off = (oh - r0) * g.sh * g.fw + ow * g.sw;
-  const int ih_base = r0 * g.sh - g.pt;
-
-  const int o0 = ocb * kTileOC;
-  const int o1 = static_cast<int>(min(static_cast<int64_t>(o0 + kTileOC), g.out_channels));
-  const int c_begin = (o0 / g.og) * g.cg;  // input channels of the block's groups
-  const int c_end = ((o1 - 1) / g.og + 1) * g.cg;
-
-  A acc[kPerWarp][kTileImg];
-#pragma unroll
-  for (int i = 0; i < kPerWarp; ++i) {
-#pragma unroll
-    for (int k = 0; k < kTileImg; ++k) acc[i][k] = A(0);
-  }
-  // Source offset (within an input plane) of each footprint element, -1 in the padding;
-  // the same for every staged plane, so computed once.
-  int* table = reinterpret_cast<int*>(xs + kTileImg * img_stride);
-  const int footprint = rows * g.fw;
-  const int64_t plane_in = g.height * g.width;
-  for (int e = threadIdx.x; e < footprint; e += kConvThreads) {
-    const int ih = ih_base + e / g.fw, iw = e % g.fw - g.pl;
-    const bool ok = static_cast<unsigned>(ih) < static_cast<unsigned>(g.height) &&
-                    static_cast<unsigned>(iw) < static_cast<unsigned>(g.width);
-    table[e] = ok ? static_cast<int>(ih * g.width + iw) : -1;
-  }
-
-  for (int c0 = c_begin; c0 < c_end; c0 += g.chunk) {
-    const int cn = min(g.chunk, c_end - c0);
-    __syncthreads();
-    // Stage the footprint of each (image, channel) plane: a warp per plane, lanes over
-    // its elements, source offsets from the table (no index arithmetic per element).
-    const int planes = kTileImg * cn;
-    for (int pl_i = warp; pl_i < planes; pl_i += kTileWarps) {
-      const int img = pl_i / cn, c = pl_i - img * cn;
-      const int64_t b = b0 + img;
-      const bool image_ok = b < g.batch;
-      const T* src = x + (b * g.channels + c0 + c) * plane_in;
-      A* dst = xs + img * img_stride + c * fhw;
-      for (int e = lane; e < footprint; e += 32) {
-        const int off = table[e];
-        const bool ok = image_ok && off >= 0;
-        if constexpr (std::is_same_v<T, A>) {
-          // Asynchronous copy, zero-filled in the padding.
-          __pipeline_memcpy_async(dst + e, ok ? src + off : x, sizeof(A), ok ? 0 : sizeof(A));
-        } else {
-          dst[e] = ok ? load_acc<A>(src + off) : A(0);
-        }
-      }
-    }
-    if constexpr (std::is_same_v<T, A>) {
-      __pipeline_commit();
-      __pipeline_wait_prior(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) {
-      const int o = o0 + warp + i * kTileWarps;
-      if (o < o1) {
-        const int32_t* cp = chan_ptr + static_cast<int64_t>(o) * (g.cg + 1);
-        const int cbase = (o / g.og) * g.cg;
-        const int lo = min(max(c0 - cbase, 0), g.cg), hi = min(max(c0 + cn - cbase, 0), g.cg);
-        const int q_end = __ldg(cp + hi);
-        const int base = my_off - c0 * fhw;
-#pragma unroll 2
-        for (int q = __ldg(cp + lo); q < q_end; ++q) {
-          const int4 rec = __ldg(records + q);  // {offset, dy, dx, chan}: same in every lane
-          const A v = __ldg(values + q);
-          const int off = base + rec.w * fhw + rec.y * g.fw + rec.z;
-#pragma unroll
-          for (int k = 0; k < kTileImg; ++k) {
-            acc[i][k] = fma(v, xs[off + k * img_stride], acc[i][k]);
-          }
-        }
-      }
-    }
-  }
-  if (!pixel_ok) return;
-#pragma unroll
-  for (int i = 0; i < kPerWarp; ++i) {
-    const int o = o0 + warp + i * kTileWarps;
-    if (o < o1) {
-      const A bo = __ldg(bias + o);
-#pragma unroll
-      for (int k = 0; k < kTileImg; ++k) {
-        const int64_t b = b0 + k;
-        if (b < g.batch) {
-          A out = acc[i][k] + bo;
-          if (relu && out < A(0)) out = A(0);  // comparisons keep NaN, like jnp.maximum
-          store_from(y + (b * g.out_channels + o) * plane_out + p, out);
-        }
-      }
-    }
-  }
-}
-
-template <typename T, typename A>
-ffi::Error launch_direct(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
-                         ffi::AnyBuffer values, ffi::AnyBuffer bias, const int32_t* indptr,
-                         ffi::Result<ffi::AnyBuffer> y, ConvGeom g, bool relu) {
+ffi::Error launch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
+                  ffi::AnyBuffer values, ffi::AnyBuffer bias, const int32_t* indptr,
+                  ffi::Result<ffi::AnyBuffer> y, ConvGeom g, bool relu) {
   const int64_t plane_out = g.out_h * g.out_w;
   const int64_t groups = (g.batch + kImg - 1) / kImg;
   const int64_t pixel_blocks = (groups * plane_out + kConvThreads - 1) / kConvThreads;
@@ -269,60 +122,14 @@ ffi::Error launch_direct(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer r
       reinterpret_cast<const A*>(values.untyped_data()),
       reinterpret_cast<const A*>(bias.untyped_data()), indptr,
       reinterpret_cast<T*>(y->untyped_data()), g, relu);
-  return last_launch_error("sparse_conv2d (direct)");
-}
-
-// The tiled kernel unless one channel's footprint exceeds its shared-memory budget
-// (very wide, strided maps) or SPDNN_CONV_KERNEL=direct; then the direct kernel.
-template <typename T, typename A>
-ffi::Error launch(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
-                  ffi::AnyBuffer values, ffi::AnyBuffer bias, const int32_t* indptr,
-                  const int32_t* chan_ptr, ffi::Result<ffi::AnyBuffer> y, ConvGeom g,
-                  int groups, int window_h, int window_w, bool relu) {
-  if (g.batch == 0 || g.out_h * g.out_w == 0 || g.out_channels == 0) {
-    return ffi::Error::Success();
-  }
-  static const bool force_direct = [] {
-    const char* env = std::getenv("SPDNN_CONV_KERNEL");
-    return env != nullptr && std::string(env) == "direct";
-  }();
-  TiledGeom t{g.batch, g.channels, g.height, g.width, g.out_channels, g.out_h, g.out_w,
-              g.sh, g.sw, g.pt, g.pl, window_h};
-  t.cg = static_cast<int>(g.channels / groups);
-  t.og = static_cast<int>(g.out_channels / groups);
-  const int64_t rows = std::min<int64_t>(g.out_h, 31 / g.out_w + 2);
-  t.fh = static_cast<int>((rows - 1) * g.sh + window_h);
-  t.fw = static_cast<int>((g.out_w - 1) * g.sw + window_w);
-  const int64_t per_channel = int64_t{kTileImg} * t.fh * t.fw * sizeof(A);
-  const int64_t table_bytes = int64_t{4} * t.fh * t.fw;
-  const int64_t span = std::min<int64_t>(g.channels, (kTileOC + t.og - 1) / t.og * t.cg + t.cg);
-  const int64_t chunk = std::min<int64_t>((kTileStageBytes - table_bytes) / per_channel, span);
-  const int64_t plane_out = g.out_h * g.out_w;
-  t.pixel_tiles = static_cast<int>((plane_out + 31) / 32);
-  t.oc_blocks = static_cast<int>((g.out_channels + kTileOC - 1) / kTileOC);
-  const int64_t blocks =
-      (g.batch + kTileImg - 1) / kTileImg * t.pixel_tiles * int64_t{t.oc_blocks};
-  if (force_direct || chunk < 1 || blocks >= (int64_t{1} << 31) || t.fh * int64_t{t.fw} > (1 << 24)) {
-    return launch_direct<T, A>(stream, x, records, values, bias, indptr, y, g, relu);
-  }
-  t.chunk = static_cast<int>(chunk);
-  const size_t smem = static_cast<size_t>(per_channel * chunk) +
-                      sizeof(int) * static_cast<size_t>(t.fh) * t.fw;  // + offset table
-  sparse_conv_tiled<T, A><<<static_cast<unsigned>(blocks), kConvThreads, smem, stream>>>(
-      reinterpret_cast<const T*>(x.untyped_data()),
-      reinterpret_cast<const int4*>(records.untyped_data()),
-      reinterpret_cast<const A*>(values.untyped_data()),
-      reinterpret_cast<const A*>(bias.untyped_data()), chan_ptr,
-      reinterpret_cast<T*>(y->untyped_data()), t, relu);
-  return last_launch_error("sparse_conv2d (tiled)");
+  return last_launch_error("sparse_conv2d");
 }
 
 ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer records,
                             ffi::AnyBuffer values, ffi::AnyBuffer bias,
-                            ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> chan_ptr,
-                            ffi::Result<ffi::AnyBuffer> y, int64_t stride_h, int64_t stride_w,
-                            int64_t pad_top, int64_t pad_left, int32_t activation,
-                            int64_t groups, int64_t window_h, int64_t window_w) {
+                            ffi::Buffer<ffi::S32> indptr, ffi::Result<ffi::AnyBuffer> y,
+                            int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                            int64_t pad_left, int32_t activation) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 4 || yd.size() != 4) {
@@ -342,13 +149,8 @@ ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
       g.width >= (1 << 30)) {
     return ffi::Error::InvalidArgument("sparse_conv2d: one image must have fewer than 2^31 elements");
   }
-  if (stride_h < 1 || stride_w < 1 || groups < 1 || window_h < 1 || window_w < 1 ||
-      g.channels % groups || g.out_channels % groups) {
-    return ffi::Error::InvalidArgument("sparse_conv2d: bad strides, groups or window");
-  }
-  if (static_cast<int64_t>(chan_ptr.element_count()) !=
-      g.out_channels * (g.channels / groups + 1)) {
-    return ffi::Error::InvalidArgument("sparse_conv2d: chan_ptr must be [O, C / groups + 1]");
+  if (stride_h < 1 || stride_w < 1) {
+    return ffi::Error::InvalidArgument("sparse_conv2d: strides must be positive");
   }
   if (x.element_type() != y->element_type()) {
     return ffi::Error::InvalidArgument("sparse_conv2d: x and y must share a dtype");
@@ -361,22 +163,15 @@ ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
   }
   const bool relu = activation == 1;
   const int32_t* ip = indptr.typed_data();
-  const int32_t* cp = chan_ptr.typed_data();
-  const int ng = static_cast<int>(groups), wh = static_cast<int>(window_h),
-            ww = static_cast<int>(window_w);
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      return launch<float, float>(stream, x, records, values, bias, ip, cp, y, g, ng, wh,
-                                ww, relu);
+      return launch<float, float>(stream, x, records, values, bias, ip, y, g, relu);
     case ffi::DataType::F64:
-      return launch<double, double>(stream, x, records, values, bias, ip, cp, y, g, ng, wh,
-                                ww, relu);
+      return launch<double, double>(stream, x, records, values, bias, ip, y, g, relu);
     case ffi::DataType::BF16:
-      return launch<__nv_bfloat16, float>(stream, x, records, values, bias, ip, cp, y, g, ng, wh,
-                                ww, relu);
+      return launch<__nv_bfloat16, float>(stream, x, records, values, bias, ip, y, g, relu);
     case ffi::DataType::F16:
-      return launch<__half, float>(stream, x, records, values, bias, ip, cp, y, g, ng, wh,
-                                ww, relu);
+      return launch<__half, float>(stream, x, records, values, bias, ip, y, g, relu);
     default:
       return ffi::Error::InvalidArgument("sparse_conv2d: unsupported feature dtype");
   }
@@ -393,13 +188,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseConvCuda, spdnn::cuda::sparse_conv_impl
                                   .Arg<ffi::AnyBuffer>()         // values [nnz]
                                   .Arg<ffi::AnyBuffer>()         // bias [O]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [O + 1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // chan_ptr [O, C/groups + 1]
                                   .Ret<ffi::AnyBuffer>()         // y [B, O, OH, OW]
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left")
-                                  .Attr<int32_t>("activation")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("window_h")     // dilated filter extent
-                                  .Attr<int64_t>("window_w"));
+                                  .Attr<int32_t>("activation"));

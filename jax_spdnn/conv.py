@@ -293,8 +293,7 @@ def conv_output_shape(in_hw, kernel_hw, strides, pads, dilation) -> tuple[int, i
 @lru_cache(maxsize=256)
 def _taps(structure: Structure, shape, dilation, groups, hw) -> tuple[np.ndarray, ...]:
     """Per nonzero: input channel (group base included), dilated row and column offsets, and
-    the CUDA record ``{chan*H*W + dy*W + dx, dy, dx, chan}``.  Cached per kernel and
-    geometry."""
+    the CUDA record ``{chan*H*W + dy*W + dx, dy, dx, 0}``.  Cached per kernel and geometry."""
     o, cg, kh, kw = shape
     tap = structure.indices.astype(np.int64)
     c_local, rest = np.divmod(tap, kh * kw)
@@ -307,23 +306,7 @@ def _taps(structure: Structure, shape, dilation, groups, hw) -> tuple[np.ndarray
     records[:, 0] = chan * h * w + dy * w + dx
     records[:, 1] = dy
     records[:, 2] = dx
-    records[:, 3] = chan
     return chan.astype(np.int32), dy.astype(np.int32), dx.astype(np.int32), records
-
-
-@lru_cache(maxsize=256)
-def _chan_ptr(structure: Structure, shape) -> np.ndarray:
-    """``[O, C/groups + 1]``: the first nonzero of each output channel whose local input
-    channel is ``>= c`` (a CSR row pointer per input channel; the CUDA kernel finds the
-    nonzeros of each staged channel chunk with two loads)."""
-    o, cg, kh, kw = shape
-    c_local = structure.indices.astype(np.int64) // (kh * kw)
-    counts = np.zeros((o, cg), np.int64)
-    np.add.at(counts, (structure.row_ids.astype(np.int64), c_local), 1)
-    ptr = np.zeros((o, cg + 1), np.int64)
-    ptr[:, 1:] = np.cumsum(counts, axis=1)
-    ptr += np.asarray(structure.indptr[:-1], np.int64)[:, None]
-    return ptr.astype(np.int32)
 
 
 # -- public op ---------------------------------------------------------------------------------
@@ -498,10 +481,6 @@ def _cuda_impl(x, values, bias, *, structure, shape, strides, pads, dilation, gr
         values,
         bias,
         jnp.asarray(structure.indptr),
-        jnp.asarray(_chan_ptr(structure, shape)),
-        groups=np.int64(groups),
-        window_h=np.int64((shape[2] - 1) * dilation[0] + 1),
-        window_w=np.int64((shape[3] - 1) * dilation[1] + 1),
         **_attrs(strides, pads, activation),
     )
 
