@@ -14,6 +14,14 @@ import jax_spdnn as sd
 from jax_spdnn.challenge import radixnet, random_inputs
 
 
+@pytest.fixture(autouse=True)
+def _cpu_default():
+    """The mesh is made of CPU devices: single-device references run on the CPU too (the
+    same kernel, so results compare exactly even on a machine with a GPU)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 @pytest.fixture(scope="module")
 def mesh():
     devices = jax.devices("cpu")
