@@ -43,3 +43,13 @@ def test_pruned_cnn_notebook(monkeypatch):
     assert "same predictions: True" in outputs
     acc = [float(a) for a in re.findall(r"fine-tuned: ([0-9.]+)", outputs)]
     assert acc and acc[0] > 0.5, outputs
+
+
+def test_sharded_inference_notebook(monkeypatch):
+    monkeypatch.setenv("SPDNN_NB_LAYERS", "12")
+    monkeypatch.setenv("SPDNN_NB_BATCH", "2000")
+    outputs = _run("sharded_inference.ipynb")
+    assert "identical categories: True" in outputs
+    assert "all-gather in the compiled program: False" in outputs
+    assert "identical with rebalancing: True" in outputs
+    assert "gradients equal single-device: True" in outputs
