@@ -3,7 +3,7 @@
 # Logs go to $OUT (default ./out).  Wheels of missing pure-Python test
 # dependencies may be provided in .whl/ (installed only when missing).
 #
-#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [conv] [tune] [profile]
+#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [conv] [sharded] [tune] [profile]
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -54,6 +54,13 @@ if [[ " $steps " == *" conv "* ]]; then
   echo "== pruned conv layers"
   $PY benchmarks/bench_conv.py ${CONV_ARGS:-} ${CONV_LAYERS:+--layers "$CONV_LAYERS"} --json "$OUT/bench_conv.json" 2>&1 \
     | tee "$OUT/bench_conv.log" | cut -c1-220 | tail -${CONV_TAIL:-20}
+fi
+
+if [[ " $steps " == *" sharded "* ]]; then
+  echo "== sharded scaling (all visible devices)"
+  $PY benchmarks/bench_sharded.py --problems ${SHARDED_PROBLEMS:-16384-120 65536-120} \
+    --rebalance ${SHARDED_REBALANCE:-10} --json "$OUT/bench_sharded.json" 2>&1 \
+    | tee "$OUT/bench_sharded.log" | tail -20
 fi
 
 if [[ " $steps " == *" tune "* ]]; then
