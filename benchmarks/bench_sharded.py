@@ -77,7 +77,7 @@ def main(argv=None):
             spread = np.asarray(
                 jax.jit(
                     jax.shard_map(
-                        lambda h: net(h).alive.sum()[None],
+                        lambda h, net=net: net(h).alive.sum()[None],
                         mesh=mesh,
                         in_specs=P("batch"),
                         out_specs=P("batch"),
@@ -106,8 +106,10 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
             del x
     print(f"\n{env['device']} x {len(all_devices)}, jax {env['jax']}, {env['date']}")
-    print("| problem | devices | rebalance | time s | TE/s | efficiency | survivors per device "
-          "| categories = 1 device |")
+    print(
+        "| problem | devices | rebalance | time s | TE/s | efficiency | survivors per device "
+        "| categories = 1 device |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
