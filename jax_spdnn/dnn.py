@@ -15,6 +15,7 @@ All paths give the same results.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -148,6 +149,39 @@ class SparseDNN:
         if drop_dead_rows is None:
             drop_dead_rows = self.can_drop_dead_rows()
         return _forward(self, x, drop_dead=bool(drop_dead_rows))
+
+    def profile_layers(self, x, *, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer active rows and seconds, for profiling (host-synchronized).
+
+        Runs the layers one by one on the rows still active (dead rows dropped between
+        layers, as the fused network does), each as a jitted ``sparse_linear`` on the
+        default device, timed after a warm-up as the median of ``repeats`` calls.  The
+        result is the cost profile of the layer kernel over the network.  The times include
+        one dispatch per layer, which the fused :meth:`__call__` does not pay, and the fused
+        kernels differ in detail (they compact rows in place), so their sum approximates the
+        fused network's time rather than equalling it.  Returns ``(active_rows [L],
+        seconds [L])``.
+        """
+        h = jnp.asarray(x)
+        if h.ndim != 2 or h.shape[1] != self.n:
+            raise ValueError(f"SparseDNN: x must be [batch, {self.n}], got {h.shape}")
+        drop = self.can_drop_dead_rows()
+        layer = jax.jit(partial(sparse_linear, activation="relu", clip=self.clip))
+        if drop:
+            h = h[np.flatnonzero(np.asarray(jnp.any(h != 0, axis=1)))]
+        active, seconds = [], []
+        for W, b in zip(self.layers, self.biases):
+            jax.block_until_ready(layer(h, W, b))  # compile / warm up for this row count
+            samples = []
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(layer(h, W, b))
+                samples.append(time.perf_counter() - t0)
+            seconds.append(float(np.median(samples)))
+            alive = np.asarray(jnp.any(out != 0, axis=1))
+            active.append(int(alive.sum()))
+            h = out[np.flatnonzero(alive)] if drop else out
+        return np.asarray(active, np.int64), np.asarray(seconds)
 
 
 def _concat_structures(structures: tuple[Structure, ...]):

@@ -104,6 +104,8 @@ def test_challenge_command(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "TE/s" in out.stdout and "of 300 images have a nonzero final row" in out.stdout
     assert "PASSED" in out.stdout and plot.stat().st_size > 0
+    flat = " ".join(out.stdout.split())  # rich wraps lines at the terminal width
+    assert "sum of per-layer times" in flat and "for the fused network" in flat
 
 
 def test_challenge_command_official_layout(tmp_path):

@@ -111,3 +111,17 @@ def test_errors():
         net(np.zeros((2, 63), np.float32))
     with pytest.raises(TypeError, match="got int32"):
         net(np.zeros((2, 64), np.int32))
+
+
+@pytest.mark.parametrize("bias", [-0.3, 0.05])
+def test_profile_layers(device, bias):
+    """Layer-by-layer profiling reports the fused run's active rows and a time per layer
+    (rows are dropped only when biases allow it)."""
+    net = sd.SparseDNN(radixnet(256, 6, seed=2), bias)
+    x = random_inputs(256, 300, seed=5)
+    x[::7] = 0.0
+    active, seconds = net.profile_layers(x, repeats=1)
+    np.testing.assert_array_equal(active, np.asarray(net(x).active_per_layer))
+    assert seconds.shape == (6,) and np.all(seconds > 0)
+    with pytest.raises(ValueError, match="must be"):
+        net.profile_layers(x[:, :10])
