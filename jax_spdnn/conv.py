@@ -473,16 +473,37 @@ def _cpu_impl(x, values, bias, *, structure, shape, strides, pads, dilation, gro
     )
 
 
+# The CUDA kernel's grid: 256 threads of 4 images each per block, at most 65535 pixel blocks
+# per launch (gridDim.y); larger batches are split into several launches.
+_CUDA_THREADS, _CUDA_IMAGES_PER_THREAD, _CUDA_MAX_PIXEL_BLOCKS = 256, 4, 65535
+
+
+def _batch_chunks(batch: int, plane_out: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` image ranges that each fit one launch of the CUDA kernel."""
+    per_launch = _CUDA_MAX_PIXEL_BLOCKS * _CUDA_THREADS // max(plane_out, 1)
+    max_images = max(_CUDA_IMAGES_PER_THREAD, per_launch * _CUDA_IMAGES_PER_THREAD)
+    return [(b, min(batch, b + max_images)) for b in range(0, batch, max_images)] or [(0, 0)]
+
+
 def _cuda_impl(x, values, bias, *, structure, shape, strides, pads, dilation, groups, activation):
     *_, records = _taps(structure, shape, dilation, groups, tuple(x.shape[2:]))
-    return jax.ffi.ffi_call(_TARGET, _out_struct(x, shape, strides, pads, dilation))(
-        x,
-        jnp.asarray(records),
-        values,
-        bias,
-        jnp.asarray(structure.indptr),
-        **_attrs(strides, pads, activation),
-    )
+    out = _out_struct(x, shape, strides, pads, dilation)
+
+    def launch(xc):
+        part = jax.ShapeDtypeStruct((xc.shape[0],) + out.shape[1:], out.dtype)
+        return jax.ffi.ffi_call(_TARGET, part)(
+            xc,
+            jnp.asarray(records),
+            values,
+            bias,
+            jnp.asarray(structure.indptr),
+            **_attrs(strides, pads, activation),
+        )
+
+    chunks = _batch_chunks(x.shape[0], out.shape[2] * out.shape[3])
+    if len(chunks) == 1:
+        return launch(x)
+    return jnp.concatenate([launch(x[a:b]) for a, b in chunks], axis=0)
 
 
 if _native.has_target(_TARGET, "cpu"):

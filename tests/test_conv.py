@@ -413,3 +413,16 @@ def test_argument_errors():
     # NHWC checks the last axis for channels.
     with pytest.raises(ValueError, match="do not match"):
         sd.sparse_conv2d(x, K, layout="NHWC")
+
+
+def test_cuda_launch_chunks_cover_the_batch():
+    """Batches too large for one CUDA launch are split; every chunk fits the grid limit."""
+    from jax_spdnn.conv import _CUDA_MAX_PIXEL_BLOCKS, _batch_chunks
+
+    for batch, plane in [(0, 49), (1, 49), (64, 50176), (5000, 50176), (100000, 196), (7, 1)]:
+        chunks = _batch_chunks(batch, plane)
+        assert chunks[0][0] == 0 and chunks[-1][1] == batch
+        assert all(a1 == b0 for (_, a1), (b0, _) in zip(chunks, chunks[1:]))
+        for a, b in chunks:
+            assert -(-(-(-(b - a) // 4) * plane) // 256) <= _CUDA_MAX_PIXEL_BLOCKS
+    assert len(_batch_chunks(5000, 50176)) > 1
