@@ -33,7 +33,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jax_spdnn import _native
-from jax_spdnn.linear import ACTIVATIONS, _acc_dtype, _match_vma, _vma
+from jax_spdnn.linear import ACTIVATIONS, _acc_dtype, _expect_operand, _match_vma, _vma
 from jax_spdnn.sparse import SparseMatrix, Structure
 
 __all__ = [
@@ -423,16 +423,8 @@ def _abstract_eval(
             f"sparse_conv2d: x has {x.shape[1]} channels, the filter expects {cg} x {groups} groups"
         )
     acc = _acc_dtype(x.dtype)
-    if values.shape != (structure.nnz,) or np.dtype(values.dtype) != acc:
-        raise TypeError(
-            f"sparse_conv2d: values must be {acc.name}[{structure.nnz}], got "
-            f"{np.dtype(values.dtype).name}{list(values.shape)}"
-        )
-    if bias.shape != (o,) or np.dtype(bias.dtype) != acc:
-        raise TypeError(
-            f"sparse_conv2d: bias must be {acc.name}[{o}], got "
-            f"{np.dtype(bias.dtype).name}{list(bias.shape)}"
-        )
+    _expect_operand("sparse_conv2d", "values", values, (structure.nnz,), acc)
+    _expect_operand("sparse_conv2d", "bias", bias, (o,), acc)
     oh, ow = conv_output_shape(x.shape[2:], (kh, kw), strides, pads, dilation)
     return x.update(shape=(x.shape[0], o, oh, ow), weak_type=False)
 

@@ -123,6 +123,16 @@ def sparse_linear(x, W: SparseMatrix, bias=None, *, activation: str | None = "re
     )
 
 
+def _expect_operand(op: str, name: str, aval, shape: tuple, dtype) -> None:
+    """Shape-rule check of a weight operand: ``TypeError`` naming it unless it is
+    ``dtype[shape]``."""
+    if tuple(aval.shape) != tuple(shape) or np.dtype(aval.dtype) != np.dtype(dtype):
+        raise TypeError(
+            f"{op}: {name} must be {np.dtype(dtype).name}{list(shape)}, got "
+            f"{np.dtype(aval.dtype).name}{list(aval.shape)}"
+        )
+
+
 # -- shape rule ----------------------------------------------------------------
 
 
@@ -136,16 +146,8 @@ def _abstract_eval(x, values, bias, *, structure: Structure, activation: int, cl
             f"sparse_linear: x's last dimension {x.shape[-1]} does not match n_in {structure.n_in}"
         )
     acc = _acc_dtype(x.dtype)
-    if values.shape != (structure.nnz,) or np.dtype(values.dtype) != acc:
-        raise TypeError(
-            f"sparse_linear: values must be {acc.name}[{structure.nnz}], got "
-            f"{np.dtype(values.dtype).name}{list(values.shape)}"
-        )
-    if bias.shape != (structure.n_out,) or np.dtype(bias.dtype) != acc:
-        raise TypeError(
-            f"sparse_linear: bias must be {acc.name}[{structure.n_out}], got "
-            f"{np.dtype(bias.dtype).name}{list(bias.shape)}"
-        )
+    _expect_operand("sparse_linear", "values", values, (structure.nnz,), acc)
+    _expect_operand("sparse_linear", "bias", bias, (structure.n_out,), acc)
     # Derived from x's aval so sharding and shard_map's varying type propagate;
     # the public wrapper makes x, values and bias vary over the same axes.
     return x.update(shape=x.shape[:-1] + (structure.n_out,), weak_type=False)

@@ -77,46 +77,33 @@ def conv_cases(draw):
     activation = draw(st.sampled_from([None, "relu"]))
     layout = draw(st.sampled_from(["NCHW", "NHWC"]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return (
-        groups,
-        cg,
-        og,
-        kh,
-        kw,
-        h,
-        w,
-        batch,
-        strides,
-        dilation,
-        padding,
-        density,
-        bias,
-        activation,
-        layout,
-        seed,
+    return dict(
+        groups=groups,
+        cg=cg,
+        og=og,
+        kh=kh,
+        kw=kw,
+        h=h,
+        w=w,
+        batch=batch,
+        strides=strides,
+        dilation=dilation,
+        padding=padding,
+        density=density,
+        bias=bias,
+        activation=activation,
+        layout=layout,
+        seed=seed,
     )
 
 
 @given(case=conv_cases(), dtype=st.sampled_from([np.float32, np.float64]))
 def test_matches_reference(device, case, dtype):
-    (
-        groups,
-        cg,
-        og,
-        kh,
-        kw,
-        h,
-        w,
-        batch,
-        strides,
-        dilation,
-        padding,
-        density,
-        has_bias,
-        activation,
-        layout,
-        seed,
-    ) = case
+    c = case
+    groups, cg, og, kh, kw = c["groups"], c["cg"], c["og"], c["kh"], c["kw"]
+    h, w, batch, strides, dilation = c["h"], c["w"], c["batch"], c["strides"], c["dilation"]
+    padding, density, has_bias = c["padding"], c["density"], c["bias"]
+    activation, layout, seed = c["activation"], c["layout"], c["seed"]
     rng = np.random.default_rng(seed)
     o, c = og * groups, cg * groups
     wt = random_filter(rng, o, cg, kh, kw, density, dtype)
