@@ -29,6 +29,45 @@ def _find(data: Path, *names: str) -> Path | None:
     return None
 
 
+def _distributed_setup(net, x, dtype, rebalance, console):
+    """Every process holds the same inputs and contributes its own share of the rows to a
+    global array split over every device of every process (zero rows pad the batch to a
+    multiple of the device count; they die at once)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jax_spdnn import distributed as dist
+
+    mesh = dist.batch_mesh()
+    n_dev, n_proc, pid = mesh.size, jax.process_count(), jax.process_index()
+    batch = x.shape[0]
+    padded = -(-batch // n_dev) * n_dev
+    per_process = padded // n_proc
+    lo = pid * per_process
+    local = np.zeros((per_process, x.shape[1]), dtype=np.float32)
+    hi = min(batch, lo + per_process)
+    if hi > lo:
+        local[: hi - lo] = x[lo:hi].toarray()
+    xg = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P("batch")), local.astype(dtype), (padded, x.shape[1])
+    )
+    console.print(
+        f"distributed: {n_proc} processes, {n_dev} devices, {per_process} rows per process"
+        + (f", rebalancing every {rebalance} layers" if rebalance else "")
+    )
+    return dist.shard(net, mesh, rebalance_every=rebalance or None), xg
+
+
+def _gather_result(result, batch):
+    """The global result on every process (rows trimmed to the batch)."""
+    from jax.experimental import multihost_utils
+
+    from jax_spdnn.dnn import DNNResult
+
+    alive = np.asarray(multihost_utils.process_allgather(result.alive, tiled=True))[:batch]
+    return DNNResult(None, alive, np.asarray(result.active_per_layer))
+
+
 def _challenge(args) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -39,7 +78,14 @@ def _challenge(args) -> int:
     from jax_spdnn import challenge as ch
 
     console = Console()
-    dev = jax.devices()[0]
+    if args.distributed:
+        from jax_spdnn import distributed as dist
+
+        dist.initialize(args.coordinator, args.num_processes, args.process_id)
+        if jax.process_index() != 0:  # one report and one truth check, from process 0
+            console = Console(quiet=True)
+            args.no_check = True
+    dev = jax.local_devices()[0]
     n, n_layers = args.neurons, args.layers
     bias = ch.challenge_bias(n) if n in ch.CHALLENGE_BIAS else -0.3
     console.print(
@@ -76,12 +122,17 @@ def _challenge(args) -> int:
             x = ch.digit_inputs(n, batch, seed=args.seed)
     batch = x.shape[0]
     net = sd.SparseDNN(layers, bias, clip=32.0)
-    xd = jnp.asarray(x.toarray(), DTYPES[args.dtype])
+    if args.distributed:
+        run, xd = _distributed_setup(net, x, DTYPES[args.dtype], args.rebalance, console)
+    else:
+        run, xd = net, jnp.asarray(x.toarray(), DTYPES[args.dtype])
     with console.status("compiling"):
-        jax.block_until_ready(net(xd))
+        jax.block_until_ready(run(xd))
     t0 = time.perf_counter()
-    result = jax.block_until_ready(net(xd))
+    result = jax.block_until_ready(run(xd))
     seconds = time.perf_counter() - t0
+    if args.distributed:
+        result = _gather_result(result, batch)
     edges = batch * net.nnz
     console.print(
         f"inference: {seconds:.4f} s, {edges:.3e} edges, [bold]{edges / seconds / 1e12:.3f} TE/s[/]"
@@ -100,6 +151,9 @@ def _challenge(args) -> int:
         status = 0 if check.passed else 1
     active = np.asarray(result.active_per_layer)
     layer_s = None
+    if args.distributed and (args.profile or args.plot):
+        console.print("[yellow]--profile/--plot run on one process only; skipped[/]")
+        args.profile = args.plot = None
     if args.profile or args.plot:
         with console.status("timing the layers one by one"):
             prof_active, layer_s = net.profile_layers(xd)
@@ -165,6 +219,18 @@ def main(argv=None) -> int:
         )
         p.add_argument("--plot", default=None, help="save a plot of active rows and time per layer")
         p.add_argument("--no-check", action="store_true", help="skip the reference check")
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="join a multi-process run (jax.distributed) and split the rows over every "
+            "device of every process",
+        )
+        p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+        p.add_argument("--num-processes", type=int, default=None)
+        p.add_argument("--process-id", type=int, default=None)
+        p.add_argument(
+            "--rebalance", type=int, default=0, help="with --distributed: rebalance every K layers"
+        )
     args = parser.parse_args(argv)
     return _challenge(args)
 

@@ -137,3 +137,33 @@ def test_rebalancing_errors(mesh, net):
         dist.shard(sd.SparseDNN(net.layers, 0.1), mesh, rebalance_every=2)
     with pytest.raises(ValueError, match="SparseDNN networks only"):
         dist.shard(lambda h: h, mesh, rebalance_every=2)
+
+
+@pytest.mark.parametrize("rebalance", [0, 3])
+def test_cli_distributed_two_processes(tmp_path, rebalance):
+    """The documented launcher: two processes of `python -m jax_spdnn --distributed` on one
+    machine (two CPU devices each) report the single-process survivors and pass the check."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "launch_local.sh"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "2",
+        "SPDNN_PORT": str(_free_port()),
+    }
+    args = ["--neurons", "1024", "--layers", "10", "--batch", "603", "--rebalance", str(rebalance)]
+    out = subprocess.run(
+        ["bash", str(script), "2", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    flat = " ".join(out.stdout.split())
+    assert "distributed: 2 processes, 4 devices" in flat
+    single = subprocess.run(
+        [sys.executable, "-m", "jax_spdnn", *args[:-2], "--no-check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    survivors = [line for line in single.stdout.splitlines() if "nonzero final row" in line]
+    assert survivors and survivors[0] in out.stdout
+    assert "PASSED" in flat

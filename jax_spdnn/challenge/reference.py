@@ -171,7 +171,7 @@ def reference_inference_fast(layers, biases, x, *, clip: float = 32.0, tol: floa
         raise ValueError("reference_inference_fast: biases must be <= 0")
     row_sums = np.array([np.abs(W.to_scipy()).sum(axis=0).max() if W.nnz else 0.0 for W in layers])
     slack = tol * (1.0 + np.abs(b).max(axis=1) + clip * row_sums)
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     x = sps.csr_matrix(x) if sps.issparse(x) else np.asarray(x)
     with jax.enable_x64(True), jax.default_device(cpu):
         layers64 = [W.astype(np.float64) for W in layers]
