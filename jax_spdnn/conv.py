@@ -33,7 +33,14 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jax_spdnn import _native
-from jax_spdnn.linear import ACTIVATIONS, _acc_dtype, _expect_operand, _match_vma, _vma
+from jax_spdnn.linear import (
+    ACTIVATIONS,
+    _acc_dtype,
+    _aval_vma,
+    _expect_operand,
+    _match_vma,
+    _vma,
+)
 from jax_spdnn.sparse import SparseMatrix, Structure
 
 __all__ = [
@@ -167,17 +174,11 @@ class SparseConvKernel:
         else:
             keep = np.abs(w) > (0.0 if threshold is None else float(threshold))
         o, c, kh, kw = w.shape
-        flat = keep.reshape(o, -1)
-        counts = flat.sum(axis=1)
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        rows, taps = np.nonzero(flat)  # row-major: sorted by (o, tap)
-        vals = w.reshape(o, -1)[rows, taps]
-        dt = (
-            dtype
-            if dtype is not None
-            else (w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32)
+        rows, taps = np.nonzero(keep.reshape(o, -1))
+        m = SparseMatrix.from_triplets(
+            taps, rows, w.reshape(o, -1)[rows, taps], (c * kh * kw, o), dtype=dtype
         )
-        return cls(indptr, taps, vals.astype(dt), w.shape)
+        return cls.tree_unflatten((m.structure, w.shape), (m.values,))
 
     @classmethod
     def from_hwio(cls, w, **kwargs) -> SparseConvKernel:
@@ -580,14 +581,6 @@ def _transpose(
         (ct_v,) = vjp(ct.astype(x.dtype))
         ct_v = ct_v.astype(aval.dtype)
     return ct_x, ct_v, None
-
-
-def _aval_vma(aval) -> frozenset:
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
-        vma = getattr(mat, "varying", frozenset())
-    return frozenset(vma)
 
 
 ad.primitive_jvps[sparse_conv2d_p] = _jvp

@@ -39,15 +39,19 @@ def _acc_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def _aval_vma(aval) -> frozenset:
+    """The mesh axes an abstract value varies over inside ``shard_map`` (empty outside)."""
+    vma = getattr(aval, "vma", None)  # name differs across jax versions
+    if vma is None:
+        mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
+        vma = getattr(mat, "varying", frozenset())
+    return frozenset(vma)
+
+
 def _vma(*xs) -> frozenset:
     out: frozenset = frozenset()
     for x in xs:
-        aval = jax.typeof(x)
-        vma = getattr(aval, "vma", None)  # name differs across jax versions
-        if vma is None:
-            mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
-            vma = getattr(mat, "varying", frozenset())
-        out |= frozenset(vma)
+        out |= _aval_vma(jax.typeof(x))
     return out
 
 
