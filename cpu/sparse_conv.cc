@@ -17,6 +17,7 @@
 // Python lowering (transposes around this kernel).
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <string>
 #include <vector>
@@ -56,10 +57,11 @@ void sparse_conv_kernel(const T* x, const A* values, const A* bias, const int32_
   const int64_t blocks = (g.batch + kImg - 1) / kImg;
   // Stage the input as [block][channel][row][col][kImg]: one weight then meets kImg
   // images in one contiguous vector, whatever the map's width.
-  std::vector<A> xt(static_cast<size_t>(blocks * image_in * kImg));
+  // Uninitialized: every element is written below (no zero-fill pass over the copy).
+  std::unique_ptr<A[]> xt(new A[static_cast<size_t>(blocks * image_in * kImg)]);
   parallel_for(blocks * g.channels, [&](int64_t item) {
     const int64_t blk = item / g.channels, c = item % g.channels;
-    A* dst = xt.data() + (blk * g.channels + c) * plane_in * kImg;
+    A* dst = xt.get() + (blk * g.channels + c) * plane_in * kImg;
     for (int k = 0; k < kImg; ++k) {
       const int64_t b = blk * kImg + k;
       if (b < g.batch) {
@@ -74,7 +76,7 @@ void sparse_conv_kernel(const T* x, const A* values, const A* bias, const int32_
     const int64_t blk = item / g.out_channels, o = item % g.out_channels;
     thread_local std::vector<A> acc;
     acc.assign(static_cast<size_t>(plane_out * kImg), A(0));
-    const A* xb = xt.data() + blk * image_in * kImg;
+    const A* xb = xt.get() + blk * image_in * kImg;
     for (int32_t j = indptr[o]; j < indptr[o + 1]; ++j) {
       const A v = values[j];
       int64_t oh0, oh1, ow0, ow1;
