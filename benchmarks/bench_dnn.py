@@ -29,7 +29,7 @@ import jax_spdnn as sd  # noqa: E402
 from jax_spdnn import challenge as ch  # noqa: E402
 
 
-def run_problem(n, n_layers, batch, bw, peers, dtype):
+def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)):
     t0 = time.perf_counter()
     layers = ch.radixnet(n, n_layers, seed=0)
     x = ch.digit_inputs(n, batch, seed=0)
@@ -38,30 +38,43 @@ def run_problem(n, n_layers, batch, bw, peers, dtype):
     net = sd.SparseDNN(layers, bias, clip=32.0)
     xd = jnp.asarray(x.toarray(), dtype)
     edges = batch * net.nnz
-    f = jax.jit(lambda net, x: net(x))
-    r = jax.block_until_ready(f(net, xd))
-    t = time_fn(f, net, xd, trials=3, min_time=0.0)
-    active = np.asarray(r.active_per_layer).astype(np.int64)
-    rows_in = np.concatenate([[np.count_nonzero(np.diff(x.indptr))], active[:-1]])
-    itemsize = jnp.dtype(dtype).itemsize
-    floor_bytes = float(np.sum((rows_in + active) * n * itemsize))
-    floor_s = floor_bytes / bw if bw else float("nan")
     ref = ch.reference_inference_fast(layers, bias, x, clip=32.0)
-    check = ch.check_categories(r.categories(), ref.categories, ref.ambiguous)
-    rows = [
-        {
-            "problem": f"{n}-{n_layers}",
-            "method": f"jax_spdnn SparseDNN ({jnp.dtype(dtype).name})",
-            "s": t,
-            "TE/s": edges / t / 1e12,
-            "floor_s": floor_s,
-            "pct_floor": 100 * floor_s / t,
-            "survivors": int(r.categories().size),
-            "check": check.summary(),
-            "gen_s": gen_s,
-        }
-    ]
-    print(rows[-1], flush=True)
+    itemsize = jnp.dtype(dtype).itemsize
+    rows = []
+    floor_s = float("nan")
+    for kernel, segments in variants:
+        os.environ["SPDNN_DNN_KERNEL"] = kernel
+        if segments:
+            os.environ["SPDNN_DNN_SEGMENTS"] = segments
+        else:
+            os.environ.pop("SPDNN_DNN_SEGMENTS", None)
+        f = jax.jit(lambda net, x: net(x))  # a fresh jit: the options are read at trace time
+        r = jax.block_until_ready(f(net, xd))
+        t = time_fn(f, net, xd, trials=3, min_time=0.0)
+        active = np.asarray(r.active_per_layer).astype(np.int64)
+        rows_in = np.concatenate([[np.count_nonzero(np.diff(x.indptr))], active[:-1]])
+        floor_bytes = float(np.sum((rows_in + active) * n * itemsize))
+        floor_s = floor_bytes / bw if bw else float("nan")
+        check = ch.check_categories(r.categories(), ref.categories, ref.ambiguous)
+        label = jnp.dtype(dtype).name
+        if len(variants) > 1 or kernel != "auto":
+            label += f", {kernel} kernel" + (f", segments {segments}" if segments else "")
+        rows.append(
+            {
+                "problem": f"{n}-{n_layers}",
+                "method": f"jax_spdnn SparseDNN ({label})",
+                "s": t,
+                "TE/s": edges / t / 1e12,
+                "floor_s": floor_s,
+                "pct_floor": 100 * floor_s / t,
+                "survivors": int(r.categories().size),
+                "check": check.summary(),
+                "gen_s": gen_s,
+            }
+        )
+        print(rows[-1], flush=True)
+    os.environ.pop("SPDNN_DNN_KERNEL", None)
+    os.environ.pop("SPDNN_DNN_SEGMENTS", None)
     if peers:
         from jax.experimental import sparse as jsparse
 
@@ -121,8 +134,21 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["float32"])
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--peers", action="store_true", help="run the peers on a CPU too")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto"],
+        help="CUDA kernels of SparseDNN to time: auto, resident, layer",
+    )
+    p.add_argument(
+        "--segments",
+        nargs="+",
+        default=[None],
+        help="resident-kernel schedules 'singles,max' to time (default: the built-in one)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    variants = [(k, s) for k in args.kernels for s in (args.segments if k != "layer" else [None])]
     env = environment()
     on_gpu = env["platform"] not in ("cpu",)
     bw = copy_bandwidth() if on_gpu else None
@@ -131,7 +157,7 @@ def main(argv=None):
         n, n_layers = (int(v) for v in prob.split("-"))
         for i, dt in enumerate(args.dtypes):
             peers = (on_gpu or args.peers) and not args.no_peers and i == 0
-            rows += run_problem(n, n_layers, args.batch, bw, peers, jnp.dtype(dt))
+            rows += run_problem(n, n_layers, args.batch, bw, peers, jnp.dtype(dt), variants)
     e = env
     print(
         f"\n{e['device']}, jax {e['jax']}, jaxlib {e['jaxlib']}, {e['date']}"

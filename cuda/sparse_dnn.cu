@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 
 #include "cuda/common.cuh"
@@ -47,7 +48,7 @@ __global__ void list_nonzero_rows(const T* __restrict__ x, int64_t rows, int n, 
   }
 }
 
-// y[ids[k]] = buf[src[k]] for the *count surviving rows.
+// y[ids[k]] = buf[src[k]] (buf[k] without src) for the *count surviving rows.
 template <typename T>
 __global__ void scatter_rows(const T* __restrict__ buf, const int32_t* __restrict__ src,
                              const int32_t* __restrict__ ids, const int32_t* __restrict__ count,
@@ -57,7 +58,8 @@ __global__ void scatter_rows(const T* __restrict__ buf, const int32_t* __restric
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += stride) {
     const int64_t k = e / n, j = e - k * n;
-    y[static_cast<int64_t>(ids[k]) * n + j] = buf[static_cast<int64_t>(src[k]) * n + j];
+    const int64_t from = src ? static_cast<int64_t>(src[k]) : k;
+    y[static_cast<int64_t>(ids[k]) * n + j] = buf[from * n + j];
   }
 }
 
@@ -201,6 +203,357 @@ ffi::Error sparse_dnn_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The resident kernel: several layers per launch, features kept in shared memory.
+//
+// Rows are independent through the whole network, so a block that owns a tile of R rows
+// can run any number of consecutive layers on them without meeting other blocks: the
+// tile's features stay in shared memory, only the weights (read by every block, so
+// served from L2) stream in.  One row per lane: a warp splits into G = 32 / R lane
+// groups that work on one output neuron together, group g taking the nonzeros whose
+// input i has i % G == g (jax_spdnn.sparse.pack_bank_split).  Input i of row r lives at
+// word i * R + (s ^ r) with s = (i / G) % R, so at every step the 32 lanes read 32
+// distinct banks; one 16-byte load gives a group two (offset, weight) steps.  The G
+// partial sums meet through XOR shuffles (the same sum on every lane of the row);
+// group g keeps outputs j with j % G == g in registers until the whole block is done
+// with the layer's inputs, then overwrites them in place (bias, ReLU, clamp, rounded to
+// the storage type).  Rows are summed in a fixed order: deterministic, no atomics on
+// values.  Liveness per row is counted per layer (one atomic per tile and layer);
+// when every row of a tile died the block skips the rest of the segment.  At the end of
+// a segment the surviving rows are written packed to global memory with their ids.
+// A persistent grid strides over the tiles of the row count left on the device.
+constexpr int kResThreads = 1024;
+constexpr int kResWarps = kResThreads / 32;
+constexpr int kResMaxOuts = 16;  // outputs a lane keeps in registers: n <= 512 * G
+
+template <typename T>
+struct ResidentArgs {
+  const T* x;              // segment input rows
+  const int32_t* src;      // input row of each listed row, or nullptr for identity
+  const int32_t* ids_in;   // original id of each listed row
+  const int32_t* count;    // listed rows (device)
+  T* y;                    // segment output rows, packed
+  int32_t* ids_out;        // original id of each output row
+  int32_t* count_out;      // surviving rows (zero on entry); nullptr without drop
+  int32_t* active;         // [L] rows alive after each layer (zero on entry)
+  const int4* entries;     // {offset, weight bits} pairs, all layers
+  const int32_t* col_ptr;  // [L, n + 1] first step of each output (absolute)
+  const float* bias;       // [L, n]
+  int n, l0, l1;
+  float clip;
+  bool drop;
+};
+
+template <int G>
+__device__ __forceinline__ int bank_word(int c) {
+  constexpr int R = 32 / G;
+  return c * R + (c / G) % R;
+}
+
+template <typename T> __device__ __forceinline__ float round_to(float v) { return v; }
+template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+template <> __device__ __forceinline__ float round_to<__half>(float v) {
+  return __half2float(__float2half_rn(v));
+}
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kResThreads, 1) resident_layers(const ResidentArgs<T> a) {
+  constexpr int R = 32 / G;
+  extern __shared__ float feat[];  // (n + G) * R words: n inputs, then G zero inputs
+  __shared__ int row_live[2][R];
+  __shared__ int all_dead;
+  __shared__ int64_t slot[R];
+  const int n = a.n;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / R, r = lane % R;
+  const int C = (n + kResWarps * G - 1) / (kResWarps * G) * G;  // outputs per warp
+  const int j0 = warp * C;
+  const int64_t rows = *a.count;
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * R; row0 < rows;
+       row0 += static_cast<int64_t>(gridDim.x) * R) {
+    const int valid = static_cast<int>(min(static_cast<int64_t>(R), rows - row0));
+    for (int rr = 0; rr < R; ++rr) {  // stage: coalesced loads, conflict-free stores
+      const T* xr = nullptr;
+      if (rr < valid) {
+        const int64_t k = row0 + rr;
+        xr = a.x + (a.src ? static_cast<int64_t>(__ldg(a.src + k)) : k) * n;
+      }
+      for (int c = threadIdx.x; c < n + G; c += kResThreads) {
+        feat[bank_word<G>(c) ^ rr] = xr && c < n ? load_acc<float>(xr + c) : 0.f;
+      }
+    }
+    if (threadIdx.x < 2 * R) (&row_live[0][0])[threadIdx.x] = 0;
+    if (threadIdx.x == 0) all_dead = 0;
+    __syncthreads();
+
+    int l = a.l0;
+    for (; l < a.l1; ++l) {
+      const int32_t* cp = a.col_ptr + static_cast<int64_t>(l) * (n + 1);
+      float keep[kResMaxOuts];
+#pragma unroll
+      for (int o = 0; o < kResMaxOuts; ++o) {
+        keep[o] = 0.f;
+        if (o * G >= C) continue;
+#pragma unroll
+        for (int k = 0; k < G; ++k) {
+          const int j = j0 + o * G + k;
+          float acc = 0.f;
+          if (j < n) {
+            const int s0 = __ldg(cp + j), pairs = (__ldg(cp + j + 1) - s0) / 2;
+            const int4* e = a.entries + static_cast<int64_t>(s0 / 2) * G + g;
+            float acc1 = 0.f;
+#pragma unroll 4
+            for (int q = 0; q < pairs; ++q) {
+              const int4 v = __ldg(e + static_cast<int64_t>(q) * G);
+              acc = fmaf(__int_as_float(v.y), feat[v.x ^ r], acc);
+              acc1 = fmaf(__int_as_float(v.w), feat[v.z ^ r], acc1);
+            }
+            acc += acc1;
+          }
+#pragma unroll
+          for (int m = R; m < 32; m *= 2) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+          if (g == k) keep[o] = acc;
+        }
+      }
+      __syncthreads();  // every warp is done reading this layer's inputs
+      const float* bl = a.bias + static_cast<int64_t>(l) * n;
+      bool nz = false;
+#pragma unroll
+      for (int o = 0; o < kResMaxOuts; ++o) {
+        const int j = j0 + o * G + g;
+        if (o * G < C && j < n) {
+          float out = keep[o] + __ldg(bl + j);
+          if (out < 0.f) out = 0.f;  // comparisons keep NaN, like jnp.maximum
+          if (out > a.clip) out = a.clip;
+          out = round_to<T>(out);  // liveness and next inputs as stored
+          feat[bank_word<G>(j) ^ r] = out;
+          nz |= out != 0.f;
+        }
+      }
+      if (nz && r < valid) row_live[l & 1][r] = 1;
+      __syncthreads();
+      if (warp == 0) {
+        const unsigned live = __ballot_sync(0xffffffffu, lane < R && row_live[l & 1][lane % R]);
+        if (lane == 0) {
+          if (live) atomicAdd(a.active + l, __popc(live));
+          all_dead = a.drop && !live;
+        }
+        if (lane < R) row_live[(l + 1) & 1][lane] = 0;
+      }
+      __syncthreads();
+      if (all_dead) break;  // the rest of the segment is zeros for this tile
+    }
+
+    if (!all_dead) {
+      if (threadIdx.x < R) {
+        const int rr = threadIdx.x;
+        int64_t s = -1;
+        if (rr < valid) {
+          if (!a.drop) {
+            s = row0 + rr;
+          } else if (row_live[(a.l1 - 1) & 1][rr]) {
+            s = atomicAdd(a.count_out, 1);
+          }
+        }
+        slot[rr] = s;
+        if (s >= 0) a.ids_out[s] = a.ids_in[row0 + rr];
+      }
+      __syncthreads();
+      for (int rr = 0; rr < R; ++rr) {
+        const int64_t s = slot[rr];
+        if (s < 0) continue;
+        T* yr = a.y + s * n;
+        for (int c = threadIdx.x; c < n; c += kResThreads) store_from(yr + c, feat[bank_word<G>(c) ^ rr]);
+      }
+    }
+    __syncthreads();  // feat and slot are reused by the next tile
+  }
+}
+
+template <typename T, int G>
+ffi::Error launch_resident(cudaStream_t stream, const ResidentArgs<T>& a, int64_t max_rows) {
+  constexpr int R = 32 / G;
+  const size_t smem = static_cast<size_t>(a.n + G) * R * sizeof(float);
+  auto kernel = resident_layers<T, G>;
+  // Per device (the attribute is per context): the largest dynamic shared memory
+  // allowed so far, and the occupancy at the last size asked for.
+  struct State { size_t smem_set = 48 * 1024; size_t occ_smem = 0; int per_sm = 0; };
+  static std::mutex mu;
+  static State states[64];
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (device < 0 || device >= 64) return ffi::Error::Internal("sparse_dnn: device id out of range");
+  int per_sm = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    State& st = states[device];
+    if (smem > st.smem_set) {
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem));
+      if (err != cudaSuccess) {
+        return ffi::Error::Internal(std::string("sparse_dnn: cudaFuncSetAttribute: ") +
+                                    cudaGetErrorString(err));
+      }
+      st.smem_set = smem;
+    }
+    if (st.occ_smem != smem) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&st.per_sm, kernel, kResThreads, smem);
+      st.occ_smem = smem;
+    }
+    per_sm = st.per_sm;
+  }
+  if (per_sm < 1) return ffi::Error::Internal("sparse_dnn: resident kernel does not fit an SM");
+  const int64_t tiles = (max_rows + R - 1) / R;
+  const int64_t grid = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * per_sm);
+  if (grid == 0) return ffi::Error::Success();
+  kernel<<<static_cast<unsigned>(grid), kResThreads, smem, stream>>>(a);
+  return last_launch_error("sparse_dnn: resident layers");
+}
+
+template <typename T>
+ffi::Error launch_resident_g(cudaStream_t stream, int groups, const ResidentArgs<T>& a,
+                             int64_t max_rows) {
+  switch (groups) {
+    case 1: return launch_resident<T, 1>(stream, a, max_rows);
+    case 2: return launch_resident<T, 2>(stream, a, max_rows);
+    case 4: return launch_resident<T, 4>(stream, a, max_rows);
+    case 8: return launch_resident<T, 8>(stream, a, max_rows);
+    default: return ffi::Error::InvalidArgument("sparse_dnn: groups must be 1, 2, 4 or 8");
+  }
+}
+
+template <typename T>
+ffi::Error run_resident(cudaStream_t stream, const T* xp, const int4* entries, const float* bias,
+                        const int32_t* col_ptr, T* yp, int32_t* active, T* feat, int32_t* iwork,
+                        int64_t rows, int n, int64_t n_layers, double clip, bool drop, int groups,
+                        ffi::Span<const int64_t> ends) {
+  // Integer workspace: two id lists, the first row list, the first count, one
+  // survivor count per segment.
+  int32_t* ids[2] = {iwork, iwork + rows};
+  int32_t* src0 = iwork + 2 * rows;
+  int32_t* count0 = iwork + 3 * rows;
+  int32_t* seg_count = count0 + 1;
+  cudaMemsetAsync(count0, 0, sizeof(int32_t) * (n_layers + 2), stream);
+  cudaMemsetAsync(active, 0, sizeof(int32_t) * n_layers, stream);
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
+  list_nonzero_rows<T, float><<<grid, 256, 0, stream>>>(xp, rows, n, drop, src0, ids[0], count0);
+  if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
+
+  ResidentArgs<T> a{};
+  a.x = xp;
+  a.src = src0;
+  a.count = count0;
+  a.active = active;
+  a.entries = entries;
+  a.col_ptr = col_ptr;
+  a.bias = bias;
+  a.n = n;
+  a.clip = static_cast<float>(clip);
+  a.drop = drop;
+  int cur = 0;
+  int64_t l0 = 0;
+  for (size_t k = 0; k < ends.size(); ++k) {
+    a.ids_in = ids[cur];
+    a.ids_out = ids[1 - cur];
+    a.y = feat + (k % 2) * rows * n;
+    a.count_out = drop ? seg_count + k : nullptr;
+    a.l0 = static_cast<int>(l0);
+    a.l1 = static_cast<int>(ends[k]);
+    if (auto err = launch_resident_g<T>(stream, groups, a, rows); err.failure()) return err;
+    a.x = a.y;
+    a.src = nullptr;
+    if (drop) a.count = seg_count + k;
+    cur = 1 - cur;
+    l0 = ends[k];
+  }
+  cudaMemsetAsync(yp, 0, sizeof(T) * rows * n, stream);
+  scatter_rows<T><<<grid, 256, 0, stream>>>(a.x, nullptr, ids[cur], a.count, n, yp);
+  return last_launch_error("sparse_dnn: scatter");
+}
+
+ffi::Error sparse_dnn_resident_impl(cudaStream_t stream, ffi::AnyBuffer x,
+                                    ffi::Buffer<ffi::S32> entries, ffi::Buffer<ffi::F32> bias,
+                                    ffi::Buffer<ffi::S32> col_ptr, ffi::Result<ffi::AnyBuffer> y,
+                                    ffi::Result<ffi::Buffer<ffi::S32>> active,
+                                    ffi::Result<ffi::AnyBuffer> work,
+                                    ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip,
+                                    bool drop_dead, int64_t groups,
+                                    ffi::Span<const int64_t> ends) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("sparse_dnn: x must be [batch, n]");
+  const int64_t rows = xd[0], n = xd[1];
+  const int64_t n_layers = static_cast<int64_t>(active->element_count());
+  if (n > 0x7fffffff || rows >= 0x7fffffff) {
+    return ffi::Error::InvalidArgument("sparse_dnn: batch and n must be below 2^31");
+  }
+  if (groups != 1 && groups != 2 && groups != 4 && groups != 8) {
+    return ffi::Error::InvalidArgument("sparse_dnn: groups must be 1, 2, 4 or 8");
+  }
+  if (n > 512 * groups) {
+    return ffi::Error::InvalidArgument("sparse_dnn: n too large for the resident kernel's groups");
+  }
+  bool ends_ok = ends.size() > 0 && ends[ends.size() - 1] == n_layers;
+  for (size_t k = 0; k < ends.size(); ++k) {
+    ends_ok = ends_ok && ends[k] > (k ? ends[k - 1] : 0);
+  }
+  if (n_layers > 0 && !ends_ok) {
+    return ffi::Error::InvalidArgument("sparse_dnn: segment ends must increase to L");
+  }
+  if (static_cast<int64_t>(bias.element_count()) != n_layers * n ||
+      static_cast<int64_t>(col_ptr.element_count()) != n_layers * (n + 1) ||
+      entries.element_count() % 4 != 0 ||
+      static_cast<int64_t>(work->element_count()) != 2 * rows * n ||
+      static_cast<int64_t>(iwork->element_count()) != 3 * rows + n_layers + 2) {
+    return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
+  }
+  if (x.element_type() != y->element_type() || x.element_type() != work->element_type()) {
+    return ffi::Error::InvalidArgument("sparse_dnn: x, y and the workspace must share a dtype");
+  }
+  if (rows == 0 || n_layers == 0) {
+    cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
+    if (rows > 0) {
+      cudaMemcpyAsync(y->untyped_data(), x.untyped_data(), x.size_bytes(),
+                      cudaMemcpyDeviceToDevice, stream);
+    }
+    return last_launch_error("sparse_dnn");
+  }
+  const auto* ep = reinterpret_cast<const int4*>(entries.typed_data());
+  const int ni = static_cast<int>(n);
+  const int g = static_cast<int>(groups);
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      return run_resident<float>(stream, reinterpret_cast<const float*>(x.untyped_data()), ep,
+                                 bias.typed_data(), col_ptr.typed_data(),
+                                 reinterpret_cast<float*>(y->untyped_data()), active->typed_data(),
+                                 reinterpret_cast<float*>(work->untyped_data()),
+                                 iwork->typed_data(), rows, ni, n_layers, clip, drop_dead, g, ends);
+    case ffi::DataType::BF16:
+      return run_resident<__nv_bfloat16>(
+          stream, reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()), ep, bias.typed_data(),
+          col_ptr.typed_data(), reinterpret_cast<__nv_bfloat16*>(y->untyped_data()),
+          active->typed_data(), reinterpret_cast<__nv_bfloat16*>(work->untyped_data()),
+          iwork->typed_data(), rows, ni, n_layers, clip, drop_dead, g, ends);
+    case ffi::DataType::F16:
+      return run_resident<__half>(stream, reinterpret_cast<const __half*>(x.untyped_data()), ep,
+                                  bias.typed_data(), col_ptr.typed_data(),
+                                  reinterpret_cast<__half*>(y->untyped_data()),
+                                  active->typed_data(),
+                                  reinterpret_cast<__half*>(work->untyped_data()),
+                                  iwork->typed_data(), rows, ni, n_layers, clip, drop_dead, g,
+                                  ends);
+    default:
+      return ffi::Error::InvalidArgument(
+          "sparse_dnn: the resident kernel takes float32, bfloat16 or float16 features");
+  }
+}
+
 }  // namespace
 }  // namespace spdnn::cuda
 
@@ -220,3 +573,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnCuda, spdnn::cuda::sparse_dnn_impl,
                                   .Attr<bool>("drop_dead")
                                   .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [L]
                                   .Attr<ffi::Span<const int64_t>>("ell_offsets"));  // [L + 1]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnResidentCuda, spdnn::cuda::sparse_dnn_resident_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [batch, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // entries {offset, weight bits}
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [L, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // col_ptr [L, n + 1]
+                                  .Ret<ffi::AnyBuffer>()         // y [batch, n]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
+                                  .Ret<ffi::AnyBuffer>()         // workspace [2, batch, n]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // workspace [3 batch + L + 2]
+                                  .Attr<double>("clip")
+                                  .Attr<bool>("drop_dead")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<ffi::Span<const int64_t>>("segment_ends"));

@@ -21,7 +21,14 @@ from jax_spdnn.conv import (
 )
 from jax_spdnn.dnn import DNNResult, SparseDNN
 from jax_spdnn.linear import sparse_linear, sparse_linear_p
-from jax_spdnn.sparse import EllPack, SparseMatrix, Structure, pack_sliced_ell
+from jax_spdnn.sparse import (
+    BankSplitPack,
+    EllPack,
+    SparseMatrix,
+    Structure,
+    pack_bank_split,
+    pack_sliced_ell,
+)
 
 __version__ = "0.1.0"
 
@@ -30,7 +37,9 @@ __all__ = [
     "SparseDNN",
     "challenge",
     "distributed",
+    "BankSplitPack",
     "EllPack",
+    "pack_bank_split",
     "pack_sliced_ell",
     "SparseConvKernel",
     "SparseMatrix",

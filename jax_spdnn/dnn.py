@@ -15,6 +15,7 @@ All paths give the same results.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +33,51 @@ __all__ = ["DNNResult", "SparseDNN"]
 
 _CPU_TARGET = "spdnn_sparse_dnn_csr"
 _CUDA_TARGET = "spdnn_sparse_dnn_ell"
+_CUDA_RESIDENT_TARGET = "spdnn_sparse_dnn_resident"
+
+# Segment schedule of the resident CUDA kernel: the first SINGLE_LAYERS layers one per
+# launch (rows die fast there and every launch compacts them), then segments of 2, 4, 8,
+# ... layers, at most MAX_SEGMENT per launch.  SPDNN_DNN_SEGMENTS="singles,max" overrides
+# both (tuning); SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA kernel (default auto:
+# resident where it applies).
+SINGLE_LAYERS = 8
+MAX_SEGMENT = 32
+
+
+def segment_ends(n_layers: int, singles: int = SINGLE_LAYERS, max_segment: int = MAX_SEGMENT):
+    """Last layer (exclusive) of each launch of the resident kernel, as a tuple."""
+    if singles < 0 or max_segment < 1:
+        raise ValueError("segment_ends: singles must be >= 0 and max_segment >= 1")
+    ends, end, size = [], 0, 1
+    while end < n_layers:
+        if end >= singles:
+            size = min(2 * size, max_segment)
+        end = min(n_layers, end + (1 if end < singles else size))
+        ends.append(end)
+    return tuple(ends)
+
+
+def _cuda_options() -> tuple[str, tuple[int, int]]:
+    kernel = os.environ.get("SPDNN_DNN_KERNEL", "auto")
+    if kernel not in ("auto", "resident", "layer"):
+        raise ValueError(f"SPDNN_DNN_KERNEL must be auto, resident or layer, got {kernel!r}")
+    seg = os.environ.get("SPDNN_DNN_SEGMENTS")
+    if seg:
+        try:
+            singles, max_segment = (int(v) for v in seg.split(","))
+        except ValueError:
+            raise ValueError(f"SPDNN_DNN_SEGMENTS must be 'singles,max', got {seg!r}") from None
+    else:
+        singles, max_segment = SINGLE_LAYERS, MAX_SEGMENT
+    return kernel, (singles, max_segment)
+
+
+def resident_groups(n: int) -> int | None:
+    """Lane groups per warp of the resident kernel for width ``n`` (None: n too wide)."""
+    for g in (1, 2, 4, 8):
+        if n <= 512 * g:
+            return g
+    return None
 
 
 @jax.tree_util.register_dataclass
@@ -148,7 +194,8 @@ class SparseDNN:
             )
         if drop_dead_rows is None:
             drop_dead_rows = self.can_drop_dead_rows()
-        return _forward(self, x, drop_dead=bool(drop_dead_rows))
+        kernel, segments = _cuda_options()
+        return _forward(self, x, drop_dead=bool(drop_dead_rows), kernel=kernel, segments=segments)
 
     def profile_layers(self, x, *, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """Per-layer active rows and seconds, for profiling (host-synchronized).
@@ -253,12 +300,61 @@ def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
     return y, active
 
 
-@partial(jax.jit, static_argnames=("drop_dead",))
-def _forward(net: SparseDNN, x, *, drop_dead: bool) -> DNNResult:
+def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
+    """The resident kernel's lane groups when it runs this network, else None."""
+    if kernel == "layer" or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
+        return None
+    if np.dtype(x.dtype) == np.float64:
+        return None
+    groups = resident_groups(net.n)
+    if groups is None:
+        return None
+    steps = sum(int(W.structure.bank_split(groups).col_ptr[-1]) for W in net.layers)
+    return groups if steps < 2**31 else None
+
+
+def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segments):
+    packs = [W.structure.bank_split(groups) for W in net.layers]
+    first = np.cumsum([0] + [int(p.col_ptr[-1]) for p in packs[:-1]])
+    col_ptr = np.concatenate([p.col_ptr + s for p, s in zip(packs, first)]).astype(np.int32)
+    offsets = np.concatenate([p.offsets for p in packs])
+    values = jnp.concatenate(
+        [p.pack_values(jnp.asarray(W.values).astype(jnp.float32)) for p, W in zip(packs, net.layers)]
+    )
+    # {offset, weight bits} pairs: one 16-byte load gives a lane group two steps.
+    entries = jnp.stack(
+        [jnp.asarray(offsets), lax.bitcast_convert_type(values, jnp.int32)], axis=1
+    ).reshape(-1)
+    batch, n = x.shape
+    out = (
+        _like(x, x.shape, x.dtype),
+        _like(x, (net.n_layers,), jnp.int32),
+        _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
+        _like(x, (3 * batch + net.n_layers + 2,), jnp.int32),  # id lists, counts
+    )
+    clip = np.float64(np.inf if net.clip is None else net.clip)
+    y, active, _, _ = jax.ffi.ffi_call(_CUDA_RESIDENT_TARGET, out)(
+        x,
+        *_operands(x, entries, net.biases.astype(jnp.float32), col_ptr),
+        clip=clip,
+        drop_dead=drop_dead,
+        groups=np.int64(groups),
+        segment_ends=np.asarray(segment_ends(net.n_layers, *segments), np.int64),
+    )
+    return y, active
+
+
+@partial(jax.jit, static_argnames=("drop_dead", "kernel", "segments"))
+def _forward(
+    net: SparseDNN, x, *, drop_dead: bool, kernel: str = "auto", segments=(SINGLE_LAYERS, MAX_SEGMENT)
+) -> DNNResult:
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):
         branches["cpu"] = lambda x: _fused_cpu(net, x, drop_dead)
-    if _native.has_target(_CUDA_TARGET, "cuda"):
+    groups = _resident_applies(net, x, kernel)
+    if groups is not None:
+        branches["cuda"] = lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
+    elif _native.has_target(_CUDA_TARGET, "cuda"):
         branches["cuda"] = lambda x: _fused_cuda(net, x, drop_dead)
     y, active = lax.platform_dependent(x, **branches, default=lambda x: _chain(net, x))
     return DNNResult(y, jnp.any(y != 0, axis=1), active)

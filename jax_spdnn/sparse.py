@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sps
 
-__all__ = ["EllPack", "SparseMatrix", "Structure", "pack_sliced_ell"]
+__all__ = ["BankSplitPack", "EllPack", "SparseMatrix", "Structure", "pack_bank_split", "pack_sliced_ell"]
 
 ELL_SLICE = 32  # outputs per slice: one warp on the GPU
 ELL_PAD_INDEX = np.iinfo(np.int32).max  # sorts after every real input index
@@ -94,6 +94,13 @@ class Structure:
     def sliced_ell(self) -> EllPack:
         """The GPU's packed layout of this structure (see :func:`pack_sliced_ell`)."""
         return pack_sliced_ell(self)
+
+    def bank_split(self, groups: int) -> BankSplitPack:
+        """The whole-network GPU kernel's layout (see :func:`pack_bank_split`), cached."""
+        cache = self.__dict__.setdefault("_bank_split", {})
+        if groups not in cache:
+            cache[groups] = pack_bank_split(self, groups)
+        return cache[groups]
 
     def block_diag(self, copies: int) -> Structure:
         """The structure of ``copies`` copies of this matrix on a block diagonal."""
@@ -170,6 +177,104 @@ def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
     for a in (slice_ptr, indices, source):
         a.flags.writeable = False
     return EllPack(slice_ptr, indices, source, slice_, nnz)
+
+
+class BankSplitPack:
+    """Bank-split packing of a :class:`Structure` (the resident whole-network GPU kernel).
+
+    That kernel keeps ``rows = 32 // groups`` feature rows of a tile in shared memory,
+    one row per lane, and splits each warp into ``groups`` lane groups that work on one
+    output neuron together: group ``g`` takes the nonzeros whose input neuron ``i`` has
+    ``i % groups == g``.  Input ``i`` of row ``r`` is stored at word ``i * rows + (s ^ r)``
+    with ``s = (i // groups) % rows``, so the groups read disjoint banks (no conflicts),
+    and a warp staging consecutive inputs of one row also touches 32 distinct banks.
+
+    Output ``j`` takes ``steps[j] = col_ptr[j + 1] - col_ptr[j]`` steps (its largest
+    class, rounded up to even); step ``s`` of group ``g`` is entry
+    ``col_ptr[j] * groups + (s // 2) * 2 * groups + 2 * g + s % 2``, so one 16-byte load
+    gives a group two steps.  Padding entries point at one of ``groups`` zero inputs
+    appended after the ``n_in`` real ones (never at a real input: a zero weight times an
+    infinite feature would make a NaN).
+
+    Attributes:
+      col_ptr: ``[n_out + 1] int64``, first step of each output.
+      offsets: ``[total] int32``, ``i * rows + s`` for each entry (the kernel XORs the lane's row in).
+      source: ``[total] int32``, position of each entry's value in the CSR ``values``,
+        or ``nnz`` for padding (index of an appended zero).
+      groups, rows, n_in, nnz.
+      padding: ``total / nnz``.
+    """
+
+    __slots__ = ("col_ptr", "offsets", "source", "groups", "n_in", "nnz")
+
+    def __init__(self, col_ptr, offsets, source, groups, n_in, nnz):
+        self.col_ptr, self.offsets, self.source = col_ptr, offsets, source
+        self.groups, self.n_in, self.nnz = groups, n_in, nnz
+
+    @property
+    def rows(self) -> int:
+        return 32 // self.groups
+
+    @property
+    def total(self) -> int:
+        return int(self.offsets.shape[0])
+
+    @property
+    def padding(self) -> float:
+        return self.total / self.nnz if self.nnz else 1.0
+
+    def pack_values(self, values):
+        """``[nnz]`` CSR values -> ``[total]`` packed values (zeros in padding)."""
+        padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
+        return jnp.take(padded, jnp.asarray(self.source), unique_indices=False)
+
+    def input_of(self, offsets: np.ndarray) -> np.ndarray:
+        """Input neuron of packed ``offsets`` (``>= n_in`` for padding)."""
+        return np.asarray(offsets) // self.rows
+
+
+def bank_offset(i, groups: int):
+    """Shared-memory word of input ``i`` (row 0) in the bank-split layout."""
+    rows = 32 // groups
+    i = np.asarray(i, np.int64)
+    return i * rows + (i // groups) % rows
+
+
+def pack_bank_split(structure: Structure, groups: int) -> BankSplitPack:
+    """Packs a CSR-of-``W^T`` structure for the resident whole-network GPU kernel.
+
+    ``groups`` (1, 2, 4, 8, 16 or 32) lane groups per warp; see :class:`BankSplitPack`.
+    Host-side and vectorized; done once per structure (cached by :meth:`Structure.bank_split`).
+    """
+    if groups not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"pack_bank_split: groups must be a power of two <= 32, got {groups}")
+    n_in, n_out, nnz = structure.n_in, structure.n_out, structure.nnz
+    G = groups
+    cols = structure.row_ids.astype(np.int64)
+    idx = structure.indices.astype(np.int64)
+    key = cols * G + idx % G
+    counts = np.bincount(key, minlength=n_out * G) if n_out else np.zeros(0, np.int64)
+    order = np.argsort(key, kind="stable")
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    rank = np.empty(nnz, np.int64)
+    rank[order] = np.arange(nnz, dtype=np.int64) - first[key[order]]
+    steps = counts.reshape(n_out, G).max(axis=1) if n_out else np.zeros(0, np.int64)
+    steps = steps + steps % 2
+    col_ptr = np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
+    total = int(col_ptr[-1]) * G
+    if total >= 2**31:
+        raise ValueError(f"pack_bank_split: {total} entries, more than 2^31 - 1")
+    # Padding: entry e belongs to group (e % 2G) // 2; its zero input n_in + ((g - n_in) % G).
+    g_of = (np.arange(2 * G) // 2)
+    pad_off = bank_offset(n_in + (g_of - n_in) % G, G).astype(np.int32)
+    offsets = np.tile(pad_off, total // (2 * G)) if total else np.zeros(0, np.int32)
+    dest = col_ptr[cols] * G + (rank // 2) * 2 * G + (idx % G) * 2 + rank % 2
+    offsets[dest] = bank_offset(idx, G)
+    source = np.full(total, nnz, np.int32)
+    source[dest] = np.arange(nnz, dtype=np.int32)
+    for a in (col_ptr, offsets, source):
+        a.flags.writeable = False
+    return BankSplitPack(col_ptr, offsets, source, G, n_in, nnz)
 
 
 def _check_structure(indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, int]) -> None:

@@ -33,15 +33,85 @@ def test_matches_reference(device, net_and_ref, drop):
     assert abs(int(act[-1]) - ref.categories.size) <= ref.ambiguous.size
 
 
-def test_matches_sparse_linear_chain_exactly(device):
-    """Same kernels, same summation order: the fused network equals the layer chain."""
+@pytest.mark.parametrize("kernel", ["layer", "auto"])
+def test_matches_sparse_linear_chain(device, kernel, monkeypatch):
+    """The fused network equals the chain of sparse_linear layers: bit for bit where both
+    run the same layer kernel (CPU; CUDA 'layer'), to rounding with the resident kernel
+    (same products, another summation order)."""
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
     layers = radixnet(256, 12, seed=5)
     x = random_inputs(256, 203, seed=1)  # not a multiple of the row tile
     net = sd.SparseDNN(layers, -0.35)
     y = x
     for W in layers:
         y = sd.sparse_linear(y, W, -0.35, clip=32.0)
-    np.testing.assert_array_equal(np.asarray(net(x).features), np.asarray(y))
+    got = np.asarray(net(x).features)
+    if device.platform == "cpu" or kernel == "layer":
+        np.testing.assert_array_equal(got, np.asarray(y))
+    else:
+        np.testing.assert_allclose(got, np.asarray(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [64, 1024, 2048, 4096])
+@pytest.mark.parametrize("kernel", ["resident", "layer"])
+def test_widths_and_kernels(device, n, kernel, monkeypatch):
+    """Every width class of the resident kernel (1, 2, 4, 8 lane groups) and the layer
+    kernel match the float64 reference; a batch that is not a multiple of any tile."""
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
+    layers = radixnet(n, 5, seed=n)
+    x = random_inputs(n, 77, seed=2)
+    ref = reference_inference(layers, -0.3, x)
+    for drop in (True, False):
+        r = sd.SparseDNN(layers, -0.3)(x, drop_dead_rows=drop)
+        check = check_categories(r.categories(), ref.categories, ref.ambiguous)
+        assert check.passed, check.summary()
+        ok = np.setdiff1d(np.arange(x.shape[0]), ref.ambiguous)
+        np.testing.assert_allclose(
+            np.asarray(r.features)[ok], ref.features.toarray()[ok], atol=1e-4, rtol=1e-5
+        )
+        act = np.asarray(r.active_per_layer)
+        assert act.shape == (5,) and abs(int(act[-1]) - ref.categories.size) <= ref.ambiguous.size
+
+
+@pytest.mark.parametrize("segments", ["0,1", "0,64", "2,4", "3,2"])
+def test_segment_schedules_agree(device, segments, monkeypatch):
+    """How layers are grouped into launches changes nothing: rows dying inside a
+    multi-layer segment, per-layer active counts, features bit for bit; and runs repeat."""
+    layers = radixnet(1024, 12, seed=7)
+    x = random_inputs(1024, 300, seed=5)
+    net = sd.SparseDNN(layers, -0.3)
+    base = net(x)
+    monkeypatch.setenv("SPDNN_DNN_SEGMENTS", segments)
+    for drop in (True, False):
+        r = net(x, drop_dead_rows=drop)
+        np.testing.assert_array_equal(np.asarray(r.features), np.asarray(base.features))
+        np.testing.assert_array_equal(
+            np.asarray(r.active_per_layer), np.asarray(base.active_per_layer)
+        )
+    again = net(x, drop_dead_rows=True)
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(base.features))
+
+
+def test_segment_ends_and_options(monkeypatch):
+    from jax_spdnn.dnn import resident_groups, segment_ends
+
+    assert segment_ends(1) == (1,)
+    assert segment_ends(12, 8, 32) == (1, 2, 3, 4, 5, 6, 7, 8, 10, 12)
+    assert segment_ends(120, 0, 1) == tuple(range(1, 121))
+    assert segment_ends(20, 0, 64) == (2, 6, 14, 20)
+    ends = segment_ends(1920)
+    assert ends[-1] == 1920 and max(np.diff(ends)) == 32 and np.all(np.diff(ends) > 0)
+    with pytest.raises(ValueError, match="max_segment"):
+        segment_ends(10, 0, 0)
+    assert [resident_groups(n) for n in (16, 512, 1024, 2048, 4096, 8192)] == [1, 1, 2, 4, 8, None]
+    net = sd.SparseDNN(radixnet(64, 2, seed=0), -0.3)
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "fast")
+    with pytest.raises(ValueError, match="SPDNN_DNN_KERNEL"):
+        net(np.zeros((2, 64), np.float32))
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "auto")
+    monkeypatch.setenv("SPDNN_DNN_SEGMENTS", "8")
+    with pytest.raises(ValueError, match="SPDNN_DNN_SEGMENTS"):
+        net(np.zeros((2, 64), np.float32))
 
 
 def test_edge_cases(device):

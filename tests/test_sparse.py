@@ -201,3 +201,53 @@ def test_pack_sliced_ell(n_out, density, seed):
         np.arange(0, 4 * 64 + 1, 4), np.tile([0, 1, 2, 3], 64), np.ones(256), (4, 64)
     )
     assert reg.structure.sliced_ell.padding == 1.0
+
+
+@given(
+    n_in=st.integers(1, 70),
+    n_out=st.integers(0, 90),
+    groups=st.sampled_from([1, 2, 4, 8]),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_bank_split(n_in, n_out, groups, density, seed):
+    """Every nonzero lands in its output's steps, in the lane group of its input's class,
+    at its bank-split word; padding points at zero inputs past n_in with zero values."""
+    rng = np.random.default_rng(seed)
+    w = random_sparse(rng, n_in, n_out, density, empty_rows=0.3)
+    m = sd.SparseMatrix.from_scipy(w)
+    p = sd.pack_bank_split(m.structure, groups)
+    R = 32 // groups
+    assert p.rows == R and p.col_ptr.shape == (n_out + 1,) and p.col_ptr[0] == 0
+    assert p.total == p.col_ptr[-1] * groups and p.total >= m.nnz
+    steps = np.diff(p.col_ptr)
+    assert np.all(steps % 2 == 0)
+    packed = np.asarray(p.pack_values(jnp.asarray(m.values)))
+    inputs = p.input_of(p.offsets)
+    # the word of input i is i * R + s with s < R; XOR with a row stays inside the segment
+    np.testing.assert_array_equal(p.offsets, sd.sparse.bank_offset(inputs, groups))
+    assert np.all((p.offsets % R) == (inputs // groups) % R)
+    dense = np.zeros((n_in, n_out))
+    for j in range(n_out):
+        e = p.col_ptr[j] * groups + np.arange(steps[j] * groups)
+        group = (e % (2 * groups)) // 2
+        assert np.all(inputs[e] % groups == group)  # each group its own bank class
+        real = inputs[e] < n_in
+        assert np.all(inputs[e][~real] < n_in + groups) and np.all(packed[e][~real] == 0)
+        assert real.sum() == m.indptr[j + 1] - m.indptr[j]
+        dense[inputs[e][real], j] = packed[e][real]
+        # no more steps than the largest class needs (rounded up to even)
+        cls = np.bincount(m.indices[m.indptr[j] : m.indptr[j + 1]] % groups, minlength=groups)
+        assert steps[j] == cls.max() + cls.max() % 2
+    np.testing.assert_array_equal(dense, w.toarray())
+    # Bank property: at one step the lanes (g, r) of a warp read 32 distinct banks.
+    i = rng.integers(0, n_in, size=groups) // groups * groups + np.arange(groups)
+    words = (sd.sparse.bank_offset(i, groups)[:, None] ^ np.arange(R)[None, :]).ravel()
+    assert len(set(words % 32)) == 32
+    # ...and so does a warp staging 32 consecutive inputs of one row.
+    c = 64 + np.arange(32)
+    for r in range(R):
+        assert len(set((sd.sparse.bank_offset(c, groups) ^ r) % 32)) == 32
+    assert m.structure.bank_split(groups) is m.structure.bank_split(groups)
+    with pytest.raises(ValueError, match="power of two"):
+        sd.pack_bank_split(m.structure, 3)
