@@ -319,7 +319,10 @@ def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segmen
     col_ptr = np.concatenate([p.col_ptr + s for p, s in zip(packs, first)]).astype(np.int32)
     offsets = np.concatenate([p.offsets for p in packs])
     values = jnp.concatenate(
-        [p.pack_values(jnp.asarray(W.values).astype(jnp.float32)) for p, W in zip(packs, net.layers)]
+        [
+            p.pack_values(jnp.asarray(W.values).astype(jnp.float32))
+            for p, W in zip(packs, net.layers)
+        ]
     )
     # {offset, weight bits} pairs: one 16-byte load gives a lane group two steps.
     entries = jnp.stack(
@@ -346,7 +349,12 @@ def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segmen
 
 @partial(jax.jit, static_argnames=("drop_dead", "kernel", "segments"))
 def _forward(
-    net: SparseDNN, x, *, drop_dead: bool, kernel: str = "auto", segments=(SINGLE_LAYERS, MAX_SEGMENT)
+    net: SparseDNN,
+    x,
+    *,
+    drop_dead: bool,
+    kernel: str = "auto",
+    segments=(SINGLE_LAYERS, MAX_SEGMENT),
 ) -> DNNResult:
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):

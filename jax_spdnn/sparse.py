@@ -22,7 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sps
 
-__all__ = ["BankSplitPack", "EllPack", "SparseMatrix", "Structure", "pack_bank_split", "pack_sliced_ell"]
+__all__ = [
+    "BankSplitPack",
+    "EllPack",
+    "SparseMatrix",
+    "Structure",
+    "pack_bank_split",
+    "pack_sliced_ell",
+]
 
 ELL_SLICE = 32  # outputs per slice: one warp on the GPU
 ELL_PAD_INDEX = np.iinfo(np.int32).max  # sorts after every real input index
@@ -198,7 +205,7 @@ class BankSplitPack:
 
     Attributes:
       col_ptr: ``[n_out + 1] int64``, first step of each output.
-      offsets: ``[total] int32``, ``i * rows + s`` for each entry (the kernel XORs the lane's row in).
+      offsets: ``[total] int32``, ``i * rows + s`` per entry (the kernel XORs the row in).
       source: ``[total] int32``, position of each entry's value in the CSR ``values``,
         or ``nnz`` for padding (index of an appended zero).
       groups, rows, n_in, nnz.
@@ -265,7 +272,7 @@ def pack_bank_split(structure: Structure, groups: int) -> BankSplitPack:
     if total >= 2**31:
         raise ValueError(f"pack_bank_split: {total} entries, more than 2^31 - 1")
     # Padding: entry e belongs to group (e % 2G) // 2; its zero input n_in + ((g - n_in) % G).
-    g_of = (np.arange(2 * G) // 2)
+    g_of = np.arange(2 * G) // 2
     pad_off = bank_offset(n_in + (g_of - n_in) % G, G).astype(np.int32)
     offsets = np.tile(pad_off, total // (2 * G)) if total else np.zeros(0, np.int32)
     dest = col_ptr[cols] * G + (rank // 2) * 2 * G + (idx % G) * 2 + rank % 2
