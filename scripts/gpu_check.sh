@@ -46,8 +46,8 @@ fi
 
 if [[ " $steps " == *" dnn "* ]]; then
   echo "== whole-network benchmark"
-  $PY benchmarks/bench_dnn.py --problems ${DNN_PROBLEMS:-1024-120 4096-120} --dtypes float32 bfloat16 \
-    --json "$OUT/bench_dnn.json" 2>&1 | tee "$OUT/bench_dnn.log" | tail -12
+  $PY benchmarks/bench_dnn.py --problems ${DNN_PROBLEMS:-1024-120 4096-120} ${DNN_ARGS:---dtypes float32 bfloat16} \
+    --json "$OUT/bench_dnn.json" 2>&1 | tee "$OUT/bench_dnn.log" | tail -${DNN_TAIL:-12}
 fi
 
 if [[ " $steps " == *" conv "* ]]; then
