@@ -18,6 +18,8 @@
 #include <mutex>
 #include <string>
 
+#include <cuda_pipeline.h>
+
 #include "cuda/common.cuh"
 #include "cuda/fused_layer.cuh"
 
@@ -225,7 +227,6 @@ ffi::Error sparse_dnn_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
 // A persistent grid strides over the tiles of the row count left on the device.
 constexpr int kResThreads = 1024;
 constexpr int kResWarps = kResThreads / 32;
-constexpr int kResMaxOuts = 16;  // outputs a lane keeps in registers: n <= 512 * G
 
 template <typename T>
 struct ResidentArgs {
@@ -262,19 +263,39 @@ template <> __device__ __forceinline__ float round_to<__half>(float v) {
 template <typename T, int G>
 __global__ void __launch_bounds__(kResThreads, 1) resident_layers(const ResidentArgs<T> a) {
   constexpr int R = 32 / G;
-  extern __shared__ float feat[];  // (n + G) * R words: n inputs, then G zero inputs
+  const int n = a.n;
+  const int words = (n + G) * R;  // n inputs, then G zero inputs
+  extern __shared__ float smem[];
+  float* const buf0 = smem;        // ping-pong feature buffers
+  float* const buf1 = smem + words;
+  // Per layer parity: col_ptr [n + 1] and bias [n], copied in asynchronously (cp.async)
+  // one layer ahead, so the column walk never waits on global memory for them.
+  int* const cp_s = reinterpret_cast<int*>(smem + 2 * words);  // [2][n + 1]
+  float* const bias_s = smem + 2 * words + 2 * (n + 1);        // [2][n]
   __shared__ int row_live[2][R];
   __shared__ int all_dead;
   __shared__ int64_t slot[R];
-  const int n = a.n;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / R, r = lane % R;
-  const int C = (n + kResWarps * G - 1) / (kResWarps * G) * G;  // outputs per warp
-  const int j0 = warp * C;
+  const int C = (n + kResWarps - 1) / kResWarps;  // outputs per warp, all groups on each
+  const int j0 = min(n, warp * C), j1 = min(n, j0 + C);
   const int64_t rows = *a.count;
+  auto fetch = [&](int l) {
+    const int32_t* cp = a.col_ptr + static_cast<int64_t>(l) * (n + 1);
+    const float* bl = a.bias + static_cast<int64_t>(l) * n;
+    int* cd = cp_s + (l & 1) * (n + 1);
+    float* bd = bias_s + (l & 1) * n;
+    for (int t = threadIdx.x; t <= n; t += kResThreads) {
+      __pipeline_memcpy_async(cd + t, cp + t, sizeof(int));
+      if (t < n) __pipeline_memcpy_async(bd + t, bl + t, sizeof(float));
+    }
+    __pipeline_commit();
+  };
+
   for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * R; row0 < rows;
        row0 += static_cast<int64_t>(gridDim.x) * R) {
     const int valid = static_cast<int>(min(static_cast<int64_t>(R), rows - row0));
+    fetch(a.l0);
     for (int rr = 0; rr < R; ++rr) {  // stage: coalesced loads, conflict-free stores
       const T* xr = nullptr;
       if (rr < valid) {
@@ -282,61 +303,73 @@ __global__ void __launch_bounds__(kResThreads, 1) resident_layers(const Resident
         xr = a.x + (a.src ? static_cast<int64_t>(__ldg(a.src + k)) : k) * n;
       }
       for (int c = threadIdx.x; c < n + G; c += kResThreads) {
-        feat[bank_word<G>(c) ^ rr] = xr && c < n ? load_acc<float>(xr + c) : 0.f;
+        const int w = bank_word<G>(c) ^ rr;
+        buf0[w] = xr && c < n ? load_acc<float>(xr + c) : 0.f;
+        if (c >= n) buf1[w] = 0.f;  // the zero inputs of the other buffer
       }
     }
+    __pipeline_wait_prior(0);
     if (threadIdx.x < 2 * R) (&row_live[0][0])[threadIdx.x] = 0;
     if (threadIdx.x == 0) all_dead = 0;
     __syncthreads();
 
     int l = a.l0;
     for (; l < a.l1; ++l) {
-      const int32_t* cp = a.col_ptr + static_cast<int64_t>(l) * (n + 1);
-      float keep[kResMaxOuts];
-#pragma unroll
-      for (int o = 0; o < kResMaxOuts; ++o) {
-        keep[o] = 0.f;
-        if (o * G >= C) continue;
-#pragma unroll
-        for (int k = 0; k < G; ++k) {
-          const int j = j0 + o * G + k;
-          float acc = 0.f;
-          if (j < n) {
-            const int s0 = __ldg(cp + j), pairs = (__ldg(cp + j + 1) - s0) / 2;
-            const int4* e = a.entries + static_cast<int64_t>(s0 / 2) * G + g;
-            float acc1 = 0.f;
-#pragma unroll 4
-            for (int q = 0; q < pairs; ++q) {
-              const int4 v = __ldg(e + static_cast<int64_t>(q) * G);
-              acc = fmaf(__int_as_float(v.y), feat[v.x ^ r], acc);
-              acc1 = fmaf(__int_as_float(v.w), feat[v.z ^ r], acc1);
-            }
-            acc += acc1;
-          }
-#pragma unroll
-          for (int m = R; m < 32; m *= 2) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-          if (g == k) keep[o] = acc;
-        }
-      }
-      __syncthreads();  // every warp is done reading this layer's inputs
-      const float* bl = a.bias + static_cast<int64_t>(l) * n;
+      const float* in = (l - a.l0) % 2 ? buf1 : buf0;
+      float* out = (l - a.l0) % 2 ? buf0 : buf1;
+      if (l + 1 < a.l1) fetch(l + 1);
+      const int* cps = cp_s + (l & 1) * (n + 1);
+      const float* bias_l = bias_s + (l & 1) * n;
       bool nz = false;
-#pragma unroll
-      for (int o = 0; o < kResMaxOuts; ++o) {
-        const int j = j0 + o * G + g;
-        if (o * G < C && j < n) {
-          float out = keep[o] + __ldg(bl + j);
-          if (out < 0.f) out = 0.f;  // comparisons keep NaN, like jnp.maximum
-          if (out > a.clip) out = a.clip;
-          out = round_to<T>(out);  // liveness and next inputs as stored
-          feat[bank_word<G>(j) ^ r] = out;
-          nz |= out != 0.f;
+      if (j0 < j1) {
+        // The warp's columns are one contiguous stream of (offset, weight) pairs;
+        // four loads stay in flight, column ends come from shared memory.
+        const int q0 = cps[j0] >> 1, total = (cps[j1] >> 1) - q0;
+        const int4* e = a.entries + static_cast<int64_t>(q0) * G + g;
+        const int4 zero = make_int4(0, 0, 0, 0);
+        int4 p0 = total > 0 ? __ldg(e) : zero;
+        int4 p1 = total > 1 ? __ldg(e + G) : zero;
+        int4 p2 = total > 2 ? __ldg(e + 2 * G) : zero;
+        int4 p3 = total > 3 ? __ldg(e + 3 * G) : zero;
+        int j = j0, q = 0, end = (cps[j0 + 1] >> 1) - q0;
+        float acc0 = 0.f, acc1 = 0.f;
+        for (;;) {
+#define SPDNN_RESIDENT_STEP(P)                                                          \
+  while (q == end) { /* column j is complete (possibly empty) */                        \
+    float v = acc0 + acc1;                                                              \
+    _Pragma("unroll") for (int m = R; m < 32; m *= 2) v += __shfl_xor_sync(~0u, v, m);  \
+    v += bias_l[j];                                                                     \
+    if (v < 0.f) v = 0.f; /* comparisons keep NaN, like jnp.maximum */                  \
+    if (v > a.clip) v = a.clip;                                                         \
+    v = round_to<T>(v); /* liveness and next inputs as stored */                       \
+    if (g == 0) {                                                                       \
+      out[bank_word<G>(j) ^ r] = v;                                                     \
+      nz |= v != 0.f;                                                                   \
+    }                                                                                   \
+    acc0 = acc1 = 0.f;                                                                  \
+    if (++j == j1) goto layer_done;                                                     \
+    end = (cps[j + 1] >> 1) - q0;                                                       \
+  }                                                                                     \
+  {                                                                                     \
+    const int4 v = P;                                                                   \
+    P = q + 4 < total ? __ldg(e + static_cast<int64_t>(q + 4) * G) : zero;              \
+    acc0 = fmaf(__int_as_float(v.y), in[v.x ^ r], acc0);                                \
+    acc1 = fmaf(__int_as_float(v.w), in[v.z ^ r], acc1);                                \
+    ++q;                                                                                \
+  }
+          SPDNN_RESIDENT_STEP(p0)
+          SPDNN_RESIDENT_STEP(p1)
+          SPDNN_RESIDENT_STEP(p2)
+          SPDNN_RESIDENT_STEP(p3)
+#undef SPDNN_RESIDENT_STEP
         }
+      layer_done:;
       }
       if (nz && r < valid) row_live[l & 1][r] = 1;
+      __pipeline_wait_prior(0);  // the next layer's col_ptr and bias have landed
       __syncthreads();
       if (warp == 0) {
-        const unsigned live = __ballot_sync(0xffffffffu, lane < R && row_live[l & 1][lane % R]);
+        const unsigned live = __ballot_sync(~0u, lane < R && row_live[l & 1][lane % R]);
         if (lane == 0) {
           if (live) atomicAdd(a.active + l, __popc(live));
           all_dead = a.drop && !live;
@@ -348,6 +381,7 @@ __global__ void __launch_bounds__(kResThreads, 1) resident_layers(const Resident
     }
 
     if (!all_dead) {
+      const float* fin = (a.l1 - a.l0) % 2 ? buf1 : buf0;
       if (threadIdx.x < R) {
         const int rr = threadIdx.x;
         int64_t s = -1;
@@ -366,17 +400,17 @@ __global__ void __launch_bounds__(kResThreads, 1) resident_layers(const Resident
         const int64_t s = slot[rr];
         if (s < 0) continue;
         T* yr = a.y + s * n;
-        for (int c = threadIdx.x; c < n; c += kResThreads) store_from(yr + c, feat[bank_word<G>(c) ^ rr]);
+        for (int c = threadIdx.x; c < n; c += kResThreads) store_from(yr + c, fin[bank_word<G>(c) ^ rr]);
       }
     }
-    __syncthreads();  // feat and slot are reused by the next tile
+    __syncthreads();  // buffers and slot are reused by the next tile
   }
 }
 
 template <typename T, int G>
 ffi::Error launch_resident(cudaStream_t stream, const ResidentArgs<T>& a, int64_t max_rows) {
   constexpr int R = 32 / G;
-  const size_t smem = static_cast<size_t>(a.n + G) * R * sizeof(float);
+  const size_t smem = (2 * static_cast<size_t>(a.n + G) * R + 2 * (2 * a.n + 1)) * sizeof(float);
   auto kernel = resident_layers<T, G>;
   // Per device (the attribute is per context): the largest dynamic shared memory
   // allowed so far, and the occupancy at the last size asked for.

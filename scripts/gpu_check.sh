@@ -75,5 +75,12 @@ if [[ " $steps " == *" profile "* ]]; then
   ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
     $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} >"$OUT/profile.csv" 2>"$OUT/profile.err"
   grep -E "^run|^active" "$OUT/profile.csv" | cut -c1-400
+  if [ -n "${NCU_KERNEL:-}" ]; then  # one launch in detail
+    ncu --clock-control none --kernel-name regex:"$NCU_KERNEL" --launch-skip ${NCU_SKIP:-0} --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats \
+      $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 1 >"$OUT/ncu_detail.txt" 2>&1
+    grep -vE "^==PROF==|^run|^active|^10 calls" "$OUT/ncu_detail.txt" | grep -E "\S" | cut -c1-150 | head -150
+  fi
   SPDNN_HOST_TIMING=1 $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 3 2>&1 | grep -E "^run|calls|enqueued" | tail -8
 fi
