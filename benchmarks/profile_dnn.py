@@ -24,6 +24,7 @@ def main():
     p.add_argument("--problem", default="1024-120")
     p.add_argument("--batch", type=int, default=60000)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--calls", type=int, default=10, help="back-to-back calls timed (0: none)")
     a = p.parse_args()
     n, n_layers = (int(v) for v in a.problem.split("-"))
     layers = ch.radixnet(n, n_layers, seed=0)
@@ -36,12 +37,13 @@ def main():
         t0 = time.perf_counter()
         r = jax.block_until_ready(f(net, xd))
         print(f"run {k}: {time.perf_counter() - t0:.6f} s", flush=True)
-    k = 10
-    t0 = time.perf_counter()
-    for _ in range(k):
-        r = f(net, xd)
-    jax.block_until_ready(r)
-    print(f"{k} calls back to back: {(time.perf_counter() - t0) / k:.6f} s per call", flush=True)
+    k = a.calls
+    if k > 0:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            r = f(net, xd)
+        jax.block_until_ready(r)
+        print(f"{k} calls back to back: {(time.perf_counter() - t0) / k:.6f} s per call", flush=True)
     print("active per layer:", np.asarray(r.active_per_layer).tolist())
 
 

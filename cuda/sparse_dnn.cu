@@ -275,6 +275,7 @@ __global__ void __launch_bounds__(kResThreads, 1) resident_layers(const Resident
   __shared__ int row_live[2][R];
   __shared__ int all_dead;
   __shared__ int64_t slot[R];
+  __shared__ int4 wbuf[kResWarps][32];  // each warp's current chunk of weights
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / R, r = lane % R;
   const int C = (n + kResWarps - 1) / kResWarps;  // outputs per warp, all groups on each
@@ -322,48 +323,56 @@ __global__ void __launch_bounds__(kResThreads, 1) resident_layers(const Resident
       const float* bias_l = bias_s + (l & 1) * n;
       bool nz = false;
       if (j0 < j1) {
-        // The warp's columns are one contiguous stream of (offset, weight) pairs;
-        // four loads stay in flight, column ends come from shared memory.
+        // The warp's columns are one contiguous stream of (offset, weight) pairs.  The
+        // warp loads it in coalesced 512-byte chunks (one 16-byte vector per lane), one
+        // chunk ahead in registers, and parks the current chunk in shared memory, where
+        // each lane group reads its pairs back as broadcasts: the loads overlap the
+        // compute instead of each step waiting on L2.
+        constexpr int kSteps = 32 / G;  // pair steps per chunk
         const int q0 = cps[j0] >> 1, total = (cps[j1] >> 1) - q0;
-        const int4* e = a.entries + static_cast<int64_t>(q0) * G + g;
+        const int vecs = total * G;
+        const int4* es = a.entries + static_cast<int64_t>(q0) * G;
         const int4 zero = make_int4(0, 0, 0, 0);
-        int4 p0 = total > 0 ? __ldg(e) : zero;
-        int4 p1 = total > 1 ? __ldg(e + G) : zero;
-        int4 p2 = total > 2 ? __ldg(e + 2 * G) : zero;
-        int4 p3 = total > 3 ? __ldg(e + 3 * G) : zero;
-        int j = j0, q = 0, end = (cps[j0 + 1] >> 1) - q0;
+        int4* const wb = wbuf[warp];
+        __syncwarp();
+        wb[lane] = lane < vecs ? __ldg(es + lane) : zero;
+        int4 ahead = 32 + lane < vecs ? __ldg(es + 32 + lane) : zero;
+        __syncwarp();
+        int j = j0, end = (cps[j0 + 1] >> 1) - q0;
         float acc0 = 0.f, acc1 = 0.f;
-        for (;;) {
-#define SPDNN_RESIDENT_STEP(P)                                                          \
-  while (q == end) { /* column j is complete (possibly empty) */                        \
-    float v = acc0 + acc1;                                                              \
-    _Pragma("unroll") for (int m = R; m < 32; m *= 2) v += __shfl_xor_sync(~0u, v, m);  \
-    v += bias_l[j];                                                                     \
-    if (v < 0.f) v = 0.f; /* comparisons keep NaN, like jnp.maximum */                  \
-    if (v > a.clip) v = a.clip;                                                         \
-    v = round_to<T>(v); /* liveness and next inputs as stored */                       \
-    if (g == 0) {                                                                       \
-      out[bank_word<G>(j) ^ r] = v;                                                     \
-      nz |= v != 0.f;                                                                   \
-    }                                                                                   \
-    acc0 = acc1 = 0.f;                                                                  \
-    if (++j == j1) goto layer_done;                                                     \
-    end = (cps[j + 1] >> 1) - q0;                                                       \
-  }                                                                                     \
-  {                                                                                     \
-    const int4 v = P;                                                                   \
-    P = q + 4 < total ? __ldg(e + static_cast<int64_t>(q + 4) * G) : zero;              \
-    acc0 = fmaf(__int_as_float(v.y), in[v.x ^ r], acc0);                                \
-    acc1 = fmaf(__int_as_float(v.w), in[v.z ^ r], acc1);                                \
-    ++q;                                                                                \
-  }
-          SPDNN_RESIDENT_STEP(p0)
-          SPDNN_RESIDENT_STEP(p1)
-          SPDNN_RESIDENT_STEP(p2)
-          SPDNN_RESIDENT_STEP(p3)
-#undef SPDNN_RESIDENT_STEP
+        auto finish = [&]() {  // column j is complete (possibly empty)
+          float v = acc0 + acc1;
+#pragma unroll
+          for (int m = R; m < 32; m *= 2) v += __shfl_xor_sync(~0u, v, m);
+          v += bias_l[j];
+          if (v < 0.f) v = 0.f;  // comparisons keep NaN, like jnp.maximum
+          if (v > a.clip) v = a.clip;
+          v = round_to<T>(v);  // liveness and next inputs as stored
+          if (g == 0) {
+            out[bank_word<G>(j) ^ r] = v;
+            nz |= v != 0.f;
+          }
+          acc0 = acc1 = 0.f;
+          ++j;
+          end = (cps[j + 1 <= n ? j + 1 : n] >> 1) - q0;
+        };
+        for (int q = 0, chunk = 0; q < total; ++chunk) {
+#pragma unroll 4
+          for (int k = 0; k < kSteps; ++k) {
+            if (q == total) break;
+            while (q == end) finish();
+            const int4 v = wb[k * G + g];
+            acc0 = fmaf(__int_as_float(v.y), in[v.x ^ r], acc0);
+            acc1 = fmaf(__int_as_float(v.w), in[v.z ^ r], acc1);
+            ++q;
+          }
+          __syncwarp();
+          wb[lane] = ahead;
+          const int next = (chunk + 2) * 32 + lane;
+          ahead = next < vecs ? __ldg(es + next) : zero;
+          __syncwarp();
         }
-      layer_done:;
+        while (j < j1) finish();
       }
       if (nz && r < valid) row_live[l & 1][r] = 1;
       __pipeline_wait_prior(0);  // the next layer's col_ptr and bias have landed

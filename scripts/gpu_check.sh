@@ -72,14 +72,30 @@ fi
 
 if [[ " $steps " == *" profile "* ]]; then
   echo "== profile (per-launch kernel durations of SparseDNN runs)"
-  ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
-    $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} >"$OUT/profile.csv" 2>"$OUT/profile.err"
-  grep -E "^run|^active" "$OUT/profile.csv" | cut -c1-400
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  for kernel in ${PROFILE_KERNELS:-auto}; do
+    SPDNN_DNN_KERNEL=$kernel ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+      $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 1 --calls 0 \
+      >"$OUT/profile_$kernel.csv" 2>"$OUT/profile_$kernel.err"
+    echo "-- $kernel kernel: per-launch durations (kernel name, us)"
+    grep -E "^active" "$OUT/profile_$kernel.csv" | cut -c1-400
+    $PY - "$OUT/profile_$kernel.csv" <<'PYEOF'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head = rows[0]
+ki, vi = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
+out = []
+for r in rows[2:]:
+    name = r[ki].split("(")[0].split("<")[0].split("::")[-1][:22]
+    out.append(f"{name}:{float(r[vi].replace(',', '')) / 1000:.1f}")
+print(" ".join(out))
+PYEOF
+  done
   if [ -n "${NCU_KERNEL:-}" ]; then  # one launch in detail
     ncu --clock-control none --kernel-name regex:"$NCU_KERNEL" --launch-skip ${NCU_SKIP:-0} --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats \
-      $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 1 >"$OUT/ncu_detail.txt" 2>&1
+      $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 1 --calls 0 >"$OUT/ncu_detail.txt" 2>&1
     grep -vE "^==PROF==|^run|^active|^10 calls" "$OUT/ncu_detail.txt" | grep -E "\S" | cut -c1-150 | head -150
   fi
   SPDNN_HOST_TIMING=1 $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 3 2>&1 | grep -E "^run|calls|enqueued" | tail -8
