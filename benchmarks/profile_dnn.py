@@ -43,7 +43,9 @@ def main():
         for _ in range(k):
             r = f(net, xd)
         jax.block_until_ready(r)
-        print(f"{k} calls back to back: {(time.perf_counter() - t0) / k:.6f} s per call", flush=True)
+        print(
+            f"{k} calls back to back: {(time.perf_counter() - t0) / k:.6f} s per call", flush=True
+        )
     print("active per layer:", np.asarray(r.active_per_layer).tolist())
 
 

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include <cuda_pipeline.h>
 
@@ -239,7 +240,8 @@ struct ResidentArgs {
   int32_t* count_out;      // surviving rows (zero on entry); nullptr without drop
   int32_t* active;         // [L] rows alive after each layer (zero on entry)
   const int4* entries;     // {offset, weight bits} pairs, all layers
-  const int32_t* col_ptr;  // [L, n + 1] first step of each output (absolute)
+  const int32_t* col_ptr;  // [L - lbase, n + 1] first step of each output (absolute)
+  int lbase;               // first layer of col_ptr
   const float* bias;       // [L, n]
   int n, l0, l1;
   float clip;
@@ -282,7 +284,7 @@ __global__ void __launch_bounds__(kResThreads, 1) resident_layers(const Resident
   const int j0 = min(n, warp * C), j1 = min(n, j0 + C);
   const int64_t rows = *a.count;
   auto fetch = [&](int l) {
-    const int32_t* cp = a.col_ptr + static_cast<int64_t>(l) * (n + 1);
+    const int32_t* cp = a.col_ptr + static_cast<int64_t>(l - a.lbase) * (n + 1);
     const float* bl = a.bias + static_cast<int64_t>(l) * n;
     int* cd = cp_s + (l & 1) * (n + 1);
     float* bd = bias_s + (l & 1) * n;
@@ -469,70 +471,117 @@ ffi::Error launch_resident_g(cudaStream_t stream, int groups, const ResidentArgs
   }
 }
 
+// The hybrid schedule: the first `head` layers one per launch with the layer kernel
+// (fused_layer.cuh: it compacts the many rows that die early, and is the faster kernel
+// while rows are many), then segments of several layers with the resident kernel.
 template <typename T>
-ffi::Error run_resident(cudaStream_t stream, const T* xp, const int4* entries, const float* bias,
-                        const int32_t* col_ptr, T* yp, int32_t* active, T* feat, int32_t* iwork,
-                        int64_t rows, int n, int64_t n_layers, double clip, bool drop, int groups,
-                        ffi::Span<const int64_t> ends) {
-  // Integer workspace: two id lists, the first row list, the first count, one
-  // survivor count per segment.
-  int32_t* ids[2] = {iwork, iwork + rows};
-  int32_t* src0 = iwork + 2 * rows;
-  int32_t* count0 = iwork + 3 * rows;
-  int32_t* seg_count = count0 + 1;
-  cudaMemsetAsync(count0, 0, sizeof(int32_t) * (n_layers + 2), stream);
+ffi::Error run_hybrid(cudaStream_t stream, const T* xp, const float* bias, T* yp, int32_t* active,
+                      T* feat, int32_t* iwork, int64_t rows, int n, int64_t n_layers, double clip,
+                      bool drop, const float* ell_values, const int32_t* slice_ptr,
+                      const int32_t* ell_indices, ffi::Span<const int64_t> sp_off,
+                      ffi::Span<const int64_t> ell_off, const int4* entries,
+                      const int32_t* col_ptr, int groups, ffi::Span<const int64_t> ends) {
+  const int64_t head = static_cast<int64_t>(sp_off.size());
+  // Integer workspace: alive and done marks (layer kernel; zero between kernels), two
+  // row lists (packed positions and original ids), the first count, one count per
+  // launch after it.
+  int32_t* alive = iwork;
+  int32_t* done = iwork + rows;
+  int32_t* src[2] = {iwork + 2 * rows, iwork + 3 * rows};
+  int32_t* ids[2] = {iwork + 4 * rows, iwork + 5 * rows};
+  int32_t* counts = iwork + 6 * rows;  // [n_layers + 1]
+  cudaMemsetAsync(iwork, 0, sizeof(int32_t) * 2 * rows, stream);
+  cudaMemsetAsync(counts, 0, sizeof(int32_t) * (n_layers + 1), stream);
   cudaMemsetAsync(active, 0, sizeof(int32_t) * n_layers, stream);
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
-  list_nonzero_rows<T, float><<<grid, 256, 0, stream>>>(xp, rows, n, drop, src0, ids[0], count0);
+  list_nonzero_rows<T, float><<<grid, 256, 0, stream>>>(xp, rows, n, drop, src[0], ids[0], counts);
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
+  const T* in = xp;
+  const int32_t* in_src = src[0];  // nullptr: rows are packed in list order
+  const int32_t* count = counts;
+  int cur = 0, buf = 0;
+  for (int64_t l = 0; l < head; ++l) {
+    LayerArgs<T, float> args{};
+    args.x = in;
+    args.values = ell_values + ell_off[l];
+    args.bias = bias + l * n;
+    args.slice_ptr = slice_ptr + sp_off[l];
+    args.indices = ell_indices + ell_off[l];
+    args.y = feat + buf * rows * n;
+    args.rows = rows;
+    args.count = count;
+    args.src_rows = in_src;
+    args.alive = alive;
+    args.done = done;
+    args.ids_in = ids[cur];
+    args.next_src = src[1 - cur];
+    args.next_ids = ids[1 - cur];
+    args.active_out = active + l;
+    args.drop = drop;
+    args.n_in = n;
+    args.n_out = n;
+    args.relu = true;
+    args.clip = static_cast<float>(clip);
+    if (auto err = launch_layer<T, float>(stream, args); err.failure()) return err;
+    in = args.y;
+    in_src = src[1 - cur];
+    if (drop) count = active + l;
+    cur = 1 - cur;
+    buf = 1 - buf;
+  }
+
   ResidentArgs<T> a{};
-  a.x = xp;
-  a.src = src0;
-  a.count = count0;
   a.active = active;
   a.entries = entries;
   a.col_ptr = col_ptr;
+  a.lbase = static_cast<int>(head);
   a.bias = bias;
   a.n = n;
   a.clip = static_cast<float>(clip);
   a.drop = drop;
-  int cur = 0;
-  int64_t l0 = 0;
+  int64_t l0 = head;
   for (size_t k = 0; k < ends.size(); ++k) {
+    a.x = in;
+    a.src = in_src;
+    a.count = count;
     a.ids_in = ids[cur];
     a.ids_out = ids[1 - cur];
-    a.y = feat + (k % 2) * rows * n;
-    a.count_out = drop ? seg_count + k : nullptr;
+    a.y = feat + buf * rows * n;
+    a.count_out = drop ? counts + 1 + k : nullptr;
     a.l0 = static_cast<int>(l0);
     a.l1 = static_cast<int>(ends[k]);
     if (auto err = launch_resident_g<T>(stream, groups, a, rows); err.failure()) return err;
-    a.x = a.y;
-    a.src = nullptr;
-    if (drop) a.count = seg_count + k;
+    in = a.y;
+    in_src = nullptr;
+    if (drop) count = a.count_out;
     cur = 1 - cur;
+    buf = 1 - buf;
     l0 = ends[k];
   }
   cudaMemsetAsync(yp, 0, sizeof(T) * rows * n, stream);
-  scatter_rows<T><<<grid, 256, 0, stream>>>(a.x, nullptr, ids[cur], a.count, n, yp);
+  scatter_rows<T><<<grid, 256, 0, stream>>>(in, in_src, ids[cur], count, n, yp);
   return last_launch_error("sparse_dnn: scatter");
 }
 
-ffi::Error sparse_dnn_resident_impl(cudaStream_t stream, ffi::AnyBuffer x,
-                                    ffi::Buffer<ffi::S32> entries, ffi::Buffer<ffi::F32> bias,
-                                    ffi::Buffer<ffi::S32> col_ptr, ffi::Result<ffi::AnyBuffer> y,
-                                    ffi::Result<ffi::Buffer<ffi::S32>> active,
-                                    ffi::Result<ffi::AnyBuffer> work,
-                                    ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip,
-                                    bool drop_dead, int64_t groups,
-                                    ffi::Span<const int64_t> ends) {
+ffi::Error sparse_dnn_resident_impl(
+    cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> bias,
+    ffi::Buffer<ffi::F32> ell_values, ffi::Buffer<ffi::S32> slice_ptr,
+    ffi::Buffer<ffi::S32> ell_indices, ffi::Buffer<ffi::S32> entries,
+    ffi::Buffer<ffi::S32> col_ptr, ffi::Result<ffi::AnyBuffer> y,
+    ffi::Result<ffi::Buffer<ffi::S32>> active, ffi::Result<ffi::AnyBuffer> work,
+    ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip, bool drop_dead, int64_t groups,
+    ffi::Span<const int64_t> sp_off, ffi::Span<const int64_t> ell_off,
+    ffi::Span<const int64_t> ends) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("sparse_dnn: x must be [batch, n]");
   const int64_t rows = xd[0], n = xd[1];
   const int64_t n_layers = static_cast<int64_t>(active->element_count());
+  const int64_t head = static_cast<int64_t>(sp_off.size());
+  const int64_t n_slices = (n + kSlice - 1) / kSlice;
   if (n > 0x7fffffff || rows >= 0x7fffffff) {
     return ffi::Error::InvalidArgument("sparse_dnn: batch and n must be below 2^31");
   }
@@ -542,18 +591,24 @@ ffi::Error sparse_dnn_resident_impl(cudaStream_t stream, ffi::AnyBuffer x,
   if (n > 512 * groups) {
     return ffi::Error::InvalidArgument("sparse_dnn: n too large for the resident kernel's groups");
   }
-  bool ends_ok = ends.size() > 0 && ends[ends.size() - 1] == n_layers;
+  bool ends_ok = head <= n_layers && (ends.size() > 0 ? ends[ends.size() - 1] == n_layers
+                                                      : head == n_layers);
   for (size_t k = 0; k < ends.size(); ++k) {
-    ends_ok = ends_ok && ends[k] > (k ? ends[k - 1] : 0);
+    ends_ok = ends_ok && ends[k] > (k ? ends[k - 1] : head);
   }
-  if (n_layers > 0 && !ends_ok) {
-    return ffi::Error::InvalidArgument("sparse_dnn: segment ends must increase to L");
+  if (!ends_ok) {
+    return ffi::Error::InvalidArgument("sparse_dnn: segment ends must increase from the head to L");
   }
+  const int64_t tail = n_layers - head;
   if (static_cast<int64_t>(bias.element_count()) != n_layers * n ||
-      static_cast<int64_t>(col_ptr.element_count()) != n_layers * (n + 1) ||
+      static_cast<int64_t>(ell_off.size()) != head + 1 ||
+      static_cast<int64_t>(slice_ptr.element_count()) != head * (n_slices + 1) ||
+      static_cast<int64_t>(ell_indices.element_count()) != ell_off[head] ||
+      static_cast<int64_t>(ell_values.element_count()) != ell_off[head] ||
+      static_cast<int64_t>(col_ptr.element_count()) != tail * (n + 1) ||
       entries.element_count() % 4 != 0 ||
       static_cast<int64_t>(work->element_count()) != 2 * rows * n ||
-      static_cast<int64_t>(iwork->element_count()) != 3 * rows + n_layers + 2) {
+      static_cast<int64_t>(iwork->element_count()) != 6 * rows + n_layers + 1) {
     return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
   }
   if (x.element_type() != y->element_type() || x.element_type() != work->element_type()) {
@@ -570,27 +625,22 @@ ffi::Error sparse_dnn_resident_impl(cudaStream_t stream, ffi::AnyBuffer x,
   const auto* ep = reinterpret_cast<const int4*>(entries.typed_data());
   const int ni = static_cast<int>(n);
   const int g = static_cast<int>(groups);
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return run_hybrid<T>(stream, reinterpret_cast<const T*>(x.untyped_data()), bias.typed_data(),
+                         reinterpret_cast<T*>(y->untyped_data()), active->typed_data(),
+                         reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows, ni,
+                         n_layers, clip, drop_dead, ell_values.typed_data(),
+                         slice_ptr.typed_data(), ell_indices.typed_data(), sp_off, ell_off, ep,
+                         col_ptr.typed_data(), g, ends);
+  };
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      return run_resident<float>(stream, reinterpret_cast<const float*>(x.untyped_data()), ep,
-                                 bias.typed_data(), col_ptr.typed_data(),
-                                 reinterpret_cast<float*>(y->untyped_data()), active->typed_data(),
-                                 reinterpret_cast<float*>(work->untyped_data()),
-                                 iwork->typed_data(), rows, ni, n_layers, clip, drop_dead, g, ends);
+      return run(static_cast<float*>(nullptr));
     case ffi::DataType::BF16:
-      return run_resident<__nv_bfloat16>(
-          stream, reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()), ep, bias.typed_data(),
-          col_ptr.typed_data(), reinterpret_cast<__nv_bfloat16*>(y->untyped_data()),
-          active->typed_data(), reinterpret_cast<__nv_bfloat16*>(work->untyped_data()),
-          iwork->typed_data(), rows, ni, n_layers, clip, drop_dead, g, ends);
+      return run(static_cast<__nv_bfloat16*>(nullptr));
     case ffi::DataType::F16:
-      return run_resident<__half>(stream, reinterpret_cast<const __half*>(x.untyped_data()), ep,
-                                  bias.typed_data(), col_ptr.typed_data(),
-                                  reinterpret_cast<__half*>(y->untyped_data()),
-                                  active->typed_data(),
-                                  reinterpret_cast<__half*>(work->untyped_data()),
-                                  iwork->typed_data(), rows, ni, n_layers, clip, drop_dead, g,
-                                  ends);
+      return run(static_cast<__half*>(nullptr));
     default:
       return ffi::Error::InvalidArgument(
           "sparse_dnn: the resident kernel takes float32, bfloat16 or float16 features");
@@ -621,14 +671,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnResidentCuda, spdnn::cuda::sparse_dn
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()         // x [batch, n]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // entries {offset, weight bits}
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [L, n]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // col_ptr [L, n + 1]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ELL values, head layers
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr, head layers
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ELL indices, head layers
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // entries {offset, weight bits}
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // col_ptr [L - head, n + 1]
                                   .Ret<ffi::AnyBuffer>()         // y [batch, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
                                   .Ret<ffi::AnyBuffer>()         // workspace [2, batch, n]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // workspace [3 batch + L + 2]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // workspace [6 batch + L + 1]
                                   .Attr<double>("clip")
                                   .Attr<bool>("drop_dead")
                                   .Attr<int64_t>("groups")
+                                  .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [head]
+                                  .Attr<ffi::Span<const int64_t>>("ell_offsets")    // [head + 1]
                                   .Attr<ffi::Span<const int64_t>>("segment_ends"));

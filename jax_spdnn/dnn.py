@@ -35,11 +35,14 @@ _CPU_TARGET = "spdnn_sparse_dnn_csr"
 _CUDA_TARGET = "spdnn_sparse_dnn_ell"
 _CUDA_RESIDENT_TARGET = "spdnn_sparse_dnn_resident"
 
-# Segment schedule of the resident CUDA kernel: the first SINGLE_LAYERS layers one per
-# launch (rows die fast there and every launch compacts them), then segments of 2, 4, 8,
-# ... layers, at most MAX_SEGMENT per launch.  SPDNN_DNN_SEGMENTS="singles,max" overrides
-# both (tuning); SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA kernel (default auto:
-# resident where it applies).
+# Schedule of the hybrid CUDA path: the first SINGLE_LAYERS layers one per launch with the
+# layer kernel (rows die fast there and every launch compacts them; it is the faster kernel
+# while rows are many), then segments of 2, 4, 8, ... layers, at most MAX_SEGMENT per
+# launch, with the resident kernel (the row tile stays in shared memory across layers).
+# SPDNN_DNN_SEGMENTS="singles,max" overrides both (tuning; singles=0 runs every layer on the
+# resident kernel); SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA path (auto: hybrid
+# where the resident kernel is measured to pay, n <= 1024; resident: hybrid for any n up to
+# 4096; layer: the layer kernel for every layer).
 SINGLE_LAYERS = 8
 MAX_SEGMENT = 32
 
@@ -273,14 +276,7 @@ def _fused_cpu(net: SparseDNN, x, drop_dead: bool):
 
 def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
     acc = _acc_dtype(x.dtype)
-    ells = [W.structure.sliced_ell for W in net.layers]
-    slice_ptr = np.concatenate([e.slice_ptr for e in ells])
-    indices = np.concatenate([e.indices for e in ells])
-    sp_off = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]]).astype(np.int64)
-    ell_off = np.cumsum([0] + [e.total for e in ells]).astype(np.int64)
-    values = jnp.concatenate(
-        [e.pack_values(jnp.asarray(W.values).astype(acc)) for e, W in zip(ells, net.layers)]
-    )
+    values, slice_ptr, indices, sp_off, ell_off = _ell_operands(net.layers, acc)
     batch, n = x.shape
     out = (
         _like(x, x.shape, x.dtype),
@@ -301,48 +297,80 @@ def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
 
 
 def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
-    """The resident kernel's lane groups when it runs this network, else None."""
+    """The resident kernel's lane groups when the hybrid path runs this network, else None."""
     if kernel == "layer" or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
         return None
     if np.dtype(x.dtype) == np.float64:
         return None
     groups = resident_groups(net.n)
-    if groups is None:
+    if groups is None or (kernel == "auto" and groups > 2):
         return None
     steps = sum(int(W.structure.bank_split(groups).col_ptr[-1]) for W in net.layers)
     return groups if steps < 2**31 else None
 
 
-def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segments):
-    packs = [W.structure.bank_split(groups) for W in net.layers]
-    first = np.cumsum([0] + [int(p.col_ptr[-1]) for p in packs[:-1]])
-    col_ptr = np.concatenate([p.col_ptr + s for p, s in zip(packs, first)]).astype(np.int32)
-    offsets = np.concatenate([p.offsets for p in packs])
+def _ell_operands(layers, acc):
+    ells = [W.structure.sliced_ell for W in layers]
+    slice_ptr = np.concatenate([e.slice_ptr for e in ells] or [np.zeros(0, np.int32)])
+    indices = np.concatenate([e.indices for e in ells] or [np.zeros(0, np.int32)])
+    sp_off = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]]).astype(np.int64)
+    sp_off = sp_off[: len(ells)]
+    ell_off = np.cumsum([0] + [e.total for e in ells]).astype(np.int64)
     values = jnp.concatenate(
-        [
-            p.pack_values(jnp.asarray(W.values).astype(jnp.float32))
-            for p, W in zip(packs, net.layers)
-        ]
+        [e.pack_values(jnp.asarray(W.values).astype(acc)) for e, W in zip(ells, layers)]
+        or [jnp.zeros(0, acc)]
     )
-    # {offset, weight bits} pairs: one 16-byte load gives a lane group two steps.
+    return values, slice_ptr, indices, sp_off, ell_off
+
+
+def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segments):
+    L = net.n_layers
+    ends = segment_ends(L, *segments)
+    head = min(segments[0], L)
+    ends = tuple(e for e in ends if e > head)
+    ell_values, slice_ptr, ell_indices, sp_off, ell_off = _ell_operands(
+        net.layers[:head], jnp.float32
+    )
+    tail = net.layers[head:]
+    packs = [W.structure.bank_split(groups) for W in tail]
+    first = np.cumsum([0] + [int(p.col_ptr[-1]) for p in packs[:-1]])
+    col_ptr = np.concatenate(
+        [p.col_ptr + s for p, s in zip(packs, first)] or [np.zeros(0, np.int64)]
+    ).astype(np.int32)
+    offsets = np.concatenate([p.offsets for p in packs] or [np.zeros(0, np.int32)])
+    values = jnp.concatenate(
+        [p.pack_values(jnp.asarray(W.values).astype(jnp.float32)) for p, W in zip(packs, tail)]
+        or [jnp.zeros(0, jnp.float32)]
+    )
+    # {offset, weight bits} pairs: one 16-byte vector holds two steps of a lane group.
     entries = jnp.stack(
         [jnp.asarray(offsets), lax.bitcast_convert_type(values, jnp.int32)], axis=1
     ).reshape(-1)
     batch, n = x.shape
     out = (
         _like(x, x.shape, x.dtype),
-        _like(x, (net.n_layers,), jnp.int32),
+        _like(x, (L,), jnp.int32),
         _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
-        _like(x, (3 * batch + net.n_layers + 2,), jnp.int32),  # id lists, counts
+        _like(x, (6 * batch + L + 1,), jnp.int32),  # marks, row lists, counts
     )
     clip = np.float64(np.inf if net.clip is None else net.clip)
     y, active, _, _ = jax.ffi.ffi_call(_CUDA_RESIDENT_TARGET, out)(
         x,
-        *_operands(x, entries, net.biases.astype(jnp.float32), col_ptr),
+        *_operands(
+            x,
+            net.biases.astype(jnp.float32),
+            ell_values,
+            slice_ptr,
+            ell_indices,
+            entries,
+            col_ptr,
+        ),
         clip=clip,
         drop_dead=drop_dead,
         groups=np.int64(groups),
-        segment_ends=np.asarray(segment_ends(net.n_layers, *segments), np.int64),
+        slice_offsets=sp_off,
+        ell_offsets=ell_off,
+        segment_ends=np.asarray(ends, np.int64),
     )
     return y, active
 
