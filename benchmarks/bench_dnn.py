@@ -50,7 +50,7 @@ def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)
             os.environ.pop("SPDNN_DNN_SEGMENTS", None)
         f = jax.jit(lambda net, x: net(x))  # a fresh jit: the options are read at trace time
         r = jax.block_until_ready(f(net, xd))
-        t = time_fn(f, net, xd, trials=3, min_time=0.0)
+        t = time_fn(f, net, xd, trials=7, min_time=0.3)
         active = np.asarray(r.active_per_layer).astype(np.int64)
         rows_in = np.concatenate([[np.count_nonzero(np.diff(x.indptr))], active[:-1]])
         floor_bytes = float(np.sum((rows_in + active) * n * itemsize))

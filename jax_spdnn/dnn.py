@@ -40,9 +40,10 @@ _CUDA_RESIDENT_TARGET = "spdnn_sparse_dnn_resident"
 # while rows are many), then segments of 2, 4, 8, ... layers, at most MAX_SEGMENT per
 # launch, with the resident kernel (the row tile stays in shared memory across layers).
 # SPDNN_DNN_SEGMENTS="singles,max" overrides both (tuning; singles=0 runs every layer on the
-# resident kernel); SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA path (auto: hybrid
-# where the resident kernel is measured to pay, n <= 1024; resident: hybrid for any n up to
-# 4096; layer: the layer kernel for every layer).
+# resident kernel).  SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA path: resident runs
+# the hybrid for any n up to 4096; auto and layer run the layer kernel for every layer (on
+# H100 the hybrid measured level with it at N=1024 and slower at N=4096, see
+# benchmarks/RESULTS.md, so it is opt-in until it pays).
 SINGLE_LAYERS = 8
 MAX_SEGMENT = 32
 
@@ -298,12 +299,12 @@ def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
 
 def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
     """The resident kernel's lane groups when the hybrid path runs this network, else None."""
-    if kernel == "layer" or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
+    if kernel != "resident" or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
         return None
     if np.dtype(x.dtype) == np.float64:
         return None
     groups = resident_groups(net.n)
-    if groups is None or (kernel == "auto" and groups > 2):
+    if groups is None:
         return None
     steps = sum(int(W.structure.bank_split(groups).col_ptr[-1]) for W in net.layers)
     return groups if steps < 2**31 else None
