@@ -40,10 +40,11 @@ _CUDA_RESIDENT_TARGET = "spdnn_sparse_dnn_resident"
 # while rows are many), then segments of 2, 4, 8, ... layers, at most MAX_SEGMENT per
 # launch, with the resident kernel (the row tile stays in shared memory across layers).
 # SPDNN_DNN_SEGMENTS="singles,max" overrides both (tuning; singles=0 runs every layer on the
-# resident kernel).  SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA path: resident runs
-# the hybrid for any n up to 4096; auto and layer run the layer kernel for every layer (on
-# H100 the hybrid measured level with it at N=1024 and slower at N=4096, see
-# benchmarks/RESULTS.md, so it is opt-in until it pays).
+# resident kernel).  SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA path: auto runs the
+# hybrid where it measured faster (n <= 1024: two lane groups or one; on H100 8% faster at
+# 1024-120) and the layer kernel for every layer otherwise (with 4 or 8 lane groups the
+# hybrid measured slower, 2x at 4096-120; benchmarks/RESULTS.md); resident forces the hybrid
+# for any n up to 4096; layer forces the layer kernel.
 SINGLE_LAYERS = 8
 MAX_SEGMENT = 32
 
@@ -299,12 +300,12 @@ def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
 
 def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
     """The resident kernel's lane groups when the hybrid path runs this network, else None."""
-    if kernel != "resident" or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
+    if kernel == "layer" or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
         return None
     if np.dtype(x.dtype) == np.float64:
         return None
     groups = resident_groups(net.n)
-    if groups is None:
+    if groups is None or (kernel == "auto" and groups > 2):
         return None
     steps = sum(int(W.structure.bank_split(groups).col_ptr[-1]) for W in net.layers)
     return groups if steps < 2**31 else None
