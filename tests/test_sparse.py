@@ -251,3 +251,36 @@ def test_pack_bank_split(n_in, n_out, groups, density, seed):
     assert m.structure.bank_split(groups) is m.structure.bank_split(groups)
     with pytest.raises(ValueError, match="power of two"):
         sd.pack_bank_split(m.structure, 3)
+
+
+@given(
+    n=st.integers(1, 80),
+    groups=st.sampled_from([1, 2, 4, 8]),
+    density=st.sampled_from([0.0, 0.1, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bank_split_layout_computes_the_product(n, groups, density, seed):
+    """Emulates the resident GPU kernel's addressing on the host: features of a tile of
+    R rows stored at word ``bank_offset(i) ^ r`` (zero inputs after the n real ones), every
+    entry's weight times the word it points at, summed per output, is ``x @ W`` -- also
+    with infinite features, which padding must never touch."""
+    rng = np.random.default_rng(seed)
+    w = random_sparse(rng, n, n, density, empty_rows=0.2)
+    m = sd.SparseMatrix.from_scipy(w)
+    p = sd.pack_bank_split(m.structure, groups)
+    R = p.rows
+    x = rng.standard_normal((R, n))
+    x[rng.random((R, n)) < 0.05] = np.inf  # a real input may be infinite
+    smem = np.zeros((n + groups) * R)
+    for r in range(R):
+        smem[sd.sparse.bank_offset(np.arange(n), groups) ^ r] = x[r]
+    vals = np.asarray(p.pack_values(jnp.asarray(m.values)), np.float64)
+    col = np.searchsorted(p.col_ptr, np.arange(p.total) // groups, side="right") - 1
+    got = np.zeros((R, n))
+    with np.errstate(invalid="ignore"):
+        for r in range(R):
+            np.add.at(got[r], col, vals * smem[p.offsets ^ r])
+    dense = w.toarray()
+    with np.errstate(invalid="ignore"):
+        want = np.stack([(x[r][:, None] * dense).sum(axis=0, where=dense != 0) for r in range(R)])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
