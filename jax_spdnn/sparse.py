@@ -120,7 +120,28 @@ class Structure:
         return Structure(indptr, indices, (copies * self.n_in, copies * self.n_out))
 
 
-class EllPack:
+class _Packed:
+    """What the GPU layouts share: a gather of CSR values into packed slots."""
+
+    __slots__ = ()
+
+    @property
+    def total(self) -> int:
+        """Packed slots, padding included."""
+        return int(self.source.shape[0])
+
+    @property
+    def padding(self) -> float:
+        """``total / nnz`` (1.0 without padding)."""
+        return self.total / self.nnz if self.nnz else 1.0
+
+    def pack_values(self, values):
+        """``[nnz]`` CSR values -> ``[total]`` packed values (zeros in padding)."""
+        padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
+        return jnp.take(padded, jnp.asarray(self.source), unique_indices=False)
+
+
+class EllPack(_Packed):
     """Warp-sliced ELL packing of a :class:`Structure` (the CUDA kernel's layout).
 
     Outputs are cut into slices of ``slice`` consecutive neurons.  Slice ``w``
@@ -143,19 +164,6 @@ class EllPack:
     def __init__(self, slice_ptr, indices, source, slice_, nnz):
         self.slice_ptr, self.indices, self.source = slice_ptr, indices, source
         self.slice, self.nnz = slice_, nnz
-
-    @property
-    def total(self) -> int:
-        return int(self.indices.shape[0])
-
-    @property
-    def padding(self) -> float:
-        return self.total / self.nnz if self.nnz else 1.0
-
-    def pack_values(self, values):
-        """``[nnz]`` CSR values -> ``[total]`` packed values (zeros in padding)."""
-        padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
-        return jnp.take(padded, jnp.asarray(self.source), unique_indices=False)
 
 
 def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
@@ -186,7 +194,7 @@ def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
     return EllPack(slice_ptr, indices, source, slice_, nnz)
 
 
-class BankSplitPack:
+class BankSplitPack(_Packed):
     """Bank-split packing of a :class:`Structure` (the resident whole-network GPU kernel).
 
     That kernel keeps ``rows = 32 // groups`` feature rows of a tile in shared memory,
@@ -221,19 +229,6 @@ class BankSplitPack:
     @property
     def rows(self) -> int:
         return 32 // self.groups
-
-    @property
-    def total(self) -> int:
-        return int(self.offsets.shape[0])
-
-    @property
-    def padding(self) -> float:
-        return self.total / self.nnz if self.nnz else 1.0
-
-    def pack_values(self, values):
-        """``[nnz]`` CSR values -> ``[total]`` packed values (zeros in padding)."""
-        padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
-        return jnp.take(padded, jnp.asarray(self.source), unique_indices=False)
 
     def input_of(self, offsets: np.ndarray) -> np.ndarray:
         """Input neuron of packed ``offsets`` (``>= n_in`` for padding)."""
