@@ -81,13 +81,15 @@ if [[ " $steps " == *" profile "* ]]; then
     grep -E "^active" "$OUT/profile_$kernel.csv" | cut -c1-400
     $PY - "$OUT/profile_$kernel.csv" <<'PYEOF'
 import csv, sys
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+rows = list(csv.reader(l for l in open(sys.argv[1]) if l.startswith('"')))
 head = rows[0]
 ki, vi = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
 out = []
 for r in rows[2:]:
-    name = r[ki].split("(")[0].split("<")[0].split("::")[-1][:22]
-    out.append(f"{name}:{float(r[vi].replace(',', '')) / 1000:.1f}")
+    name = r[ki]
+    for key in ("resident", "fused_layer", "list_nonzero", "scatter"):
+        if key in name:
+            out.append(f"{key}:{float(r[vi].replace(',', '')) / 1000:.0f}")
 print(" ".join(out))
 PYEOF
   done
