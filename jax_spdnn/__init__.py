@@ -29,12 +29,14 @@ from jax_spdnn.sparse import (
     pack_bank_split,
     pack_sliced_ell,
 )
+from jax_spdnn.stream import stream_network
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DNNResult",
     "SparseDNN",
+    "stream_network",
     "challenge",
     "distributed",
     "BankSplitPack",

@@ -262,40 +262,54 @@ def _operands(x, *arrays):
     return tuple(_match_vma(a, axes) for a in arrays) if axes else arrays
 
 
+def _clip_attr(clip):
+    return np.float64(np.inf if clip is None else clip)
+
+
+def _call_cpu(x, values, biases, indptr, indices, clip, drop_dead: bool):
+    """The CPU network call on explicit operands (layers concatenated; biases [L, n])."""
+    out = (_like(x, x.shape, x.dtype), _like(x, (biases.shape[0],), jnp.int32))
+    return jax.ffi.ffi_call(_CPU_TARGET, out)(
+        x,
+        *_operands(x, values, biases, indptr, indices),
+        clip=_clip_attr(clip),
+        drop_dead=drop_dead,
+    )
+
+
 def _fused_cpu(net: SparseDNN, x, drop_dead: bool):
     acc = _acc_dtype(x.dtype)
     indptr, indices = _concat_structures(tuple(W.structure for W in net.layers))
     values = jnp.concatenate([jnp.asarray(W.values).astype(acc) for W in net.layers])
-    out = (_like(x, x.shape, x.dtype), _like(x, (net.n_layers,), jnp.int32))
-    clip = np.float64(np.inf if net.clip is None else net.clip)
-    return jax.ffi.ffi_call(_CPU_TARGET, out)(
-        x,
-        *_operands(x, values, net.biases.astype(acc), indptr, indices),
-        clip=clip,
-        drop_dead=drop_dead,
+    return _call_cpu(x, values, net.biases.astype(acc), indptr, indices, net.clip, drop_dead)
+
+
+def _call_cuda_ell(x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead: bool):
+    """The CUDA layer-kernel network call on explicit operands (ELL packed; biases [L, n])."""
+    batch, n = x.shape
+    out = (
+        _like(x, x.shape, x.dtype),
+        _like(x, (biases.shape[0],), jnp.int32),
+        _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
+        _like(x, (6 * batch + 2,), jnp.int32),  # marks, row lists, counts
     )
+    y, active, _, _ = jax.ffi.ffi_call(_CUDA_TARGET, out)(
+        x,
+        *_operands(x, values, biases, slice_ptr, indices),
+        clip=_clip_attr(clip),
+        drop_dead=drop_dead,
+        slice_offsets=np.asarray(sp_off, np.int64),
+        ell_offsets=np.asarray(ell_off, np.int64),
+    )
+    return y, active
 
 
 def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
     acc = _acc_dtype(x.dtype)
     values, slice_ptr, indices, sp_off, ell_off = _ell_operands(net.layers, acc)
-    batch, n = x.shape
-    out = (
-        _like(x, x.shape, x.dtype),
-        _like(x, (net.n_layers,), jnp.int32),
-        _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
-        _like(x, (6 * batch + 2,), jnp.int32),  # marks, row lists, counts
+    return _call_cuda_ell(
+        x, values, net.biases.astype(acc), slice_ptr, indices, sp_off, ell_off, net.clip, drop_dead
     )
-    clip = np.float64(np.inf if net.clip is None else net.clip)
-    y, active, _, _ = jax.ffi.ffi_call(_CUDA_TARGET, out)(
-        x,
-        *_operands(x, values, net.biases.astype(acc), slice_ptr, indices),
-        clip=clip,
-        drop_dead=drop_dead,
-        slice_offsets=sp_off,
-        ell_offsets=ell_off,
-    )
-    return y, active
 
 
 def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
@@ -355,7 +369,6 @@ def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segmen
         _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
         _like(x, (6 * batch + L + 1,), jnp.int32),  # marks, row lists, counts
     )
-    clip = np.float64(np.inf if net.clip is None else net.clip)
     y, active, _, _ = jax.ffi.ffi_call(_CUDA_RESIDENT_TARGET, out)(
         x,
         *_operands(
@@ -367,7 +380,7 @@ def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segmen
             entries,
             col_ptr,
         ),
-        clip=clip,
+        clip=_clip_attr(net.clip),
         drop_dead=drop_dead,
         groups=np.int64(groups),
         slice_offsets=sp_off,

@@ -1,0 +1,204 @@
+"""Streaming whole networks whose weights do not fit in device memory.
+
+:func:`stream_network` runs ``Y <- min(relu(Y W_l + b_l), clip)`` over ``L`` layers in chunks
+of ``chunk_layers`` layers. The features stay on the device; each chunk's weights are made
+on the host (from a list of layers, or by a function that builds layer ``k`` on demand, so a
+network never has to exist in host memory at once), packed for the device's kernel and
+copied in by a background thread while the device runs the previous chunk (JAX dispatch is
+asynchronous, so host packing, the copy and device compute overlap). Each chunk is one call
+of the same fused network kernel as :class:`~jax_spdnn.SparseDNN` (dead rows skipped on the
+device within the chunk, found again at the next chunk's start), and the index arrays enter
+as *arguments*: chunks of equal shape share one compiled program.
+
+Results equal :class:`~jax_spdnn.SparseDNN` with the layer kernel, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_spdnn import _native
+from jax_spdnn.dnn import (
+    _CPU_TARGET,
+    _CUDA_TARGET,
+    DNNResult,
+    SparseDNN,
+    _call_cpu,
+    _call_cuda_ell,
+)
+from jax_spdnn.linear import _FEATURE_DTYPES, _acc_dtype
+from jax_spdnn.sparse import SparseMatrix
+
+__all__ = ["stream_network"]
+
+
+@partial(jax.jit, static_argnames=("clip", "drop_dead"))
+def _chunk_cpu(x, values, biases, indptr, indices, *, clip, drop_dead):
+    return _call_cpu(x, values, biases, indptr, indices, clip, drop_dead)
+
+
+def _cuda_chunk(x, values, biases, slice_ptr, indices, *, clip, drop_dead, sp_off, ell_off):
+    return _call_cuda_ell(x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead)
+
+
+_CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off")
+# The first chunk must not consume the caller's x; later chunks reuse the feature buffer.
+_chunk_cuda_first = jax.jit(_cuda_chunk, static_argnames=_CUDA_STATIC)
+_chunk_cuda = jax.jit(_cuda_chunk, static_argnames=_CUDA_STATIC, donate_argnums=(0,))
+
+
+def _layer_source(layers, n_layers):
+    if callable(layers):
+        if n_layers is None:
+            raise ValueError("stream_network: n_layers is required when layers is a function")
+        return layers, int(n_layers)
+    layers = list(layers)
+    if n_layers is not None and n_layers != len(layers):
+        raise ValueError(f"stream_network: n_layers={n_layers} but {len(layers)} layers given")
+    return layers.__getitem__, len(layers)
+
+
+def _bias_source(biases, n_layers: int, n: int):
+    if callable(biases):
+        return biases
+    b = np.asarray(biases)
+    if b.ndim == 0:
+        return lambda k: b
+    if b.shape == (n_layers,) and n_layers != n:
+        return lambda k: b[k]
+    if b.shape == (n,):
+        return lambda k: b
+    if b.shape == (n_layers, n):
+        return lambda k: b[k]
+    raise ValueError(
+        f"stream_network: biases must be a scalar, [L]={n_layers}, [n]={n}, [L, n] or a "
+        f"function of the layer, got shape {b.shape}"
+    )
+
+
+def _platform(x) -> str:
+    platform = next(iter(x.devices())).platform
+    if platform == "cpu" and _native.has_target(_CPU_TARGET, "cpu"):
+        return "cpu"
+    if platform in ("gpu", "cuda") and _native.has_target(_CUDA_TARGET, "cuda"):
+        return "cuda"
+    return "other"
+
+
+def stream_network(
+    layers: Sequence[SparseMatrix] | Callable[[int], SparseMatrix],
+    x,
+    biases,
+    *,
+    n_layers: int | None = None,
+    clip: float | None = 32.0,
+    chunk_layers: int = 120,
+    drop_dead_rows: bool | None = None,
+) -> DNNResult:
+    """Runs a network of square sparse layers on ``x`` chunk by chunk (see the module doc).
+
+    Args:
+      layers: a sequence of :class:`SparseMatrix` ``[n, n]``, or a function ``k ->
+        SparseMatrix`` called once per layer, in order, from a background thread (for
+        example ``lambda k: challenge.radixnet_layer(n, k + 1)``); then ``n_layers`` is
+        required.
+      x: ``[batch, n]`` features (float32, float64, bfloat16 or float16) on the device to run
+        on.
+      biases: a scalar, ``[L]``, ``[n]``, ``[L, n]``, or a function ``k -> scalar or [n]``.
+      clip: upper clamp after the ReLU, or ``None``.
+      chunk_layers: layers per device call; the device holds the weights of two chunks.
+      drop_dead_rows: skip rows that became zero (default: per chunk, when its biases are
+        all <= 0, the condition under which a zero row stays zero).
+
+    Returns:
+      :class:`DNNResult` with the final features, the surviving rows and the active count
+      after every layer.
+    """
+    get_layer, L = _layer_source(layers, n_layers)
+    if L < 1:
+        raise ValueError("stream_network: needs at least one layer")
+    if chunk_layers < 1:
+        raise ValueError(f"stream_network: chunk_layers must be >= 1, got {chunk_layers}")
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"stream_network: x must be [batch, n], got shape {x.shape}")
+    if np.dtype(x.dtype) not in _FEATURE_DTYPES:
+        raise TypeError(
+            "stream_network: x must be float32, float64, bfloat16 or float16, "
+            f"got {np.dtype(x.dtype).name}"
+        )
+    n = x.shape[1]
+    get_bias = _bias_source(biases, L, n)
+    acc = np.dtype(_acc_dtype(x.dtype))
+    platform = _platform(x)
+    device = next(iter(x.devices()))
+    x = jax.device_put(x, device)  # committed, like every later chunk's input: one program
+
+    def build(a: int, b: int):
+        """Host side of chunk [a, b): the layers, their packing, the copy to the device."""
+        mats, bias = [], np.empty((b - a, n), acc)
+        for k in range(a, b):
+            W = get_layer(k)
+            if not isinstance(W, SparseMatrix):
+                raise TypeError(
+                    f"stream_network: layer {k} is {type(W).__name__}, not a SparseMatrix"
+                )
+            if W.shape != (n, n):
+                raise ValueError(
+                    f"stream_network: layer {k} has shape {W.shape}, expected {(n, n)}"
+                )
+            mats.append(W)
+            bias[k - a] = np.broadcast_to(np.asarray(get_bias(k), acc), (n,))
+        drop = bool(np.all(bias <= 0)) if drop_dead_rows is None else bool(drop_dead_rows)
+        if platform == "cpu":
+            indptr = np.concatenate([W.structure.indptr for W in mats])
+            indices = np.concatenate([W.structure.indices for W in mats])
+            values = np.concatenate([np.asarray(W.values, acc) for W in mats])
+            arrays, static = (values, bias, indptr, indices), {}
+        elif platform == "cuda":
+            ells = [W.structure.sliced_ell for W in mats]
+            slice_ptr = np.concatenate([e.slice_ptr for e in ells])
+            indices = np.concatenate([e.indices for e in ells])
+            values = np.concatenate(
+                [
+                    np.append(np.asarray(W.values, acc), acc.type(0))[e.source]
+                    for e, W in zip(ells, mats)
+                ]
+            )
+            sp_off = tuple(
+                int(v) for v in np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])
+            )
+            ell_off = tuple(int(v) for v in np.cumsum([0] + [e.total for e in ells]))
+            arrays, static = (
+                (values, bias, slice_ptr, indices),
+                {"sp_off": sp_off, "ell_off": ell_off},
+            )
+        else:
+            return SparseDNN(mats, bias, clip=clip), drop
+        return jax.device_put(arrays, device), dict(static, drop_dead=drop)
+
+    bounds = [(a, min(a + chunk_layers, L)) for a in range(0, L, chunk_layers)]
+    h, actives = x, []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(build, *bounds[0])
+        for i, _ in enumerate(bounds):
+            ops, static = pending.result()
+            if i + 1 < len(bounds):
+                pending = pool.submit(build, *bounds[i + 1])  # overlaps this chunk's compute
+            if platform == "cpu":
+                h, active = _chunk_cpu(h, *ops, clip=clip, **static)
+            elif platform == "cuda":
+                step = _chunk_cuda_first if i == 0 else _chunk_cuda
+                h, active = step(h, *ops, clip=clip, **static)
+            else:
+                r = ops(h, drop_dead_rows=static)
+                h, active = r.features, r.active_per_layer
+            actives.append(active)
+            del ops
+    return DNNResult(h, jnp.any(h != 0, axis=1), jnp.concatenate(actives))

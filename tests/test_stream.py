@@ -1,0 +1,142 @@
+"""stream_network: chunked whole-network inference equals SparseDNN bit for bit (same
+kernel per layer), with layers from a list or made on demand, every bias form, rows dying
+inside and between chunks; one compiled program for chunks of equal shape; errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_spdnn as sd
+from jax_spdnn import stream
+from jax_spdnn.challenge import radixnet, radixnet_layer, random_inputs, reference_inference
+
+
+@pytest.fixture(autouse=True)
+def _layer_kernel(monkeypatch):
+    # The reference SparseDNN runs the layer kernel on every layer, like the stream.
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "layer")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 10, 12])
+@pytest.mark.parametrize("source", ["list", "function"])
+def test_equals_sparse_dnn(device, chunk, source):
+    n, L = 64, 10
+    layers = radixnet(n, L, seed=4)
+    x = random_inputs(n, 90, seed=2)
+    want = sd.SparseDNN(layers, -0.3)(x)
+    src = layers if source == "list" else (lambda k: radixnet_layer(n, k + 1, seed=4))
+    got = sd.stream_network(src, x, -0.3, n_layers=L, chunk_layers=chunk)
+    np.testing.assert_array_equal(np.asarray(got.features), np.asarray(want.features))
+    np.testing.assert_array_equal(np.asarray(got.alive), np.asarray(want.alive))
+    np.testing.assert_array_equal(
+        np.asarray(got.active_per_layer), np.asarray(want.active_per_layer)
+    )
+    assert got.features.dtype == jnp.float32
+
+
+def test_matches_reference_and_bias_forms(device):
+    n, L = 256, 7
+    layers = radixnet(n, L, seed=1)
+    x = random_inputs(n, 120, seed=6)
+    b = -0.3 * np.ones((L, n))
+    b[:, ::3] = -0.25
+    ref = reference_inference(layers, list(b), x)
+    forms = [b, lambda k: b[k]]
+    for biases in forms:
+        r = sd.stream_network(layers, x, biases, chunk_layers=3)
+        check = sd.challenge.check_categories(r.categories(), ref.categories, ref.ambiguous)
+        assert check.passed, check.summary()
+    per_layer = -0.3 - 0.01 * np.arange(L)
+    a = sd.stream_network(layers, x, per_layer, chunk_layers=2)
+    w = sd.SparseDNN(layers, per_layer)(x)
+    np.testing.assert_array_equal(np.asarray(a.features), np.asarray(w.features))
+    shared = -0.3 * np.ones(n)
+    a = sd.stream_network(layers, x, shared, chunk_layers=4)
+    w = sd.SparseDNN(layers, shared)(x)
+    np.testing.assert_array_equal(np.asarray(a.features), np.asarray(w.features))
+
+
+def test_edge_cases(device):
+    layers = radixnet(64, 6, seed=0)
+    x = random_inputs(64, 50, seed=0)
+    # every row dies in the first chunk; later chunks see none
+    r = sd.stream_network(layers, x, -100.0, chunk_layers=2)
+    assert not np.asarray(r.alive).any() and np.all(np.asarray(r.active_per_layer) == 0)
+    # a positive bias in one chunk only: that chunk may not skip zero rows
+    b = np.full(6, -0.3)
+    b[4] = 0.5
+    x0 = np.zeros((5, 64), np.float32)
+    r = sd.stream_network(layers, x0, b, chunk_layers=2)
+    want = sd.SparseDNN(layers, b)(x0)
+    np.testing.assert_array_equal(np.asarray(r.features), np.asarray(want.features))
+    assert np.asarray(r.alive).all()
+    # batch 1, float64, bf16
+    for dtype in (np.float32, np.float64, jnp.bfloat16):
+        xs = jnp.asarray(x[:1], dtype)
+        r = sd.stream_network(layers, xs, -0.3, chunk_layers=4)
+        w = sd.SparseDNN(layers, -0.3)(xs)
+        assert r.features.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(r.features), np.asarray(w.features))
+    # the caller's x is left intact
+    xd = jnp.asarray(x)
+    before = np.asarray(xd).copy()
+    sd.stream_network(layers, xd, -0.3, chunk_layers=2)
+    np.testing.assert_array_equal(np.asarray(xd), before)
+
+
+def test_one_program_per_chunk_shape():
+    layers = radixnet(64, 9, seed=3)
+    x = random_inputs(64, 40, seed=1)
+    jax.clear_caches()
+    sd.stream_network(layers, x, -0.3, chunk_layers=4)  # chunks of 4, 4 and 1 layers
+    assert stream._chunk_cpu._cache_size() == 2
+
+
+def test_errors():
+    layers = radixnet(64, 3, seed=0)
+    x = np.zeros((4, 64), np.float32)
+    with pytest.raises(ValueError, match="n_layers is required"):
+        sd.stream_network(lambda k: layers[k], x, -0.3)
+    with pytest.raises(ValueError, match="n_layers=5 but 3 layers"):
+        sd.stream_network(layers, x, -0.3, n_layers=5)
+    with pytest.raises(ValueError, match="chunk_layers must be >= 1"):
+        sd.stream_network(layers, x, -0.3, chunk_layers=0)
+    with pytest.raises(ValueError, match="x must be \\[batch, n\\]"):
+        sd.stream_network(layers, x[0], -0.3)
+    with pytest.raises(TypeError, match="int32"):
+        sd.stream_network(layers, x.astype(np.int32), -0.3)
+    with pytest.raises(ValueError, match="biases must be"):
+        sd.stream_network(layers, x, np.zeros(7))
+    with pytest.raises(ValueError, match="layer 1 has shape"):
+        sd.stream_network([layers[0], radixnet(32, 1)[0]], x, -0.3)
+    with pytest.raises(TypeError, match="layer 0 is ndarray"):
+        sd.stream_network(lambda k: np.eye(64), x, -0.3, n_layers=1)
+
+
+@pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
+def test_cuda_chunk_lowering_without_a_gpu():
+    """The CUDA chunk call lowers on any machine with the CUDA kernels built: the packed
+    index arrays are arguments (not constants) and later chunks reuse the feature buffer."""
+    import re
+
+    layers = radixnet(1024, 3, seed=0)
+    ells = [W.structure.sliced_ell for W in layers]
+    args = (
+        jax.ShapeDtypeStruct((50, 1024), jnp.float32),
+        np.zeros(sum(e.total for e in ells), np.float32),
+        np.zeros((3, 1024), np.float32),
+        np.concatenate([e.slice_ptr for e in ells]),
+        np.concatenate([e.indices for e in ells]),
+    )
+    static = dict(
+        clip=32.0,
+        drop_dead=True,
+        sp_off=tuple(int(v) for v in np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])),
+        ell_off=tuple(int(v) for v in np.cumsum([0] + [e.total for e in ells])),
+    )
+    for fn, donated in ((stream._chunk_cuda_first, False), (stream._chunk_cuda, True)):
+        text = fn.trace(*args, **static).lower(lowering_platforms=("cuda",)).as_text()
+        assert set(re.findall(r"custom_call @(\w+)", text)) == {"spdnn_sparse_dnn_ell"}
+        assert len(re.findall(r"%arg\d+: tensor<", text)) == 5  # no index constants
+        assert ("tf.aliasing_output" in text or "jax.buffer_donor" in text) == donated
