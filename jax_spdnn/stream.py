@@ -1,14 +1,14 @@
 """Streaming whole networks whose weights do not fit in device memory.
 
 :func:`stream_network` runs ``Y <- min(relu(Y W_l + b_l), clip)`` over ``L`` layers in chunks
-of ``chunk_layers`` layers. The features stay on the device; each chunk's weights are made
-on the host (from a list of layers, or by a function that builds layer ``k`` on demand, so a
-network never has to exist in host memory at once), packed for the device's kernel and
-copied in by a background thread while the device runs the previous chunk (JAX dispatch is
-asynchronous, so host packing, the copy and device compute overlap). Each chunk is one call
-of the same fused network kernel as :class:`~jax_spdnn.SparseDNN` (dead rows skipped on the
-device within the chunk, found again at the next chunk's start), and the index arrays enter
-as *arguments*: chunks of equal shape share one compiled program.
+of ``chunk_layers`` layers. The features stay on the device. Each chunk's weights are made on
+the host (from a list of layers, or by a function that builds layer ``k`` on demand, so the
+network never has to exist in host memory at once) and packed for the device's kernel by a
+background thread while the device runs the previous chunk; the copy to the device is
+asynchronous too, so making, packing and copying the next chunk overlap the compute. Each
+chunk is one call of the same fused network kernel as :class:`~jax_spdnn.SparseDNN` (dead
+rows skipped on the device within the chunk, found again at the next chunk's start), and the
+index arrays enter as *arguments*: chunks of equal shape share one compiled program.
 
 Results equal :class:`~jax_spdnn.SparseDNN` with the layer kernel, bit for bit.
 """
@@ -141,7 +141,7 @@ def stream_network(
     x = jax.device_put(x, device)  # committed, like every later chunk's input: one program
 
     def build(a: int, b: int):
-        """Host side of chunk [a, b): the layers, their packing, the copy to the device."""
+        """Host side of chunk [a, b): the layers and their packing for the kernel."""
         mats, bias = [], np.empty((b - a, n), acc)
         for k in range(a, b):
             W = get_layer(k)
@@ -160,8 +160,8 @@ def stream_network(
             indptr = np.concatenate([W.structure.indptr for W in mats])
             indices = np.concatenate([W.structure.indices for W in mats])
             values = np.concatenate([np.asarray(W.values, acc) for W in mats])
-            arrays, static = (values, bias, indptr, indices), {}
-        elif platform == "cuda":
+            return (values, bias, indptr, indices), {"drop_dead": drop}
+        if platform == "cuda":
             ells = [W.structure.sliced_ell for W in mats]
             slice_ptr = np.concatenate([e.slice_ptr for e in ells])
             indices = np.concatenate([e.indices for e in ells])
@@ -171,34 +171,34 @@ def stream_network(
                     for e, W in zip(ells, mats)
                 ]
             )
-            sp_off = tuple(
-                int(v) for v in np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])
-            )
-            ell_off = tuple(int(v) for v in np.cumsum([0] + [e.total for e in ells]))
-            arrays, static = (
-                (values, bias, slice_ptr, indices),
-                {"sp_off": sp_off, "ell_off": ell_off},
-            )
-        else:
-            return SparseDNN(mats, bias, clip=clip), drop
-        return jax.device_put(arrays, device), dict(static, drop_dead=drop)
+            sp_off = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])
+            ell_off = np.cumsum([0] + [e.total for e in ells])
+            static = {
+                "drop_dead": drop,
+                "sp_off": tuple(int(v) for v in sp_off),
+                "ell_off": tuple(int(v) for v in ell_off),
+            }
+            return (values, bias, slice_ptr, indices), static
+        return (mats, bias), {"drop_dead": drop}
 
     bounds = [(a, min(a + chunk_layers, L)) for a in range(0, L, chunk_layers)]
     h, actives = x, []
+    # The worker thread only makes and packs layers (numpy); everything that touches JAX
+    # stays on this thread, under the caller's configuration (x64, default device).
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(build, *bounds[0])
         for i, _ in enumerate(bounds):
-            ops, static = pending.result()
+            host, static = pending.result()
             if i + 1 < len(bounds):
                 pending = pool.submit(build, *bounds[i + 1])  # overlaps this chunk's compute
             if platform == "cpu":
-                h, active = _chunk_cpu(h, *ops, clip=clip, **static)
+                h, active = _chunk_cpu(h, *jax.device_put(host, device), clip=clip, **static)
             elif platform == "cuda":
                 step = _chunk_cuda_first if i == 0 else _chunk_cuda
-                h, active = step(h, *ops, clip=clip, **static)
+                h, active = step(h, *jax.device_put(host, device), clip=clip, **static)
             else:
-                r = ops(h, drop_dead_rows=static)
+                r = SparseDNN(host[0], host[1], clip=clip)(h, drop_dead_rows=static["drop_dead"])
                 h, active = r.features, r.active_per_layer
             actives.append(active)
-            del ops
+            del host
     return DNNResult(h, jnp.any(h != 0, axis=1), jnp.concatenate(actives))
