@@ -112,6 +112,17 @@ def _challenge(args) -> int:
         cats = _find(data, f"neuron{n}-l{n_layers}-categories.tsv")
         if cats is not None:
             truth = (ch.read_categories(cats), np.zeros(0, np.int64), f"official {cats.name}")
+    elif args.chunk_layers:  # layers made while streaming, never all in memory
+        batch = args.batch or 60000
+        nnz = {}
+
+        def layers(k):
+            W = ch.radixnet_layer(n, k + 1, seed=args.seed)
+            nnz[k] = W.nnz
+            return W
+
+        with console.status("generating MNIST-like inputs"):
+            x = ch.digit_inputs(n, batch, seed=args.seed)
     else:
         batch = args.batch or 60000
         layers = [
@@ -121,10 +132,20 @@ def _challenge(args) -> int:
         with console.status("generating MNIST-like inputs"):
             x = ch.digit_inputs(n, batch, seed=args.seed)
     batch = x.shape[0]
-    net = sd.SparseDNN(layers, bias, clip=32.0)
-    if args.distributed:
+    if args.chunk_layers:
+        net = None
+
+        def run(xd):
+            return sd.stream_network(
+                layers, xd, bias, n_layers=n_layers, clip=32.0, chunk_layers=args.chunk_layers
+            )
+
+        xd = jnp.asarray(x.toarray(), DTYPES[args.dtype])
+    elif args.distributed:
+        net = sd.SparseDNN(layers, bias, clip=32.0)
         run, xd = _distributed_setup(net, x, DTYPES[args.dtype], args.rebalance, console)
     else:
+        net = sd.SparseDNN(layers, bias, clip=32.0)
         run, xd = net, jnp.asarray(x.toarray(), DTYPES[args.dtype])
     with console.status("compiling"):
         jax.block_until_ready(run(xd))
@@ -133,15 +154,24 @@ def _challenge(args) -> int:
     seconds = time.perf_counter() - t0
     if args.distributed:
         result = _gather_result(result, batch)
-    edges = batch * net.nnz
+    edges = batch * (net.nnz if net is not None else sum(nnz.values()))
+    what = f"streamed in chunks of {args.chunk_layers} layers, " if args.chunk_layers else ""
     console.print(
-        f"inference: {seconds:.4f} s, {edges:.3e} edges, [bold]{edges / seconds / 1e12:.3f} TE/s[/]"
+        f"inference ({what}time per call): {seconds:.4f} s, {edges:.3e} edges, "
+        f"[bold]{edges / seconds / 1e12:.3f} TE/s[/]"
     )
     found = result.categories()
     console.print(f"{found.size} of {batch} images have a nonzero final row")
     if truth is None and not args.no_check:
         with console.status("float64 reference (CPU)"):
-            ref = ch.reference_inference_fast(layers, bias, x, clip=32.0)
+            ref = ch.reference_inference_fast(
+                layers,
+                bias,
+                x,
+                clip=32.0,
+                n_layers=n_layers,
+                chunk_layers=args.chunk_layers or None,
+            )
         truth = (ref.categories, ref.ambiguous, "float64 reference")
     status = 0
     if truth is not None:
@@ -231,7 +261,21 @@ def main(argv=None) -> int:
         p.add_argument(
             "--rebalance", type=int, default=0, help="with --distributed: rebalance every K layers"
         )
+        p.add_argument(
+            "--chunk-layers",
+            type=int,
+            default=0,
+            help="stream the generated network in chunks of K layers, each made on the host "
+            "while the device runs the previous one (for weights beyond device memory)",
+        )
     args = parser.parse_args(argv)
+    if args.chunk_layers and (args.data or args.distributed or args.profile or args.plot):
+        parser.error(
+            "--chunk-layers streams a generated network on one process; it does not "
+            "combine with --data, --distributed, --profile or --plot"
+        )
+    if args.chunk_layers < 0:
+        parser.error("--chunk-layers must be positive")
     return _challenge(args)
 
 

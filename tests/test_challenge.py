@@ -108,6 +108,15 @@ def test_challenge_command(tmp_path):
     assert "sum of per-layer times" in flat and "for the fused network" in flat
 
 
+def test_challenge_command_streamed():
+    out = _run_cli("--neurons", "1024", "--layers", "12", "--batch", "500", "--chunk-layers", "5")
+    assert out.returncode == 0, out.stdout + out.stderr
+    flat = " ".join(out.stdout.split())
+    assert "streamed in chunks of 5 layers" in flat and "PASSED" in flat
+    bad = _run_cli("--layers", "4", "--chunk-layers", "2", "--profile")
+    assert bad.returncode == 2 and "does not combine" in bad.stderr
+
+
 def test_challenge_command_official_layout(tmp_path):
     """--data with the official file names: layers, images and a truth file."""
     from jax_spdnn.challenge import (

@@ -106,3 +106,28 @@ def test_sparse_linear_chain_matches_reference(device, dtype):
         np.testing.assert_allclose(y[ok], r.features.toarray()[ok], atol=1e-3, rtol=1e-4)
     else:
         print(f"bfloat16 storage: {check.summary()}")
+
+
+def test_fast_reference_streamed_equals_whole():
+    """The streamed float64 reference (layers made on demand, chunks of layers) gives the
+    same categories, bounds, features and active counts as the whole-network one."""
+    from jax_spdnn.challenge import (
+        radixnet,
+        radixnet_layer,
+        random_inputs,
+        reference_inference_fast,
+    )
+
+    n, L = 256, 9
+    layers = radixnet(n, L, seed=2)
+    x = random_inputs(n, 300, seed=4)
+    whole = reference_inference_fast(layers, -0.3, x)
+    for source, chunk in ((layers, 4), (lambda k: radixnet_layer(n, k + 1, seed=2), None)):
+        part = reference_inference_fast(source, -0.3, x, n_layers=L, chunk_layers=chunk)
+        for a, b in zip(
+            (part.categories, part.categories_lower, part.categories_upper, part.ambiguous),
+            (whole.categories, whole.categories_lower, whole.categories_upper, whole.ambiguous),
+        ):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(part.features.toarray(), whole.features.toarray())
+        assert part.active_per_layer == whole.active_per_layer

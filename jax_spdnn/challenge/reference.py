@@ -145,7 +145,16 @@ def check_categories(found, expected, ambiguous=()) -> TruthCheck:
     return TruthCheck(passed, expected.size, found.size, amb.size, missing, extra)
 
 
-def reference_inference_fast(layers, biases, x, *, clip: float = 32.0, tol: float = 1e-6):
+def reference_inference_fast(
+    layers,
+    biases,
+    x,
+    *,
+    clip: float = 32.0,
+    tol: float = 1e-6,
+    n_layers: int | None = None,
+    chunk_layers: int | None = None,
+):
     """The same contract as :func:`reference_inference`, computed with the library's own
     multithreaded CPU kernel in float64 (dead rows skipped), for challenge-sized problems.
 
@@ -153,14 +162,23 @@ def reference_inference_fast(layers, biases, x, *, clip: float = 32.0, tol: floa
     constant ``s_l = tol * (1 + max|b_l| + clip * max_j sum_i |W_l[i, j]|)``, an upper bound
     of the relative slack used by :func:`reference_inference`.  With non-negative weights
     the network is monotone in its biases, so the two runs bound every rounding order.
+
+    ``layers`` may also be a function ``k -> SparseMatrix`` (0-based) with ``n_layers``, or
+    ``chunk_layers`` may be set: then the network is streamed through
+    :func:`~jax_spdnn.stream_network` in chunks, never held whole in memory (each of the
+    three runs makes every layer again).
     """
+    if clip is None or not np.isfinite(clip):
+        raise ValueError("reference_inference_fast needs a finite clip; use reference_inference")
+    if callable(layers) or chunk_layers is not None:
+        return _reference_streamed(
+            layers, biases, x, clip=clip, tol=tol, n_layers=n_layers, chunk=chunk_layers or 120
+        )
     import jax
     import jax.numpy as jnp
 
     from jax_spdnn.dnn import SparseDNN
 
-    if clip is None or not np.isfinite(clip):
-        raise ValueError("reference_inference_fast needs a finite clip; use reference_inference")
     layers = list(layers)
     n_layers = len(layers)
     if np.ndim(biases) == 0 or (np.ndim(biases) == 1 and len(biases) != n_layers):
@@ -181,6 +199,57 @@ def reference_inference_fast(layers, biases, x, *, clip: float = 32.0, tol: floa
             bias = jnp.asarray(np.minimum(b + shift * slack[:, None], 0.0))
             r = SparseDNN(layers64, bias, clip=clip)(xd, drop_dead_rows=True)
             runs.append(r)
+        feats = sps.csr_matrix(np.asarray(runs[0].features))
+        active = [int(a) for a in np.asarray(runs[0].active_per_layer)]
+        cats = [r.categories().astype(np.int64) for r in runs]
+    return ReferenceResult(cats[0], cats[1], cats[2], feats, active)
+
+
+def _reference_streamed(layers, biases, x, *, clip, tol, n_layers, chunk):
+    import jax
+    import jax.numpy as jnp
+
+    from jax_spdnn.stream import _bias_source, _layer_source, stream_network
+
+    get_layer, L = _layer_source(layers, n_layers)
+    x = sps.csr_matrix(x) if sps.issparse(x) else np.asarray(x)
+    n = x.shape[1]
+    get_bias = _bias_source(biases, L, n)
+    last = {}
+
+    def layer64(k):  # made once per run; the bias of layer k asks for it right after
+        if k not in last:
+            last.clear()
+            last[k] = get_layer(k).astype(np.float64)
+        return last[k]
+
+    def bias_of(shift):
+        def bias(k):
+            b = np.broadcast_to(np.asarray(get_bias(k), np.float64), (n,))
+            if np.any(b > 0):
+                raise ValueError("reference_inference_fast: biases must be <= 0")
+            W = layer64(k)
+            row_sum = np.abs(W.to_scipy()).sum(axis=0).max() if W.nnz else 0.0
+            slack = tol * (1.0 + np.abs(b).max() + clip * row_sum)
+            return np.minimum(b + shift * slack, 0.0)
+
+        return bias
+
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.enable_x64(True), jax.default_device(cpu):
+        xd = jnp.asarray(x.toarray() if sps.issparse(x) else x, jnp.float64)
+        runs = [
+            stream_network(
+                layer64,
+                xd,
+                bias_of(shift),
+                n_layers=L,
+                clip=clip,
+                chunk_layers=chunk,
+                drop_dead_rows=True,
+            )
+            for shift in (0.0, -1.0, 1.0)
+        ]
         feats = sps.csr_matrix(np.asarray(runs[0].features))
         active = [int(a) for a in np.asarray(runs[0].active_per_layer)]
         cats = [r.categories().astype(np.int64) for r in runs]
