@@ -29,7 +29,9 @@ import jax_spdnn as sd  # noqa: E402
 from jax_spdnn import challenge as ch  # noqa: E402
 
 
-def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)):
+def run_problem(
+    n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),), chunk_layers=0, check=True
+):
     t0 = time.perf_counter()
     layers = ch.radixnet(n, n_layers, seed=0)
     x = ch.digit_inputs(n, batch, seed=0)
@@ -38,7 +40,13 @@ def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)
     net = sd.SparseDNN(layers, bias, clip=32.0)
     xd = jnp.asarray(x.toarray(), dtype)
     edges = batch * net.nnz
-    ref = ch.reference_inference_fast(layers, bias, x, clip=32.0)
+    ref = ch.reference_inference_fast(layers, bias, x, clip=32.0) if check else None
+
+    def truth(found):
+        if ref is None:
+            return "not checked (--no-check)"
+        return ch.check_categories(found, ref.categories, ref.ambiguous).summary()
+
     itemsize = jnp.dtype(dtype).itemsize
     rows = []
     floor_s = float("nan")
@@ -48,16 +56,24 @@ def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)
             os.environ["SPDNN_DNN_SEGMENTS"] = segments
         else:
             os.environ.pop("SPDNN_DNN_SEGMENTS", None)
-        f = jax.jit(lambda net, x: net(x))  # a fresh jit: the options are read at trace time
+        if chunk_layers:  # streamed from host memory; the packing is cached after warm-up
+            f = lambda net, x: sd.stream_network(  # noqa: E731
+                net.layers, x, net.biases, clip=32.0, chunk_layers=chunk_layers
+            )
+            trials, min_time = 3, 0.0
+        else:
+            f = jax.jit(lambda net, x: net(x))  # a fresh jit: options are read at trace time
+            trials, min_time = 7, 0.3
         r = jax.block_until_ready(f(net, xd))
-        t = time_fn(f, net, xd, trials=7, min_time=0.3)
+        t = time_fn(f, net, xd, trials=trials, min_time=min_time)
         active = np.asarray(r.active_per_layer).astype(np.int64)
         rows_in = np.concatenate([[np.count_nonzero(np.diff(x.indptr))], active[:-1]])
         floor_bytes = float(np.sum((rows_in + active) * n * itemsize))
         floor_s = floor_bytes / bw if bw else float("nan")
-        check = ch.check_categories(r.categories(), ref.categories, ref.ambiguous)
         label = jnp.dtype(dtype).name
-        if len(variants) > 1 or kernel != "auto":
+        if chunk_layers:
+            label += f", streamed in chunks of {chunk_layers} layers"
+        elif len(variants) > 1 or kernel != "auto":
             label += f", {kernel} kernel" + (f", segments {segments}" if segments else "")
         rows.append(
             {
@@ -68,7 +84,7 @@ def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)
                 "floor_s": floor_s,
                 "pct_floor": 100 * floor_s / t,
                 "survivors": int(r.categories().size),
-                "check": check.summary(),
+                "check": truth(r.categories()),
                 "gen_s": gen_s,
             }
         )
@@ -96,7 +112,6 @@ def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)
             y = jax.block_until_ready(fn(xs))
             t = time_fn(fn, xs, trials=1, min_time=0.0)
             found = np.flatnonzero(np.asarray(jnp.any(y != 0, axis=1)))
-            c = ch.check_categories(found, ref.categories, ref.ambiguous)
             rows.append(
                 {
                     "problem": f"{n}-{n_layers}",
@@ -105,7 +120,7 @@ def run_problem(n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),)
                     "TE/s": edges / t / 1e12,
                     "pct_floor": 100 * floor_s / t,
                     "survivors": int(found.size),
-                    "check": c.summary(),
+                    "check": truth(found),
                 }
             )
             print(rows[-1], flush=True)
@@ -146,6 +161,14 @@ def main(argv=None):
         default=[None],
         help="resident-kernel schedules 'singles,max' to time (default: the built-in one)",
     )
+    p.add_argument(
+        "--chunk-layers",
+        type=int,
+        default=0,
+        help="time stream_network in chunks of K layers (weights streamed from host memory; "
+        "no peers)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the float64 reference")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     variants = [(k, s) for k in args.kernels for s in (args.segments if k != "layer" else [None])]
@@ -157,7 +180,18 @@ def main(argv=None):
         n, n_layers = (int(v) for v in prob.split("-"))
         for i, dt in enumerate(args.dtypes):
             peers = (on_gpu or args.peers) and not args.no_peers and i == 0
-            rows += run_problem(n, n_layers, args.batch, bw, peers, jnp.dtype(dt), variants)
+            peers = peers and not args.chunk_layers
+            rows += run_problem(
+                n,
+                n_layers,
+                args.batch,
+                bw,
+                peers,
+                jnp.dtype(dt),
+                variants,
+                args.chunk_layers,
+                not args.no_check,
+            )
     e = env
     print(
         f"\n{e['device']}, jax {e['jax']}, jaxlib {e['jaxlib']}, {e['date']}"

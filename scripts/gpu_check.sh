@@ -3,7 +3,7 @@
 # Logs go to $OUT (default ./out).  Wheels of missing pure-Python test
 # dependencies may be provided in .whl/ (installed only when missing).
 #
-#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [conv] [sharded] [tune] [profile]
+#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [stream] [conv] [sharded] [tune] [profile]
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -48,6 +48,12 @@ if [[ " $steps " == *" dnn "* ]]; then
   echo "== whole-network benchmark"
   $PY benchmarks/bench_dnn.py --problems ${DNN_PROBLEMS:-1024-120 4096-120} ${DNN_ARGS:---dtypes float32 bfloat16} \
     --json "$OUT/bench_dnn.json" 2>&1 | tee "$OUT/bench_dnn.log" | tail -${DNN_TAIL:-12}
+fi
+
+if [[ " $steps " == *" stream "* ]]; then
+  echo "== streamed networks (weights from host memory in chunks of layers)"
+  $PY benchmarks/bench_dnn.py --problems ${STREAM_PROBLEMS:-65536-120} --chunk-layers ${CHUNK_LAYERS:-120} \
+    ${STREAM_ARGS:---no-check} --json "$OUT/bench_stream.json" 2>&1 | tee "$OUT/bench_stream.log" | tail -6
 fi
 
 if [[ " $steps " == *" conv "* ]]; then
