@@ -30,7 +30,7 @@ from jax_spdnn import challenge as ch  # noqa: E402
 
 
 def run_problem(
-    n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),), chunk_layers=0, check=True
+    n, n_layers, batch, bw, peers, dtype, variants=(("auto", None),), chunk_layers=0, check="cpu"
 ):
     t0 = time.perf_counter()
     layers = ch.radixnet(n, n_layers, seed=0)
@@ -40,7 +40,10 @@ def run_problem(
     net = sd.SparseDNN(layers, bias, clip=32.0)
     xd = jnp.asarray(x.toarray(), dtype)
     edges = batch * net.nnz
-    ref = ch.reference_inference_fast(layers, bias, x, clip=32.0) if check else None
+    ref = None
+    if check:
+        where = {} if check == "cpu" else {"device": jax.devices()[0], "batch_chunk": 10000}
+        ref = ch.reference_inference_fast(layers, bias, x, clip=32.0, **where)
 
     def truth(found):
         if ref is None:
@@ -169,6 +172,12 @@ def main(argv=None):
         "no peers)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the float64 reference")
+    p.add_argument(
+        "--reference-device",
+        choices=["cpu", "default"],
+        default="cpu",
+        help="where the float64 reference runs (default: JAX's default device, in row blocks)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     variants = [(k, s) for k in args.kernels for s in (args.segments if k != "layer" else [None])]
@@ -190,7 +199,7 @@ def main(argv=None):
                 jnp.dtype(dt),
                 variants,
                 args.chunk_layers,
-                not args.no_check,
+                None if args.no_check else args.reference_device,
             )
     e = env
     print(

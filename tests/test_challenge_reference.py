@@ -109,8 +109,9 @@ def test_sparse_linear_chain_matches_reference(device, dtype):
 
 
 def test_fast_reference_streamed_equals_whole():
-    """The streamed float64 reference (layers made on demand, chunks of layers) gives the
-    same categories, bounds, features and active counts as the whole-network one."""
+    """The streamed float64 reference (layers made on demand, chunks of layers) and the one
+    run in blocks of rows give the same categories, bounds, features and active counts as
+    the whole-network one."""
     from jax_spdnn.challenge import (
         radixnet,
         radixnet_layer,
@@ -122,8 +123,13 @@ def test_fast_reference_streamed_equals_whole():
     layers = radixnet(n, L, seed=2)
     x = random_inputs(n, 300, seed=4)
     whole = reference_inference_fast(layers, -0.3, x)
-    for source, chunk in ((layers, 4), (lambda k: radixnet_layer(n, k + 1, seed=2), None)):
-        part = reference_inference_fast(source, -0.3, x, n_layers=L, chunk_layers=chunk)
+    variants = (
+        (layers, dict(chunk_layers=4)),
+        (lambda k: radixnet_layer(n, k + 1, seed=2), dict(batch_chunk=70)),
+        (layers, dict(batch_chunk=128)),
+    )
+    for source, kw in variants:
+        part = reference_inference_fast(source, -0.3, x, n_layers=L, **kw)
         for a, b in zip(
             (part.categories, part.categories_lower, part.categories_upper, part.ambiguous),
             (whole.categories, whole.categories_lower, whole.categories_upper, whole.ambiguous),

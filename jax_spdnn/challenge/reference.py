@@ -154,27 +154,59 @@ def reference_inference_fast(
     tol: float = 1e-6,
     n_layers: int | None = None,
     chunk_layers: int | None = None,
+    device=None,
+    batch_chunk: int | None = None,
 ):
     """The same contract as :func:`reference_inference`, computed with the library's own
-    multithreaded CPU kernel in float64 (dead rows skipped), for challenge-sized problems.
+    network kernel in float64 (dead rows skipped), for challenge-sized problems.
 
     The bound trajectories shift every bias by ``-s_l`` and ``+s_l`` with the per-layer
     constant ``s_l = tol * (1 + max|b_l| + clip * max_j sum_i |W_l[i, j]|)``, an upper bound
     of the relative slack used by :func:`reference_inference`.  With non-negative weights
     the network is monotone in its biases, so the two runs bound every rounding order.
 
-    ``layers`` may also be a function ``k -> SparseMatrix`` (0-based) with ``n_layers``, or
-    ``chunk_layers`` may be set: then the network is streamed through
-    :func:`~jax_spdnn.stream_network` in chunks, never held whole in memory (each of the
-    three runs makes every layer again).
+    Args:
+      layers: ``SparseMatrix`` layers, or a function ``k -> SparseMatrix`` (0-based) with
+        ``n_layers``; with a function or ``chunk_layers`` the network is streamed through
+        :func:`~jax_spdnn.stream_network` in chunks and never held whole (each of the three
+        runs makes every layer again).
+      device: where the float64 runs go: the host CPU by default, or e.g. a GPU
+        (``jax.devices()[0]``) for large problems.
+      batch_chunk: rows per pass (rows are independent), to bound device memory.
     """
+    import jax
+    import jax.numpy as jnp
+
     if clip is None or not np.isfinite(clip):
         raise ValueError("reference_inference_fast needs a finite clip; use reference_inference")
-    if callable(layers) or chunk_layers is not None:
-        return _reference_streamed(
-            layers, biases, x, clip=clip, tol=tol, n_layers=n_layers, chunk=chunk_layers or 120
-        )
-    import jax
+    if batch_chunk is not None and batch_chunk < 1:
+        raise ValueError(f"reference_inference_fast: batch_chunk must be >= 1, got {batch_chunk}")
+    x = sps.csr_matrix(x) if sps.issparse(x) else np.asarray(x)
+    rows, n = x.shape
+    device = jax.local_devices(backend="cpu")[0] if device is None else device
+    streamed = callable(layers) or chunk_layers is not None
+    step = batch_chunk or max(rows, 1)
+    cats, feats, active = ([], [], []), [], 0
+    with jax.enable_x64(True), jax.default_device(device):
+        if streamed:
+            run = _streamed_runs(layers, biases, n, clip, tol, n_layers, chunk_layers or 120)
+        else:
+            run = _whole_runs(layers, biases, clip, tol)
+        for start in range(0, max(rows, 1), step):
+            xb = x[start : start + step]
+            xd = jnp.asarray(xb.toarray() if sps.issparse(xb) else xb, jnp.float64)
+            runs = run(xd)
+            feats.append(sps.csr_matrix(np.asarray(runs[0].features)))
+            active = active + np.asarray(runs[0].active_per_layer, np.int64)
+            for i, r in enumerate(runs):
+                cats[i].append(r.categories().astype(np.int64) + start)
+    cats = [np.concatenate(c) for c in cats]
+    features = sps.vstack(feats).tocsr() if feats else sps.csr_matrix((rows, n))
+    return ReferenceResult(cats[0], cats[1], cats[2], features, [int(v) for v in active])
+
+
+def _whole_runs(layers, biases, clip, tol):
+    """The three float64 runs (plain, lower, upper) of a network held in memory."""
     import jax.numpy as jnp
 
     from jax_spdnn.dnn import SparseDNN
@@ -189,31 +221,19 @@ def reference_inference_fast(
         raise ValueError("reference_inference_fast: biases must be <= 0")
     row_sums = np.array([np.abs(W.to_scipy()).sum(axis=0).max() if W.nnz else 0.0 for W in layers])
     slack = tol * (1.0 + np.abs(b).max(axis=1) + clip * row_sums)
-    cpu = jax.local_devices(backend="cpu")[0]
-    x = sps.csr_matrix(x) if sps.issparse(x) else np.asarray(x)
-    with jax.enable_x64(True), jax.default_device(cpu):
-        layers64 = [W.astype(np.float64) for W in layers]
-        xd = jnp.asarray(x.toarray() if sps.issparse(x) else x, jnp.float64)
-        runs = []
-        for shift in (0.0, -1.0, 1.0):
-            bias = jnp.asarray(np.minimum(b + shift * slack[:, None], 0.0))
-            r = SparseDNN(layers64, bias, clip=clip)(xd, drop_dead_rows=True)
-            runs.append(r)
-        feats = sps.csr_matrix(np.asarray(runs[0].features))
-        active = [int(a) for a in np.asarray(runs[0].active_per_layer)]
-        cats = [r.categories().astype(np.int64) for r in runs]
-    return ReferenceResult(cats[0], cats[1], cats[2], feats, active)
+    layers64 = [W.astype(np.float64) for W in layers]
+    nets = [
+        SparseDNN(layers64, jnp.asarray(np.minimum(b + shift * slack[:, None], 0.0)), clip=clip)
+        for shift in (0.0, -1.0, 1.0)
+    ]
+    return lambda xd: [net(xd, drop_dead_rows=True) for net in nets]
 
 
-def _reference_streamed(layers, biases, x, *, clip, tol, n_layers, chunk):
-    import jax
-    import jax.numpy as jnp
-
+def _streamed_runs(layers, biases, n, clip, tol, n_layers, chunk):
+    """The three float64 runs of a network streamed in chunks of layers."""
     from jax_spdnn.stream import _bias_source, _layer_source, stream_network
 
     get_layer, L = _layer_source(layers, n_layers)
-    x = sps.csr_matrix(x) if sps.issparse(x) else np.asarray(x)
-    n = x.shape[1]
     get_bias = _bias_source(biases, L, n)
     last = {}
 
@@ -235,10 +255,8 @@ def _reference_streamed(layers, biases, x, *, clip, tol, n_layers, chunk):
 
         return bias
 
-    cpu = jax.local_devices(backend="cpu")[0]
-    with jax.enable_x64(True), jax.default_device(cpu):
-        xd = jnp.asarray(x.toarray() if sps.issparse(x) else x, jnp.float64)
-        runs = [
+    def run(xd):
+        return [
             stream_network(
                 layer64,
                 xd,
@@ -250,7 +268,5 @@ def _reference_streamed(layers, biases, x, *, clip, tol, n_layers, chunk):
             )
             for shift in (0.0, -1.0, 1.0)
         ]
-        feats = sps.csr_matrix(np.asarray(runs[0].features))
-        active = [int(a) for a in np.asarray(runs[0].active_per_layer)]
-        cats = [r.categories().astype(np.int64) for r in runs]
-    return ReferenceResult(cats[0], cats[1], cats[2], feats, active)
+
+    return run
