@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_spdnn import _native
 from jax_spdnn.dnn import (
@@ -51,6 +54,21 @@ _CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off")
 # The first chunk must not consume the caller's x; later chunks reuse the feature buffer.
 _chunk_cuda_first = jax.jit(_cuda_chunk, static_argnames=_CUDA_STATIC)
 _chunk_cuda = jax.jit(_cuda_chunk, static_argnames=_CUDA_STATIC, donate_argnums=(0,))
+
+
+@lru_cache(maxsize=64)
+def _sharded_chunk(platform: str, mesh: Mesh, axis: str, clip, drop_dead, sp_off=(), ell_off=()):
+    """One chunk over ``mesh``: rows split along ``axis``, operands replicated."""
+
+    def body(h, values, biases, a, b):
+        if platform == "cpu":
+            y, active = _call_cpu(h, values, biases, a, b, clip, drop_dead)
+        else:
+            y, active = _call_cuda_ell(h, values, biases, a, b, sp_off, ell_off, clip, drop_dead)
+        return y, lax.psum(active, axis)
+
+    specs = (P(axis), P(), P(), P(), P())
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(axis), P())))
 
 
 def _layer_source(layers, n_layers):
@@ -83,7 +101,11 @@ def _bias_source(biases, n_layers: int, n: int):
 
 
 def _platform(x) -> str:
-    platform = next(iter(x.devices())).platform
+    return _platform_of(next(iter(x.devices())))
+
+
+def _platform_of(device) -> str:
+    platform = device.platform
     if platform == "cpu" and _native.has_target(_CPU_TARGET, "cpu"):
         return "cpu"
     if platform in ("gpu", "cuda") and _native.has_target(_CUDA_TARGET, "cuda"):
@@ -100,6 +122,8 @@ def stream_network(
     clip: float | None = 32.0,
     chunk_layers: int = 120,
     drop_dead_rows: bool | None = None,
+    mesh: Mesh | None = None,
+    axis: str | None = None,
 ) -> DNNResult:
     """Runs a network of square sparse layers on ``x`` chunk by chunk (see the module doc).
 
@@ -115,6 +139,9 @@ def stream_network(
       chunk_layers: layers per device call; the device holds the weights of two chunks.
       drop_dead_rows: skip rows that became zero (default: per chunk, when its biases are
         all <= 0, the condition under which a zero row stays zero).
+      mesh: split the rows over ``mesh``'s ``axis`` (default: its first) with
+        ``jax.shard_map``; every chunk's weights are replicated on each device. Batches that
+        do not divide the device count are padded with zero rows and trimmed.
 
     Returns:
       :class:`DNNResult` with the final features, the surviving rows and the active count
@@ -133,12 +160,24 @@ def stream_network(
             "stream_network: x must be float32, float64, bfloat16 or float16, "
             f"got {np.dtype(x.dtype).name}"
         )
-    n = x.shape[1]
+    batch, n = x.shape
     get_bias = _bias_source(biases, L, n)
     acc = np.dtype(_acc_dtype(x.dtype))
-    platform = _platform(x)
-    device = next(iter(x.devices()))
-    x = jax.device_put(x, device)  # committed, like every later chunk's input: one program
+    if mesh is None:
+        platform = _platform(x)
+        device = next(iter(x.devices()))
+        x = jax.device_put(x, device)  # committed, like every later chunk's input: one program
+    else:
+        axis = axis or mesh.axis_names[0]
+        platform = _platform_of(mesh.devices.flat[0])
+        if platform == "other":
+            raise ValueError("stream_network: a mesh needs the CPU or CUDA network kernels")
+        pad = (-batch) % mesh.shape[axis]
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad, n), x.dtype)])
+        x = jax.device_put(x, NamedSharding(mesh, P(axis)))
+        device = NamedSharding(mesh, P())  # weights: a replica on every device
+        probe = None  # one zero row standing for the padding rows (made where it runs)
 
     def build(a: int, b: int):
         """Host side of chunk [a, b): the layers and their packing for the kernel."""
@@ -191,7 +230,18 @@ def stream_network(
             host, static = pending.result()
             if i + 1 < len(bounds):
                 pending = pool.submit(build, *bounds[i + 1])  # overlaps this chunk's compute
-            if platform == "cpu":
+            if mesh is not None:
+                step = _sharded_chunk(platform, mesh, axis, clip, **static)
+                ops = jax.device_put(host, device)
+                h, active = step(h, *ops)
+                if pad:  # the padding rows are zero rows: follow one and discount them
+                    local = [o.addressable_shards[0].data for o in ops]
+                    if probe is None:
+                        probe = jax.device_put(jnp.zeros((1, n), x.dtype), *local[0].devices())
+                    single = _chunk_cpu if platform == "cpu" else _chunk_cuda_first
+                    probe, probe_active = single(probe, *local, clip=clip, **static)
+                    active = active - pad * jax.device_put(probe_active, active.sharding)
+            elif platform == "cpu":
                 h, active = _chunk_cpu(h, *jax.device_put(host, device), clip=clip, **static)
             elif platform == "cuda":
                 step = _chunk_cuda_first if i == 0 else _chunk_cuda
@@ -201,4 +251,6 @@ def stream_network(
                 h, active = r.features, r.active_per_layer
             actives.append(active)
             del host
+    if h.shape[0] != batch:
+        h = h[:batch]  # the padding rows of a mesh run
     return DNNResult(h, jnp.any(h != 0, axis=1), jnp.concatenate(actives))

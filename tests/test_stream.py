@@ -140,3 +140,28 @@ def test_cuda_chunk_lowering_without_a_gpu():
         assert set(re.findall(r"custom_call @(\w+)", text)) == {"spdnn_sparse_dnn_ell"}
         assert len(re.findall(r"%arg\d+: tensor<", text)) == 5  # no index constants
         assert ("tf.aliasing_output" in text or "jax.buffer_donor" in text) == donated
+
+
+@pytest.mark.parametrize("batch", [40, 37])
+@pytest.mark.parametrize("bias", [-0.3, 0.05])
+def test_mesh_equals_single_device(batch, bias):
+    """Rows split over 4 CPU devices (weights replicated per chunk): the same features,
+    survivors and active counts as one device, also when the batch does not divide the
+    devices (padding rows are discounted, even with a positive bias that wakes them)."""
+    from jax_spdnn import distributed as dist
+
+    cpus = jax.devices("cpu")
+    if len(cpus) < 4:
+        pytest.skip("needs 4 CPU devices (jax_num_cpu_devices)")
+    mesh = dist.batch_mesh(cpus[:4])
+    layers = radixnet(64, 7, seed=5)
+    x = jax.device_put(random_inputs(64, batch, seed=3), cpus[0])
+    x = x.at[-8:].set(0.0)  # some rows start dead: a device may hold none alive
+    one = sd.stream_network(layers, x, bias, chunk_layers=3)
+    many = sd.stream_network(layers, x, bias, chunk_layers=3, mesh=mesh)
+    assert many.features.shape == (batch, 64)
+    np.testing.assert_array_equal(np.asarray(many.features), np.asarray(one.features))
+    np.testing.assert_array_equal(np.asarray(many.alive), np.asarray(one.alive))
+    np.testing.assert_array_equal(
+        np.asarray(many.active_per_layer), np.asarray(one.active_per_layer)
+    )
