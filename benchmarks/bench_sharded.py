@@ -33,6 +33,13 @@ def main(argv=None):
     p.add_argument("--rebalance", type=int, nargs="*", default=[])
     p.add_argument("--cpu-devices", type=int, default=0)
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument(
+        "--chunk-layers",
+        type=int,
+        default=0,
+        help="stream the weights from host memory in chunks of K layers (stream_network over "
+        "the mesh) instead of compiling the whole network",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -62,9 +69,10 @@ def main(argv=None):
         n, n_layers = (int(v) for v in prob.split("-"))
         layers = ch.radixnet(n, n_layers, seed=0)
         bias = ch.challenge_bias(n) if n in ch.CHALLENGE_BIAS else -0.3
-        net = sd.SparseDNN(layers, bias, clip=32.0)
+        net = sd.SparseDNN(layers, bias, clip=32.0) if not a.chunk_layers else None
+        nnz = sum(W.nnz for W in layers)
         x_host = np.asarray(ch.digit_inputs(n, a.batch, seed=0).toarray(), np.float32)
-        edges = a.batch * net.nnz
+        edges = a.batch * nnz
         base_t, base_cat = None, None
         for d in counts:
             if d > len(all_devices):
@@ -74,18 +82,30 @@ def main(argv=None):
             sharding = NamedSharding(mesh, P("batch"))
             pad = (-a.batch) % d
             x = jax.device_put(np.pad(x_host, ((0, pad), (0, 0))), sharding)
-            spread = np.asarray(
-                jax.jit(
-                    jax.shard_map(
-                        lambda h, net=net: net(h).alive.sum()[None],
-                        mesh=mesh,
-                        in_specs=P("batch"),
-                        out_specs=P("batch"),
+            if a.chunk_layers:
+
+                def run(h, mesh=mesh, layers=layers, bias=bias):
+                    return sd.stream_network(
+                        layers, h, bias, clip=32.0, chunk_layers=a.chunk_layers, mesh=mesh
                     )
-                )(x)
-            )
-            for every in [0, *a.rebalance]:
-                run = dist.shard(net, mesh, rebalance_every=every or None)
+
+                r = run(x)
+                alive = np.asarray(r.alive)
+                spread = [int(v.sum()) for v in np.array_split(alive, d)]
+            else:
+                spread = np.asarray(
+                    jax.jit(
+                        jax.shard_map(
+                            lambda h, net=net: net(h).alive.sum()[None],
+                            mesh=mesh,
+                            in_specs=P("batch"),
+                            out_specs=P("batch"),
+                        )
+                    )(x)
+                ).tolist()
+            for every in [0, *([] if a.chunk_layers else a.rebalance)]:
+                if not a.chunk_layers:
+                    run = dist.shard(net, mesh, rebalance_every=every or None)
                 r = jax.block_until_ready(run(x))
                 t = time_fn(run, x, trials=a.trials, min_time=0.0)
                 cats = np.asarray(r.categories())
@@ -99,7 +119,7 @@ def main(argv=None):
                     "s": t,
                     "TE/s": edges / t / 1e12,
                     "efficiency": base_t / (d * t),
-                    "survivors_per_device": spread.tolist(),
+                    "survivors_per_device": spread,
                     "categories_equal_1_device": bool(np.array_equal(cats, base_cat)),
                 }
                 rows.append(row)

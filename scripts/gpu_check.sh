@@ -65,7 +65,7 @@ fi
 if [[ " $steps " == *" sharded "* ]]; then
   echo "== sharded scaling (all visible devices)"
   $PY benchmarks/bench_sharded.py --problems ${SHARDED_PROBLEMS:-16384-120 65536-120} \
-    --rebalance ${SHARDED_REBALANCE:-10} --json "$OUT/bench_sharded.json" 2>&1 \
+    --rebalance ${SHARDED_REBALANCE:-10} ${SHARDED_ARGS:-} --json "$OUT/bench_sharded.json" 2>&1 \
     | tee "$OUT/bench_sharded.log" | tail -20
 fi
 
