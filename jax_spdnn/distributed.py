@@ -156,7 +156,23 @@ def shard(
             n = x.shape[0] - pad
             return DNNResult(y[:n], alive[:n], active)
 
-        return _with_input_sharding(run_net, mesh, spec)
+        call = _with_input_sharding(run_net, mesh, spec)
+        if net.can_drop_dead_rows():
+            return call  # zero padding rows stay dead: nothing to discount
+
+        def call_counted(x):
+            # A positive bias wakes the zero padding rows; they all share one zero row's
+            # fate, so follow one and discount them from the active counts.
+            r = call(x)
+            pad = (-x.shape[0]) % size
+            if not pad:
+                return r
+            probe = net(jnp.zeros((1, x.shape[1]), r.features.dtype)).active_per_layer
+            probe = jax.device_put(probe, r.active_per_layer.sharding)
+            return DNNResult(r.features, r.alive, r.active_per_layer - pad * probe)
+
+        call_counted.lower = call.lower
+        return call_counted
 
     if rebalance_every:
         raise ValueError("rebalance_every applies to SparseDNN networks only")

@@ -42,6 +42,18 @@ def test_sharded_network_equals_single_device(mesh, net, batch):
     np.testing.assert_array_equal(np.asarray(r.active_per_layer), np.asarray(ref.active_per_layer))
 
 
+@pytest.mark.parametrize("batch", [37, 40])
+def test_positive_bias_padding_not_counted(mesh, batch):
+    """A positive bias wakes zero rows, including the zero rows that pad an uneven batch:
+    the active counts still equal the single-device ones."""
+    net = sd.SparseDNN(radixnet(64, 5, seed=5), 0.05)
+    x = random_inputs(64, batch, seed=3)
+    r = dist.shard(net, mesh)(x)
+    ref = net(x)
+    np.testing.assert_array_equal(np.asarray(r.active_per_layer), np.asarray(ref.active_per_layer))
+    np.testing.assert_array_equal(np.asarray(r.features), np.asarray(ref.features))
+
+
 def test_device_with_no_active_rows(mesh, net):
     x = random_inputs(256, 400, seed=4)
     x[300:] = 0.0  # the last device's rows are all zero from the start
