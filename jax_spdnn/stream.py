@@ -179,7 +179,16 @@ def stream_network(
         device = NamedSharding(mesh, P())  # weights: a replica on every device
         probe = None  # one zero row standing for the padding rows (made where it runs)
 
+    # The caller's JAX context (x64, default device) is thread-local: carry it into the
+    # worker, where layers are made (a layer function may create JAX arrays).
+    x64 = jax.dtypes.canonicalize_dtype(np.float64) == np.float64  # effective settings
+    default_device = next(iter(jnp.zeros(()).devices()))
+
     def build(a: int, b: int):
+        with jax.enable_x64(x64), jax.default_device(default_device):
+            return _build(a, b)
+
+    def _build(a: int, b: int):
         """Host side of chunk [a, b): the layers and their packing for the kernel."""
         mats, bias = [], np.empty((b - a, n), acc)
         for k in range(a, b):
@@ -222,8 +231,8 @@ def stream_network(
 
     bounds = [(a, min(a + chunk_layers, L)) for a in range(0, L, chunk_layers)]
     h, actives = x, []
-    # The worker thread only makes and packs layers (numpy); everything that touches JAX
-    # stays on this thread, under the caller's configuration (x64, default device).
+    # The worker thread makes and packs layers; every device call and transfer stays on
+    # this thread.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(build, *bounds[0])
         for i, _ in enumerate(bounds):

@@ -165,3 +165,23 @@ def test_mesh_equals_single_device(batch, bias):
     np.testing.assert_array_equal(
         np.asarray(many.active_per_layer), np.asarray(one.active_per_layer)
     )
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+def test_layer_function_sees_the_callers_x64_context():
+    """Layers are made in a worker thread, but under the caller's x64 setting (a context
+    manager is thread-local; the test suite enables x64 globally, so the caller turns it
+    off here and the worker must follow)."""
+    seen = []
+
+    def make(k):
+        W = radixnet(64, 3, seed=1)[k]
+        W = W.with_values(jnp.asarray(W.values, jnp.float64))  # a JAX array, made here
+        seen.append(np.asarray(W.values).dtype)
+        return W
+
+    x = random_inputs(64, 10, seed=0)
+    with jax.enable_x64(False):
+        r = sd.stream_network(make, x, -0.3, n_layers=3, chunk_layers=2)
+        assert r.features.dtype == jnp.float32
+    assert seen == [np.dtype(np.float32)] * 3
