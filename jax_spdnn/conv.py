@@ -34,9 +34,11 @@ from jax.interpreters import ad, batching, mlir
 
 from jax_spdnn import _native
 from jax_spdnn.linear import (
+    _FEATURE_DTYPES,
     ACTIVATIONS,
     _acc_dtype,
     _aval_vma,
+    _check_features,
     _expect_operand,
     _match_vma,
     _vma,
@@ -53,7 +55,6 @@ __all__ = [
 ]
 
 _TARGET = "spdnn_sparse_conv_direct"  # same name on CPU and CUDA, different arguments
-_FEATURE_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16))
 
 sparse_conv2d_p = Primitive("sparse_conv2d")
 
@@ -351,11 +352,7 @@ def sparse_conv2d(
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise TypeError(f"sparse_conv2d: x must have rank 4 ({layout}), got shape {x.shape}")
-    if np.dtype(x.dtype) not in _FEATURE_DTYPES:
-        raise TypeError(
-            "sparse_conv2d: x must be float32, float64, bfloat16 or float16, "
-            f"got {np.dtype(x.dtype).name}"
-        )
+    _check_features(x, "sparse_conv2d")
     if not isinstance(groups, int | np.integer) or groups < 1:
         raise ValueError(f"sparse_conv2d: groups must be a positive int, got {groups!r}")
     groups = int(groups)

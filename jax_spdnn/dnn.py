@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from jax_spdnn import _native
-from jax_spdnn.linear import _FEATURE_DTYPES, _acc_dtype, _match_vma, _vma, sparse_linear
+from jax_spdnn.linear import _acc_dtype, _check_features, _match_vma, _vma, sparse_linear
 from jax_spdnn.sparse import SparseMatrix, Structure
 
 __all__ = ["DNNResult", "SparseDNN"]
@@ -192,11 +192,7 @@ class SparseDNN:
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.n:
             raise ValueError(f"SparseDNN: x must be [batch, {self.n}], got {x.shape}")
-        if np.dtype(x.dtype) not in _FEATURE_DTYPES:
-            raise TypeError(
-                "SparseDNN: x must be float32, float64, bfloat16 or float16, "
-                f"got {np.dtype(x.dtype).name}"
-            )
+        _check_features(x, "SparseDNN")
         if drop_dead_rows is None:
             drop_dead_rows = self.can_drop_dead_rows()
         kernel, segments = _cuda_options()

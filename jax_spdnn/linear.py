@@ -32,6 +32,15 @@ _CUDA_TARGET = "spdnn_sparse_linear_ell"
 ACTIVATIONS = {None: 0, "none": 0, "linear": 0, "relu": 1}
 _FEATURE_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16))
 
+
+def _check_features(x, who: str) -> None:
+    """The feature-dtype check every op makes, with the op's name in the message."""
+    if np.dtype(x.dtype) not in _FEATURE_DTYPES:
+        raise TypeError(
+            f"{who}: x must be float32, float64, bfloat16 or float16, got {np.dtype(x.dtype).name}"
+        )
+
+
 sparse_linear_p = Primitive("sparse_linear")
 
 
@@ -84,11 +93,7 @@ def sparse_linear(x, W: SparseMatrix, bias=None, *, activation: str | None = "re
     x = jnp.asarray(x)
     if x.ndim < 1:
         raise TypeError("sparse_linear: x must have rank >= 1 ([..., n_in]), got a scalar")
-    if np.dtype(x.dtype) not in _FEATURE_DTYPES:
-        raise TypeError(
-            "sparse_linear: x must be float32, float64, bfloat16 or float16, "
-            f"got {np.dtype(x.dtype).name}"
-        )
+    _check_features(x, "sparse_linear")
     if x.shape[-1] != W.n_in:
         raise ValueError(
             f"sparse_linear: x's last dimension {x.shape[-1]} does not match W's n_in "

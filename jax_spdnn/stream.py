@@ -35,7 +35,7 @@ from jax_spdnn.dnn import (
     _call_cpu,
     _call_cuda_ell,
 )
-from jax_spdnn.linear import _FEATURE_DTYPES, _acc_dtype
+from jax_spdnn.linear import _acc_dtype, _check_features
 from jax_spdnn.sparse import SparseMatrix
 
 __all__ = ["stream_network"]
@@ -100,10 +100,6 @@ def _bias_source(biases, n_layers: int, n: int):
     )
 
 
-def _platform(x) -> str:
-    return _platform_of(next(iter(x.devices())))
-
-
 def _platform_of(device) -> str:
     platform = device.platform
     if platform == "cpu" and _native.has_target(_CPU_TARGET, "cpu"):
@@ -155,17 +151,13 @@ def stream_network(
     x = jnp.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"stream_network: x must be [batch, n], got shape {x.shape}")
-    if np.dtype(x.dtype) not in _FEATURE_DTYPES:
-        raise TypeError(
-            "stream_network: x must be float32, float64, bfloat16 or float16, "
-            f"got {np.dtype(x.dtype).name}"
-        )
+    _check_features(x, "stream_network")
     batch, n = x.shape
     get_bias = _bias_source(biases, L, n)
     acc = np.dtype(_acc_dtype(x.dtype))
     if mesh is None:
-        platform = _platform(x)
         device = next(iter(x.devices()))
+        platform = _platform_of(device)
         x = jax.device_put(x, device)  # committed, like every later chunk's input: one program
     else:
         axis = axis or mesh.axis_names[0]
