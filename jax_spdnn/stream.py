@@ -10,6 +10,14 @@ chunk is one call of the same fused network kernel as :class:`~jax_spdnn.SparseD
 rows skipped on the device within the chunk, found again at the next chunk's start), and the
 index arrays enter as *arguments*: chunks of equal shape share one compiled program.
 
+Networks too large to make on the host at all can be made on the device: a *device layer
+source* (for example :class:`jax_spdnn.challenge.RadixNetLayers`) has ``degree`` (nonzeros
+per output neuron, equal for all), ``chunk_inputs(a, b)`` (small host arrays, made on the
+worker thread) and a traceable ``build_chunk(inputs, dtype) -> (indices, values)`` of shape
+``[b - a, n, degree]`` (each output's inputs, ascending).  The chunk is then built and
+packed for the kernel by one jitted program on the device(s) that run it, and only the small
+inputs cross the host link.
+
 Results equal :class:`~jax_spdnn.SparseDNN` with the layer kernel, bit for bit.
 """
 
@@ -23,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_spdnn import _native
@@ -36,7 +44,7 @@ from jax_spdnn.dnn import (
     _call_cuda_ell,
 )
 from jax_spdnn.linear import _acc_dtype, _check_features
-from jax_spdnn.sparse import SparseMatrix
+from jax_spdnn.sparse import ELL_PAD_INDEX, ELL_SLICE, SparseMatrix
 
 __all__ = ["stream_network"]
 
@@ -71,7 +79,54 @@ def _sharded_chunk(platform: str, mesh: Mesh, axis: str, clip, drop_dead, sp_off
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(axis), P())))
 
 
+def _is_device_source(layers) -> bool:
+    return all(hasattr(layers, a) for a in ("degree", "chunk_inputs", "build_chunk"))
+
+
+def _pack_uniform(indices, values, platform: str):
+    """``[m, n, d]`` per-output inputs and values of ``m`` layers -> the kernel's operands
+    (traceable; the same arrays as the host packing of those layers, concatenated)."""
+    m, n, d = indices.shape
+    if platform == "cpu":  # CSR of W^T per layer
+        indptr = jnp.tile(jnp.arange(n + 1, dtype=jnp.int32) * d, m)
+        return values.reshape(-1), indptr, indices.reshape(-1)
+    pad = (-n) % ELL_SLICE  # sliced ELL, slot-major; a partial last slice is padded
+    if pad:
+        indices = jnp.pad(indices, ((0, 0), (0, pad), (0, 0)), constant_values=ELL_PAD_INDEX)
+        values = jnp.pad(values, ((0, 0), (0, pad), (0, 0)))
+    slices = (n + pad) // ELL_SLICE
+
+    def slot_major(a):
+        return a.reshape(m, slices, ELL_SLICE, d).transpose(0, 1, 3, 2).reshape(-1)
+
+    slice_ptr = jnp.tile(jnp.arange(slices + 1, dtype=jnp.int32) * (ELL_SLICE * d), m)
+    return slot_major(values), slice_ptr, slot_major(indices)
+
+
+def _uniform_offsets(m: int, n: int, d: int) -> dict:
+    """The CUDA kernel's per-layer offsets into :func:`_pack_uniform`'s arrays."""
+    slices = -(-n // ELL_SLICE)
+    return {
+        "sp_off": tuple(k * (slices + 1) for k in range(m)),
+        "ell_off": tuple(k * slices * ELL_SLICE * d for k in range(m + 1)),
+    }
+
+
+@lru_cache(maxsize=64)
+def _device_chunk(build, platform: str, dtype, sharding):
+    """Builds and packs a chunk of a device layer source where ``sharding`` puts it."""
+
+    def make(inputs):
+        return _pack_uniform(*build(inputs, dtype), platform)
+
+    return jax.jit(make, in_shardings=sharding, out_shardings=sharding)
+
+
 def _layer_source(layers, n_layers):
+    if _is_device_source(layers):
+        if n_layers is not None and n_layers != len(layers):
+            raise ValueError(f"stream_network: n_layers={n_layers} but the source has {len(layers)}")
+        return layers.__getitem__, len(layers)
     if callable(layers):
         if n_layers is None:
             raise ValueError("stream_network: n_layers is required when layers is a function")
@@ -124,10 +179,10 @@ def stream_network(
     """Runs a network of square sparse layers on ``x`` chunk by chunk (see the module doc).
 
     Args:
-      layers: a sequence of :class:`SparseMatrix` ``[n, n]``, or a function ``k ->
+      layers: a sequence of :class:`SparseMatrix` ``[n, n]``, a function ``k ->
         SparseMatrix`` called once per layer, in order, from a background thread (for
-        example ``lambda k: challenge.radixnet_layer(n, k + 1)``); then ``n_layers`` is
-        required.
+        example ``lambda k: challenge.radixnet_layer(n, k + 1)``; then ``n_layers`` is
+        required), or a device layer source (see the module doc), made on the device.
       x: ``[batch, n]`` features (float32, float64, bfloat16 or float16) on the device to run
         on.
       biases: a scalar, ``[L]``, ``[n]``, ``[L, n]``, or a function ``k -> scalar or [n]``.
@@ -159,6 +214,7 @@ def stream_network(
         device = next(iter(x.devices()))
         platform = _platform_of(device)
         x = jax.device_put(x, device)  # committed, like every later chunk's input: one program
+        where = SingleDeviceSharding(device)
     else:
         axis = axis or mesh.axis_names[0]
         platform = _platform_of(mesh.devices.flat[0])
@@ -168,7 +224,7 @@ def stream_network(
         if pad:
             x = jnp.concatenate([x, jnp.zeros((pad, n), x.dtype)])
         x = jax.device_put(x, NamedSharding(mesh, P(axis)))
-        device = NamedSharding(mesh, P())  # weights: a replica on every device
+        device = where = NamedSharding(mesh, P())  # weights: a replica on every device
         probe = None  # one zero row standing for the padding rows (made where it runs)
 
     # The caller's JAX context (x64, default device) is thread-local: carry it into the
@@ -180,8 +236,22 @@ def stream_network(
         with jax.enable_x64(x64), jax.default_device(default_device):
             return _build(a, b)
 
+    on_device = _is_device_source(layers) and platform != "other"
+    if on_device:
+        make_chunk = _device_chunk(layers.build_chunk, platform, acc, where)
+
     def _build(a: int, b: int):
-        """Host side of chunk [a, b): the layers and their packing for the kernel."""
+        """Host side of chunk [a, b): the layers and their packing for the kernel (or, for a
+        device source, what the device makes them from)."""
+        if on_device:
+            bias = np.empty((b - a, n), acc)
+            for k in range(a, b):
+                bias[k - a] = np.broadcast_to(np.asarray(get_bias(k), acc), (n,))
+            drop = bool(np.all(bias <= 0)) if drop_dead_rows is None else bool(drop_dead_rows)
+            static = {"drop_dead": drop}
+            if platform == "cuda":
+                static.update(_uniform_offsets(b - a, n, int(layers.degree)))
+            return (layers.chunk_inputs(a, b), bias), static
         mats, bias = [], np.empty((b - a, n), acc)
         for k in range(a, b):
             W = get_layer(k)
@@ -231,6 +301,9 @@ def stream_network(
             host, static = pending.result()
             if i + 1 < len(bounds):
                 pending = pool.submit(build, *bounds[i + 1])  # overlaps this chunk's compute
+            if on_device:  # (values, a, b) made there; the biases copied
+                values, *index = make_chunk(host[0])
+                host = ops = (values, jax.device_put(host[1], device), *index)
             if mesh is not None:
                 step = _sharded_chunk(platform, mesh, axis, clip, **static)
                 ops = jax.device_put(host, device)

@@ -109,10 +109,11 @@ def test_sparse_linear_chain_matches_reference(device, dtype):
 
 
 def test_fast_reference_streamed_equals_whole():
-    """The streamed float64 reference (layers made on demand, chunks of layers) and the one
-    run in blocks of rows give the same categories, bounds, features and active counts as
-    the whole-network one."""
+    """The streamed float64 reference (layers made on demand or on the device, chunks of
+    layers) and the one run in blocks of rows give the same categories, bounds, features
+    and active counts as the whole-network one."""
     from jax_spdnn.challenge import (
+        RadixNetLayers,
         radixnet,
         radixnet_layer,
         random_inputs,
@@ -127,6 +128,7 @@ def test_fast_reference_streamed_equals_whole():
         (layers, dict(chunk_layers=4)),
         (lambda k: radixnet_layer(n, k + 1, seed=2), dict(batch_chunk=70)),
         (layers, dict(batch_chunk=128)),
+        (RadixNetLayers(n, L, seed=2), dict(chunk_layers=4)),  # made on the device
     )
     for source, kw in variants:
         part = reference_inference_fast(source, -0.3, x, n_layers=L, **kw)

@@ -1,6 +1,7 @@
 """stream_network: chunked whole-network inference equals SparseDNN bit for bit (same
-kernel per layer), with layers from a list or made on demand, every bias form, rows dying
-inside and between chunks; one compiled program for chunks of equal shape; errors."""
+kernel per layer), with layers from a list, made on demand, or made on the device by a
+device layer source; every bias form, rows dying inside and between chunks; one compiled
+program for chunks of equal shape; errors."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,44 @@ import pytest
 
 import jax_spdnn as sd
 from jax_spdnn import stream
-from jax_spdnn.challenge import radixnet, radixnet_layer, random_inputs, reference_inference
+from jax_spdnn.challenge import (
+    RadixNetLayers,
+    radixnet,
+    radixnet_layer,
+    random_inputs,
+    reference_inference,
+)
+from jax_spdnn.sparse import SparseMatrix
+
+
+class RandomUniformLayers:
+    """A device layer source that is not RadiX-Net: random layers with ``degree`` sorted
+    distinct inputs per output (any ``n``, not only multiples of the warp slice)."""
+
+    def __init__(self, n, n_layers, degree, seed=0):
+        rng = np.random.default_rng(seed)
+        self.n, self.degree = n, degree
+        self.idx = np.sort(
+            np.stack([rng.permuted(np.tile(np.arange(n), (n, 1)), axis=1)[:, :degree]
+                      for _ in range(n_layers)]),
+            axis=2,
+        ).astype(np.int32)  # [L, n, d]
+        self.val = rng.uniform(0.1, 0.5, self.idx.shape).astype(np.float32)
+
+    def __len__(self):
+        return self.idx.shape[0]
+
+    def __getitem__(self, k):
+        rows = np.repeat(np.arange(self.n), self.degree)  # output j's inputs: W[i, j]
+        return SparseMatrix.from_triplets(
+            self.idx[k].reshape(-1), rows, self.val[k].reshape(-1), (self.n, self.n)
+        )
+
+    def chunk_inputs(self, a, b):
+        return {"idx": self.idx[a:b], "val": self.val[a:b]}
+
+    def build_chunk(self, inputs, dtype):
+        return inputs["idx"], inputs["val"].astype(dtype)
 
 
 @pytest.fixture(autouse=True)
@@ -185,3 +223,122 @@ def test_layer_function_sees_the_callers_x64_context():
         r = sd.stream_network(make, x, -0.3, n_layers=3, chunk_layers=2)
         assert r.features.dtype == jnp.float32
     assert seen == [np.dtype(np.float32)] * 3
+
+
+def test_radixnet_layers_sequence():
+    src = RadixNetLayers(64, 9, seed=2)
+    assert len(src) == 9 and src.nnz == 9 * 64 * 32
+    for k in (0, 3, 8):
+        np.testing.assert_array_equal(
+            src[k].todense(), radixnet_layer(64, k + 1, seed=2).todense()
+        )
+    np.testing.assert_array_equal(src[-1].todense(), src[8].todense())
+    assert [W.shape for W in src[2:4]] == [(64, 64)] * 2
+    with pytest.raises(IndexError):
+        src[9]
+    with pytest.raises(IndexError):
+        src.chunk_inputs(3, 10)
+    with pytest.raises(ValueError, match="N = 16"):
+        RadixNetLayers(48, 3)
+    assert src.max_abs_column_sum(0) == pytest.approx(
+        np.abs(src[0].todense()).sum(axis=0).max()
+    )
+
+
+@pytest.mark.parametrize("n,L,chunks", [(32, 4, [(0, 4), (2, 3)]), (256, 13, [(0, 13), (3, 9)])])
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_device_chunk_equals_host_packing(n, L, chunks, platform):
+    """The chunk made and packed on the device is the host packing of the same layers
+    (block boundaries inside the chunk: N=32 starts a new permutation every layer)."""
+    src = RadixNetLayers(n, L, seed=7)
+    for a, b in chunks:
+        inputs = src.chunk_inputs(a, b)
+        values, ptr, idx = stream._pack_uniform(*src.build_chunk(inputs, jnp.float32), platform)
+        layers = [radixnet_layer(n, k + 1, seed=7) for k in range(a, b)]
+        if platform == "cpu":
+            want = (
+                np.concatenate([np.asarray(W.values) for W in layers]),
+                np.concatenate([W.structure.indptr for W in layers]),
+                np.concatenate([W.structure.indices for W in layers]),
+            )
+        else:
+            ells = [W.structure.sliced_ell for W in layers]
+            want = (
+                np.concatenate([np.asarray(e.pack_values(W.values)) for e, W in zip(ells, layers)]),
+                np.concatenate([e.slice_ptr for e in ells]),
+                np.concatenate([e.indices for e in ells]),
+            )
+            off = stream._uniform_offsets(b - a, n, 32)
+            assert list(off["ell_off"]) == list(np.cumsum([0] + [e.total for e in ells]))
+            sp = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])
+            assert list(off["sp_off"]) == list(sp)
+        for got, w in zip((values, ptr, idx), want):
+            np.testing.assert_array_equal(np.asarray(got), w)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_uniform_packing_of_any_size(platform):
+    """A generic uniform-degree source with n not a multiple of the 32-output slice packs
+    like the host packing (padding slots included)."""
+    src = RandomUniformLayers(45, 3, 5, seed=1)
+    values, ptr, idx = stream._pack_uniform(
+        *src.build_chunk(src.chunk_inputs(0, 3), jnp.float32), platform
+    )
+    layers = [src[k] for k in range(3)]
+    if platform == "cpu":
+        want_idx = np.concatenate([W.structure.indices for W in layers])
+        want_val = np.concatenate([np.asarray(W.values) for W in layers])
+    else:
+        ells = [W.structure.sliced_ell for W in layers]
+        want_idx = np.concatenate([e.indices for e in ells])
+        want_val = np.concatenate([np.asarray(e.pack_values(W.values)) for e, W in zip(ells, layers)])
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    np.testing.assert_array_equal(np.asarray(values), want_val)
+
+
+@pytest.mark.parametrize("make", ["radixnet", "random"])
+def test_device_source_equals_host_layers(device, make):
+    n, L = (64, 11) if make == "radixnet" else (45, 6)
+    src = RadixNetLayers(n, L, seed=4) if make == "radixnet" else RandomUniformLayers(n, L, 5)
+    x = random_inputs(n, 70, seed=2)
+    bias = -0.3 if make == "radixnet" else -0.05
+    want = sd.stream_network([src[k] for k in range(L)], x, bias, chunk_layers=4)
+    got = sd.stream_network(src, x, bias, chunk_layers=4)
+    np.testing.assert_array_equal(np.asarray(got.features), np.asarray(want.features))
+    np.testing.assert_array_equal(
+        np.asarray(got.active_per_layer), np.asarray(want.active_per_layer)
+    )
+    assert np.asarray(got.active_per_layer)[-1] > 0  # something survives to compare
+    with pytest.raises(ValueError, match="n_layers=3 but the source has"):
+        sd.stream_network(src, x, -0.3, n_layers=3)
+
+
+def test_device_source_on_a_mesh():
+    from jax_spdnn import distributed as dist
+
+    cpus = jax.devices("cpu")
+    if len(cpus) < 4:
+        pytest.skip("needs 4 CPU devices (jax_num_cpu_devices)")
+    src = RadixNetLayers(64, 8, seed=5)
+    x = jax.device_put(random_inputs(64, 37, seed=3), cpus[0])
+    one = sd.stream_network(list(src), x, -0.3, chunk_layers=3)
+    many = sd.stream_network(src, x, -0.3, chunk_layers=3, mesh=dist.batch_mesh(cpus[:4]))
+    np.testing.assert_array_equal(np.asarray(many.features), np.asarray(one.features))
+    np.testing.assert_array_equal(
+        np.asarray(many.active_per_layer), np.asarray(one.active_per_layer)
+    )
+
+
+@pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
+def test_device_chunk_lowers_for_cuda_without_a_gpu():
+    """Building a RadiX-Net chunk on the device lowers for CUDA: no layer arrays are
+    constants of the program (only the small class arrays are arguments)."""
+    import re
+
+    src = RadixNetLayers(1024, 20, seed=0)
+    inputs = src.chunk_inputs(0, 20)
+    fn = jax.jit(lambda i: stream._pack_uniform(*src.build_chunk(i, jnp.float32), "cuda"))
+    text = fn.trace(inputs).lower(lowering_platforms=("cuda",)).as_text()
+    main = next(line for line in text.splitlines() if "func.func public @main" in line)
+    assert len(re.findall(r"%arg\d+: tensor<", main)) == 3
+    assert len(text) < 50_000  # the host-packed chunk would embed 655360 indices

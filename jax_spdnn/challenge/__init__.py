@@ -3,6 +3,7 @@ the float64 reference and the truth check."""
 
 from jax_spdnn.challenge.generate import (
     CHALLENGE_BIAS,
+    RadixNetLayers,
     challenge_bias,
     digit_inputs,
     radixnet,
@@ -29,6 +30,7 @@ from jax_spdnn.challenge.reference import (
 
 __all__ = [
     "CHALLENGE_BIAS",
+    "RadixNetLayers",
     "ReferenceResult",
     "TruthCheck",
     "challenge_bias",

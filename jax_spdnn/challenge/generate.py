@@ -14,6 +14,8 @@ row and column has exactly 32 nonzeros.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sps
 
@@ -39,6 +41,13 @@ def _block_permutation(n: int, block: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, block]).permutation(n)
 
 
+def _classes(n: int, block: int, seed: int) -> np.ndarray:
+    """``c_b(r)`` for every input neuron ``r`` of a layer in ``block`` (0-based)."""
+    n1 = n // 16
+    r = np.arange(n, dtype=np.int64)
+    return r % n1 if block == 0 else _block_permutation(n, block, seed) % n1
+
+
 def radixnet_layer(n: int, layer: int, *, seed: int = 0, dtype=np.float32) -> SparseMatrix:
     """Layer ``layer`` (1-based) of the generated ``n``-neuron network: ``[n, n]``."""
     k_max = _check_n(n)
@@ -46,13 +55,11 @@ def radixnet_layer(n: int, layer: int, *, seed: int = 0, dtype=np.float32) -> Sp
         raise ValueError(f"layers are numbered from 1, got {layer}")
     n1 = n // 16
     k = (layer - 1) % k_max + 1
-    b = (layer - 1) // k_max
-    r = np.arange(n, dtype=np.int64)
-    c = r % n1 if b == 0 else _block_permutation(n, b, seed) % n1
+    c = _classes(n, (layer - 1) // k_max, seed)
     # Outputs j with (c - j) mod n1 in {0, 2^(k-1)}: two residues, 16 copies each.
     res = np.stack([c % n1, (c - (1 << (k - 1))) % n1], axis=1)  # [n, 2]
     j = (res[:, :, None] + n1 * np.arange(16)[None, None, :]).reshape(n, 32)
-    rows = np.repeat(r, 32)
+    rows = np.repeat(np.arange(n, dtype=np.int64), 32)
     return SparseMatrix.from_triplets(
         rows, j.reshape(-1), np.full(n * 32, 1.0 / 16), (n, n), dtype=dtype
     )
@@ -61,6 +68,88 @@ def radixnet_layer(n: int, layer: int, *, seed: int = 0, dtype=np.float32) -> Sp
 def radixnet(n: int, n_layers: int, *, seed: int = 0, dtype=np.float32) -> list[SparseMatrix]:
     """The first ``n_layers`` layers of the generated ``n``-neuron network."""
     return [radixnet_layer(n, l, seed=seed, dtype=dtype) for l in range(1, n_layers + 1)]
+
+
+class RadixNetLayers(Sequence):
+    """The generated ``n``-neuron network of ``n_layers`` layers, made on demand.
+
+    A sequence of :class:`SparseMatrix` layers (``net[k]`` is
+    ``radixnet_layer(n, k + 1, seed=seed)``, built when asked for, never all held), usable
+    wherever a list of layers is.  It is also a *device layer source* for
+    :func:`~jax_spdnn.stream_network` (and the streamed reference): every output neuron has
+    ``degree = 32`` inputs, and :meth:`build_chunk` makes a chunk of layers on the device
+    from :meth:`chunk_inputs`, one permutation class array per block of ``log2(n/16)``
+    layers (``4 n`` bytes), so the 65536-1920 network (4.03e9 nonzeros) is never made or
+    copied from host memory.  Device and host layers are identical (tested).
+    """
+
+    degree = 32
+
+    def __init__(self, n: int, n_layers: int, *, seed: int = 0, dtype=np.float32):
+        self.k_max = _check_n(n)
+        if n_layers < 1:
+            raise ValueError(f"RadixNetLayers needs at least one layer, got {n_layers}")
+        self.n, self.n_layers, self.seed = int(n), int(n_layers), int(seed)
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.n_layers))]
+        k = int(k) + (self.n_layers if k < 0 else 0)
+        if not 0 <= k < self.n_layers:
+            raise IndexError(f"layer {k} out of range for {self.n_layers} layers")
+        return radixnet_layer(self.n, k + 1, seed=self.seed, dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return f"RadixNetLayers(n={self.n}, n_layers={self.n_layers}, seed={self.seed})"
+
+    @property
+    def nnz(self) -> int:
+        """Nonzeros of the whole network."""
+        return self.degree * self.n * self.n_layers
+
+    def max_abs_column_sum(self, k: int) -> float:
+        """``max_j sum_i |W_k[i, j]|`` (32 weights of 1/16 per output)."""
+        return self.degree / 16.0
+
+    def chunk_inputs(self, a: int, b: int) -> dict:
+        """The small host arrays :meth:`build_chunk` makes layers ``a..b-1`` (0-based) from."""
+        if not 0 <= a < b <= self.n_layers:
+            raise IndexError(f"chunk [{a}, {b}) out of range for {self.n_layers} layers")
+        layers = np.arange(a, b)
+        blocks = layers // self.k_max
+        first = int(blocks[0])
+        classes = np.stack(
+            [_classes(self.n, blk, self.seed) for blk in range(first, int(blocks[-1]) + 1)]
+        )
+        return {
+            "classes": classes.astype(np.int32),  # [blocks, n]
+            "block": (blocks - first).astype(np.int32),  # [b - a]
+            "shift": (1 << (layers % self.k_max)).astype(np.int32),  # 2^(k-1)
+        }
+
+    def build_chunk(self, inputs: dict, dtype):
+        """Traceable: the chunk's layers as ``indices [m, n, 32]`` (each output's inputs,
+        ascending) and ``values [m, n, 32]`` of ``dtype``."""
+        import jax
+        import jax.numpy as jnp
+
+        n1 = self.n // 16
+        # Input neurons grouped by class, ascending within each class (a stable sort).
+        order = jnp.argsort(inputs["classes"], axis=1, stable=True).astype(jnp.int32)
+        by_class = order.reshape(order.shape[0], n1, 16)
+        j = jnp.arange(self.n, dtype=jnp.int32) % n1
+
+        def layer(block, shift):
+            # Output j takes the inputs of classes j and j + 2^(k-1) (mod n1).
+            g = by_class[block]
+            return jnp.sort(jnp.concatenate([g[j], g[(j + shift) % n1]], axis=1), axis=1)
+
+        indices = jax.vmap(layer)(inputs["block"], inputs["shift"])
+        return indices, jnp.full(indices.shape, 1.0 / 16, dtype)
 
 
 def random_inputs(n: int, batch: int, *, density=(0.15, 0.35), seed: int = 0, dtype=np.float32):

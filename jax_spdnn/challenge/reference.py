@@ -167,9 +167,11 @@ def reference_inference_fast(
 
     Args:
       layers: ``SparseMatrix`` layers, or a function ``k -> SparseMatrix`` (0-based) with
-        ``n_layers``; with a function or ``chunk_layers`` the network is streamed through
-        :func:`~jax_spdnn.stream_network` in chunks and never held whole (each of the three
-        runs makes every layer again).
+        ``n_layers``, or a device layer source such as
+        :class:`~jax_spdnn.challenge.RadixNetLayers`; with a function, a source or
+        ``chunk_layers`` the network is streamed through :func:`~jax_spdnn.stream_network`
+        in chunks and never held whole (each of the three runs makes every layer again; a
+        device source makes them on ``device``).
       device: where the float64 runs go: the host CPU by default, or e.g. a GPU
         (``jax.devices()[0]``) for large problems.
       batch_chunk: rows per pass (rows are independent), to bound device memory.
@@ -184,7 +186,9 @@ def reference_inference_fast(
     x = sps.csr_matrix(x) if sps.issparse(x) else np.asarray(x)
     rows, n = x.shape
     device = jax.local_devices(backend="cpu")[0] if device is None else device
-    streamed = callable(layers) or chunk_layers is not None
+    from jax_spdnn.stream import _is_device_source
+
+    streamed = callable(layers) or chunk_layers is not None or _is_device_source(layers)
     step = batch_chunk or max(rows, 1)
     cats, feats, active = ([], [], []), [], 0
     with jax.enable_x64(True), jax.default_device(device):
@@ -231,7 +235,7 @@ def _whole_runs(layers, biases, clip, tol):
 
 def _streamed_runs(layers, biases, n, clip, tol, n_layers, chunk):
     """The three float64 runs of a network streamed in chunks of layers."""
-    from jax_spdnn.stream import _bias_source, _layer_source, stream_network
+    from jax_spdnn.stream import _bias_source, _is_device_source, _layer_source, stream_network
 
     get_layer, L = _layer_source(layers, n_layers)
     get_bias = _bias_source(biases, L, n)
@@ -243,14 +247,21 @@ def _streamed_runs(layers, biases, n, clip, tol, n_layers, chunk):
             last[k] = get_layer(k).astype(np.float64)
         return last[k]
 
+    def column_sum(k):  # max_j sum_i |W_k[i, j]|, for the slack
+        if hasattr(layers, "max_abs_column_sum"):  # known without making the layer
+            return float(layers.max_abs_column_sum(k))
+        W = layer64(k)
+        return np.abs(W.to_scipy()).sum(axis=0).max() if W.nnz else 0.0
+
+    # A device source makes its layers on the device, in float64 when asked.
+    source = layers if _is_device_source(layers) else layer64
+
     def bias_of(shift):
         def bias(k):
             b = np.broadcast_to(np.asarray(get_bias(k), np.float64), (n,))
             if np.any(b > 0):
                 raise ValueError("reference_inference_fast: biases must be <= 0")
-            W = layer64(k)
-            row_sum = np.abs(W.to_scipy()).sum(axis=0).max() if W.nnz else 0.0
-            slack = tol * (1.0 + np.abs(b).max() + clip * row_sum)
+            slack = tol * (1.0 + np.abs(b).max() + clip * column_sum(k))
             return np.minimum(b + shift * slack, 0.0)
 
         return bias
@@ -258,7 +269,7 @@ def _streamed_runs(layers, biases, n, clip, tol, n_layers, chunk):
     def run(xd):
         return [
             stream_network(
-                layer64,
+                source,
                 xd,
                 bias_of(shift),
                 n_layers=L,
