@@ -112,14 +112,9 @@ def _challenge(args) -> int:
         cats = _find(data, f"neuron{n}-l{n_layers}-categories.tsv")
         if cats is not None:
             truth = (ch.read_categories(cats), np.zeros(0, np.int64), f"official {cats.name}")
-    elif args.chunk_layers:  # layers made while streaming, never all in memory
+    elif args.chunk_layers:  # layers made on the device while streaming, never all in memory
         batch = args.batch or 60000
-        nnz = {}
-
-        def layers(k):
-            W = ch.radixnet_layer(n, k + 1, seed=args.seed)
-            nnz[k] = W.nnz
-            return W
+        layers = ch.RadixNetLayers(n, n_layers, seed=args.seed)
 
         with console.status("generating MNIST-like inputs"):
             x = ch.digit_inputs(n, batch, seed=args.seed)
@@ -154,7 +149,7 @@ def _challenge(args) -> int:
     seconds = time.perf_counter() - t0
     if args.distributed:
         result = _gather_result(result, batch)
-    edges = batch * (net.nnz if net is not None else sum(nnz.values()))
+    edges = batch * (net.nnz if net is not None else layers.nnz)
     what = f"streamed in chunks of {args.chunk_layers} layers, " if args.chunk_layers else ""
     console.print(
         f"inference ({what}time per call): {seconds:.4f} s, {edges:.3e} edges, "
@@ -265,8 +260,8 @@ def main(argv=None) -> int:
             "--chunk-layers",
             type=int,
             default=0,
-            help="stream the generated network in chunks of K layers, each made on the host "
-            "while the device runs the previous one (for weights beyond device memory)",
+            help="stream the generated network in chunks of K layers, each made on the "
+            "device just before it runs (for weights beyond device memory)",
         )
     args = parser.parse_args(argv)
     if args.chunk_layers and (args.data or args.distributed or args.profile or args.plot):

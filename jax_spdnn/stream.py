@@ -125,7 +125,9 @@ def _device_chunk(build, platform: str, dtype, sharding):
 def _layer_source(layers, n_layers):
     if _is_device_source(layers):
         if n_layers is not None and n_layers != len(layers):
-            raise ValueError(f"stream_network: n_layers={n_layers} but the source has {len(layers)}")
+            raise ValueError(
+                f"stream_network: n_layers={n_layers} but the source has {len(layers)}"
+            )
         return layers.__getitem__, len(layers)
     if callable(layers):
         if n_layers is None:

@@ -28,8 +28,12 @@ class RandomUniformLayers:
         rng = np.random.default_rng(seed)
         self.n, self.degree = n, degree
         self.idx = np.sort(
-            np.stack([rng.permuted(np.tile(np.arange(n), (n, 1)), axis=1)[:, :degree]
-                      for _ in range(n_layers)]),
+            np.stack(
+                [
+                    rng.permuted(np.tile(np.arange(n), (n, 1)), axis=1)[:, :degree]
+                    for _ in range(n_layers)
+                ]
+            ),
             axis=2,
         ).astype(np.int32)  # [L, n, d]
         self.val = rng.uniform(0.1, 0.5, self.idx.shape).astype(np.float32)
@@ -229,9 +233,7 @@ def test_radixnet_layers_sequence():
     src = RadixNetLayers(64, 9, seed=2)
     assert len(src) == 9 and src.nnz == 9 * 64 * 32
     for k in (0, 3, 8):
-        np.testing.assert_array_equal(
-            src[k].todense(), radixnet_layer(64, k + 1, seed=2).todense()
-        )
+        np.testing.assert_array_equal(src[k].todense(), radixnet_layer(64, k + 1, seed=2).todense())
     np.testing.assert_array_equal(src[-1].todense(), src[8].todense())
     assert [W.shape for W in src[2:4]] == [(64, 64)] * 2
     with pytest.raises(IndexError):
@@ -240,9 +242,7 @@ def test_radixnet_layers_sequence():
         src.chunk_inputs(3, 10)
     with pytest.raises(ValueError, match="N = 16"):
         RadixNetLayers(48, 3)
-    assert src.max_abs_column_sum(0) == pytest.approx(
-        np.abs(src[0].todense()).sum(axis=0).max()
-    )
+    assert src.max_abs_column_sum(0) == pytest.approx(np.abs(src[0].todense()).sum(axis=0).max())
 
 
 @pytest.mark.parametrize("n,L,chunks", [(32, 4, [(0, 4), (2, 3)]), (256, 13, [(0, 13), (3, 9)])])
@@ -291,7 +291,9 @@ def test_uniform_packing_of_any_size(platform):
     else:
         ells = [W.structure.sliced_ell for W in layers]
         want_idx = np.concatenate([e.indices for e in ells])
-        want_val = np.concatenate([np.asarray(e.pack_values(W.values)) for e, W in zip(ells, layers)])
+        want_val = np.concatenate(
+            [np.asarray(e.pack_values(W.values)) for e, W in zip(ells, layers)]
+        )
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     np.testing.assert_array_equal(np.asarray(values), want_val)
 
