@@ -51,8 +51,9 @@ if [[ " $steps " == *" dnn "* ]]; then
 fi
 
 if [[ " $steps " == *" stream "* ]]; then
-  echo "== streamed networks (weights from host memory in chunks of layers)"
-  $PY benchmarks/bench_dnn.py --problems ${STREAM_PROBLEMS:-65536-120} --chunk-layers ${CHUNK_LAYERS:-120} \
+  echo "== streamed networks (chunks of layers made on the device)"
+  # 60000 x 65536 float32 features: input, output and the kernel's two work buffers.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.92} $PY benchmarks/bench_dnn.py --problems ${STREAM_PROBLEMS:-65536-120} --chunk-layers ${CHUNK_LAYERS:-120} \
     ${STREAM_ARGS:---no-check} --json "$OUT/bench_stream.json" 2>&1 | tee "$OUT/bench_stream.log" | tail -6
 fi
 

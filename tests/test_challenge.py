@@ -89,6 +89,18 @@ def test_digit_inputs():
         digit_inputs(512, 10)
 
 
+def test_digit_inputs_do_not_depend_on_threads(monkeypatch):
+    """Chunks are finished by worker threads from one sequence of random draws: the images
+    are the same for any thread count (many small chunks, so several are in flight)."""
+    import os
+
+    many = digit_inputs(256, 301, seed=4, chunk=17)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    one = digit_inputs(256, 301, seed=4, chunk=17)
+    assert (many != one).nnz == 0 and many.nnz > 0
+    assert np.array_equal(np.diff(many.indptr), np.diff(one.indptr))
+
+
 def _run_cli(*args):
     """Runs ``python -m jax_spdnn *args`` and returns the completed process."""
     return subprocess.run(

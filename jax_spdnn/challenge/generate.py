@@ -14,7 +14,9 @@ row and column has exactly 32 nonzeros.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sps
@@ -200,16 +202,51 @@ def digit_inputs(
         raise ValueError(f"digit_inputs needs a square number of neurons, got N={n}")
     digits = load_digits().images.astype(np.float64)  # [1797, 8, 8], values 0..16
     rng = np.random.default_rng([seed, 7])
-    parts = []
-    for start in range(0, batch, chunk):
-        m = min(chunk, batch - start)
-        imgs = digits[rng.integers(0, len(digits), m)]
-        ry = _resample_matrices(rng, m, side)
-        rx = _resample_matrices(rng, m, side)
+    bits = rng.bit_generator
+
+    def finish(imgs, ry, rx, noise_state, spread):
+        """One chunk's images from its random draws (numpy releases the GIL: threads)."""
+        m = imgs.shape[0]
         big = np.einsum("bys,bst,bxt->byx", ry, imgs, rx, optimize=True).reshape(m, n)
-        big += rng.uniform(0, 1e-6, big.shape)  # break ties between equal pixels at random
-        keep = np.clip(np.round(fill * rng.uniform(0.7, 1.3, m) * n), 1, n).astype(np.int64)
-        thresh = -np.partition(-big, keep - 1, axis=1)[np.arange(m), keep - 1]
-        on = (big >= thresh[:, None]) & (big > 1e-3)
-        parts.append(sps.csr_matrix(on.astype(np.float32)))
+        noise_bits = np.random.PCG64()
+        noise_bits.state = noise_state
+        big += np.random.Generator(noise_bits).uniform(0, 1e-6, (m, n))  # random tie-breaks
+        keep = np.clip(np.round(fill * spread * n), 1, n).astype(np.int64)
+        # The keep-th largest per row: one partition at the smallest and largest keep, then
+        # a sort of the band between them only.
+        lo, hi = int(keep.min()) - 1, int(keep.max()) - 1
+        band = np.sort(np.partition(-big, [lo, hi], axis=1)[:, lo : hi + 1], axis=1)
+        thresh = -band[np.arange(m), keep - 1 - lo]
+        rows, cols = np.nonzero((big >= thresh[:, None]) & (big > 1e-3))  # row-major
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m))])
+        return sps.csr_matrix(
+            (np.ones(cols.size, np.float32), cols.astype(np.int32), indptr), shape=(m, n)
+        )
+
+    # The draws stay in one sequence (results do not depend on the thread count); at most
+    # `workers` chunks are in flight, bounding memory.
+    workers = max(1, min(8, os.cpu_count() or 1))
+    parts, pending = [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, batch, chunk):
+            m = min(chunk, batch - start)
+            imgs = digits[rng.integers(0, len(digits), m)]
+            ry = _resample_matrices(rng, m, side)
+            rx = _resample_matrices(rng, m, side)
+            # The tie-break noise (m * n doubles, one 64-bit draw each) is drawn by the
+            # worker from a copy of the generator; this one jumps past it, keeping its
+            # buffered 32-bit half (which doubles do not use) as the draws would have.
+            noise_state = bits.state
+            bits.advance(m * n)
+            state = bits.state
+            state["has_uint32"], state["uinteger"] = (
+                noise_state["has_uint32"],
+                noise_state["uinteger"],
+            )
+            bits.state = state
+            spread = rng.uniform(0.7, 1.3, m)
+            if len(pending) >= workers:
+                parts.append(pending.pop(0).result())
+            pending.append(pool.submit(finish, imgs, ry, rx, noise_state, spread))
+        parts += [f.result() for f in pending]
     return sps.vstack(parts, format="csr")
