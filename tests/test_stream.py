@@ -129,7 +129,7 @@ def test_edge_cases(device):
 
 def test_one_program_per_chunk_shape():
     layers = radixnet(64, 9, seed=3)
-    x = random_inputs(64, 40, seed=1)
+    x = jax.device_put(random_inputs(64, 40, seed=1), jax.devices("cpu")[0])
     jax.clear_caches()
     sd.stream_network(layers, x, -0.3, chunk_layers=4)  # chunks of 4, 4 and 1 layers
     assert stream._chunk_cpu._cache_size() == 2
