@@ -189,7 +189,8 @@ def stream_network(
         on.
       biases: a scalar, ``[L]``, ``[n]``, ``[L, n]``, or a function ``k -> scalar or [n]``.
       clip: upper clamp after the ReLU, or ``None``.
-      chunk_layers: layers per device call; the device holds the weights of two chunks.
+      chunk_layers: layers per device call; the device holds the weights of two chunks (the
+        running one and the next; later chunks wait).
       drop_dead_rows: skip rows that became zero (default: per chunk, when its biases are
         all <= 0, the condition under which a zero row stays zero).
       mesh: split the rows over ``mesh``'s ``axis`` (default: its first) with
@@ -303,6 +304,8 @@ def stream_network(
             host, static = pending.result()
             if i + 1 < len(bounds):
                 pending = pool.submit(build, *bounds[i + 1])  # overlaps this chunk's compute
+            if i >= 2:  # at most two chunks' weights on the device: this one and the running
+                actives[i - 2].block_until_ready()  # one (dispatch is asynchronous)
             if on_device:  # (values, a, b) made there; the biases copied
                 values, *index = make_chunk(host[0])
                 host = ops = (values, jax.device_put(host[1], device), *index)
