@@ -280,8 +280,14 @@ def _fused_cpu(net: SparseDNN, x, drop_dead: bool):
     return _call_cpu(x, values, net.biases.astype(acc), indptr, indices, net.clip, drop_dead)
 
 
-def _call_cuda_ell(x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead: bool):
-    """The CUDA layer-kernel network call on explicit operands (ELL packed; biases [L, n])."""
+def _call_cuda_ell(
+    x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead: bool, alias=False
+):
+    """The CUDA layer-kernel network call on explicit operands (ELL packed; biases [L, n]).
+
+    With ``alias`` the output features take x's buffer (the kernel reads x only in its first
+    layer and writes the output last): no extra ``[batch, n]`` buffer when x is donated
+    (XLA copies x first when it is not)."""
     batch, n = x.shape
     out = (
         _like(x, x.shape, x.dtype),
@@ -289,7 +295,8 @@ def _call_cuda_ell(x, values, biases, slice_ptr, indices, sp_off, ell_off, clip,
         _like(x, (2 * batch * n,), x.dtype),  # ping-pong feature buffers
         _like(x, (6 * batch + 2,), jnp.int32),  # marks, row lists, counts
     )
-    y, active, _, _ = jax.ffi.ffi_call(_CUDA_TARGET, out)(
+    aliases = {0: 0} if alias else None
+    y, active, _, _ = jax.ffi.ffi_call(_CUDA_TARGET, out, input_output_aliases=aliases)(
         x,
         *_operands(x, values, biases, slice_ptr, indices),
         clip=_clip_attr(clip),

@@ -58,10 +58,20 @@ def _cuda_chunk(x, values, biases, slice_ptr, indices, *, clip, drop_dead, sp_of
     return _call_cuda_ell(x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead)
 
 
+def _cuda_chunk_in_place(
+    x, values, biases, slice_ptr, indices, *, clip, drop_dead, sp_off, ell_off
+):
+    return _call_cuda_ell(
+        x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead, alias=True
+    )
+
+
 _CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off")
-# The first chunk must not consume the caller's x; later chunks reuse the feature buffer.
+# The first chunk must not consume the caller's x; later chunks write their output into
+# the previous chunk's (donated) feature buffer, so a chunk holds one feature array plus
+# the kernel's work buffers (60000 x 65536 float32 is 14.6 GiB).
 _chunk_cuda_first = jax.jit(_cuda_chunk, static_argnames=_CUDA_STATIC)
-_chunk_cuda = jax.jit(_cuda_chunk, static_argnames=_CUDA_STATIC, donate_argnums=(0,))
+_chunk_cuda = jax.jit(_cuda_chunk_in_place, static_argnames=_CUDA_STATIC, donate_argnums=(0,))
 
 
 @lru_cache(maxsize=64)

@@ -182,6 +182,7 @@ def test_cuda_chunk_lowering_without_a_gpu():
         assert set(re.findall(r"custom_call @(\w+)", text)) == {"spdnn_sparse_dnn_ell"}
         assert len(re.findall(r"%arg\d+: tensor<", text)) == 5  # no index constants
         assert ("tf.aliasing_output" in text or "jax.buffer_donor" in text) == donated
+        assert ("output_operand_aliases" in text) == donated  # the output takes x's buffer
 
 
 @pytest.mark.parametrize("batch", [40, 37])
