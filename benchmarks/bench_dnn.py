@@ -28,7 +28,6 @@ from common import copy_bandwidth, environment, time_fn  # noqa: E402
 import jax_spdnn as sd  # noqa: E402
 from jax_spdnn import challenge as ch  # noqa: E402
 
-
 _REFERENCES = {}
 
 
@@ -109,10 +108,15 @@ def run_problem(
             f = lambda net, x: sd.stream_network(  # noqa: E731
                 net, x, bias, clip=32.0, chunk_layers=chunk_layers
             )
-            r = jax.block_until_ready(f(net, xd))  # compiles
+            # Compile on a two-chunk prefix (the same programs), then time whole calls.
+            prefix = ch.RadixNetLayers(n, min(n_layers, 2 * chunk_layers), seed=0)
+            jax.block_until_ready(f(prefix, xd))
+            t0 = time.perf_counter()
+            r = jax.block_until_ready(f(net, xd))
+            t = time.perf_counter() - t0
             active, found = np.asarray(r.active_per_layer).astype(np.int64), r.categories()
             del r  # 60000 x 65536 features: the device holds no more than one call's worth
-            t = min(_seconds(f, net, xd) for _ in range(stream_trials))
+            t = min([t] + [_seconds(f, net, xd) for _ in range(stream_trials - 1)])
         else:
             f = jax.jit(lambda net, x: net(x))  # a fresh jit: options are read at trace time
             r = jax.block_until_ready(f(net, xd))
@@ -225,7 +229,10 @@ def main(argv=None):
         "it runs (challenge.RadixNetLayers; no peers)",
     )
     p.add_argument(
-        "--stream-trials", type=int, default=3, help="timed calls when streaming (best kept)"
+        "--stream-trials",
+        type=int,
+        default=3,
+        help="timed calls when streaming (best kept; programs compiled on a short prefix)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the float64 reference")
     p.add_argument(
