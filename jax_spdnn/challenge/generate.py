@@ -133,17 +133,20 @@ class RadixNetLayers(Sequence):
             "shift": (1 << (layers % self.k_max)).astype(np.int32),  # 2^(k-1)
         }
 
-    def build_chunk(self, inputs: dict, dtype):
+    @staticmethod
+    def build_chunk(inputs: dict, dtype):
         """Traceable: the chunk's layers as ``indices [m, n, 32]`` (each output's inputs,
-        ascending) and ``values [m, n, 32]`` of ``dtype``."""
+        ascending) and ``values [m, n, 32]`` of ``dtype``.  A function of ``inputs`` only
+        (one compiled program for every network of the same shape)."""
         import jax
         import jax.numpy as jnp
 
-        n1 = self.n // 16
+        n = inputs["classes"].shape[1]
+        n1 = n // 16
         # Input neurons grouped by class, ascending within each class (a stable sort).
         order = jnp.argsort(inputs["classes"], axis=1, stable=True).astype(jnp.int32)
         by_class = order.reshape(order.shape[0], n1, 16)
-        j = jnp.arange(self.n, dtype=jnp.int32) % n1
+        j = jnp.arange(n, dtype=jnp.int32) % n1
 
         def layer(block, shift):
             # Output j takes the inputs of classes j and j + 2^(k-1) (mod n1).
