@@ -314,6 +314,9 @@ def test_device_source_equals_host_layers(device, make):
     assert np.asarray(got.active_per_layer)[-1] > 0  # something survives to compare
     with pytest.raises(ValueError, match="n_layers=3 but the source has"):
         sd.stream_network(src, x, -0.3, n_layers=3)
+    wide = RadixNetLayers(2 * n, 2) if make == "radixnet" else RandomUniformLayers(n + 3, 2, 5)
+    with pytest.raises(ValueError, match=f"features of width {n}; its layers must be"):
+        sd.stream_network(wide, x, -0.3)
 
 
 def test_device_source_on_a_mesh():
