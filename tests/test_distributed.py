@@ -19,6 +19,15 @@ from jax_spdnn import distributed as dist
 from jax_spdnn.challenge import radixnet, random_inputs
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    """The meshes here are CPU devices: the single-device references run there too (on a
+    GPU machine the default device would be the GPU, whose hybrid network path sums in
+    another order)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 @pytest.fixture(scope="module")
 def mesh():
     devices = jax.devices("cpu")
