@@ -317,15 +317,15 @@ def stream_network(
             if i >= 2:  # at most two chunks' weights on the device: this one and the running
                 actives[i - 2].block_until_ready()  # one (dispatch is asynchronous)
             if on_device:  # (values, a, b) made there; the biases copied
-                values, *index = make_chunk(host[0])
-                m = bounds[i][1] - bounds[i][0]
-                per_layer = n + 1 if platform == "cpu" else -(-n // ELL_SLICE) + 1
-                if index[0].shape != (m * per_layer,):
+                built = jax.eval_shape(lambda i: layers.build_chunk(i, acc), host[0])[0].shape
+                want = (bounds[i][1] - bounds[i][0], n, int(layers.degree))
+                if tuple(built) != want:
                     raise ValueError(
-                        f"stream_network: the layer source built {index[0].shape[0] // m - 1}"
-                        f"{'' if platform == 'cpu' else ' slices of'} outputs per layer for "
-                        f"features of width {n}; its layers must be [{n}, {n}]"
+                        f"stream_network: the layer source built inputs of shape {tuple(built)} "
+                        f"for features of width {n}; layers {bounds[i]} need {want} "
+                        "([layers, n, degree])"
                     )
+                values, *index = make_chunk(host[0])
                 host = ops = (values, jax.device_put(host[1], device), *index)
             if mesh is not None:
                 step = _sharded_chunk(platform, mesh, axis, clip, **static)

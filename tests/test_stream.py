@@ -315,7 +315,7 @@ def test_device_source_equals_host_layers(device, make):
     with pytest.raises(ValueError, match="n_layers=3 but the source has"):
         sd.stream_network(src, x, -0.3, n_layers=3)
     wide = RadixNetLayers(2 * n, 2) if make == "radixnet" else RandomUniformLayers(n + 3, 2, 5)
-    with pytest.raises(ValueError, match=f"features of width {n}; its layers must be"):
+    with pytest.raises(ValueError, match=f"for features of width {n}; layers"):
         sd.stream_network(wide, x, -0.3)
 
 
