@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jax_spdnn as sd
 from jax_spdnn import stream
@@ -348,3 +350,25 @@ def test_device_chunk_lowers_for_cuda_without_a_gpu():
     main = next(line for line in text.splitlines() if "func.func public @main" in line)
     assert len(re.findall(r"%arg\d+: tensor<", main)) == 3
     assert len(text) < 50_000  # the host-packed chunk would embed 655360 indices
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    k=st.integers(1, 5),
+    n_layers=st.integers(1, 30),
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_device_chunks_equal_host_layers_property(k, n_layers, data, seed):
+    """Any N = 16 * 2^k, any chunk [a, b) of any network: the device-built inputs of every
+    output are the host layer's, in order."""
+    n = 16 << k
+    src = RadixNetLayers(n, n_layers, seed=seed)
+    a = data.draw(st.integers(0, n_layers - 1))
+    b = data.draw(st.integers(a + 1, n_layers))
+    idx, vals = src.build_chunk(src.chunk_inputs(a, b), jnp.float32)
+    assert idx.shape == (b - a, n, 32) and vals.shape == idx.shape
+    for layer in range(a, b):
+        want = radixnet_layer(n, layer + 1, seed=seed).structure.indices.reshape(n, 32)
+        np.testing.assert_array_equal(np.asarray(idx[layer - a]), want)
+    np.testing.assert_array_equal(np.asarray(vals), np.float32(1 / 16))
