@@ -132,6 +132,22 @@ def _device_chunk(build, platform: str, dtype, sharding):
     return jax.jit(make, in_shardings=sharding, out_shardings=sharding)
 
 
+def _check_built_shape(source, inputs, dtype, bounds, n: int, checked: set) -> None:
+    """A device source's chunk must be ``[layers, n, degree]`` (traced once per input shape;
+    the kernel trusts the packed indices)."""
+    key = (bounds[1] - bounds[0], str(jax.tree.map(np.shape, inputs)))
+    if key in checked:
+        return
+    built = tuple(jax.eval_shape(lambda inp: source.build_chunk(inp, dtype), inputs)[0].shape)
+    want = (bounds[1] - bounds[0], n, int(source.degree))
+    if built != want:
+        raise ValueError(
+            f"stream_network: the layer source built inputs of shape {built} for features of "
+            f"width {n}; layers {tuple(bounds)} need {want} ([layers, n, degree])"
+        )
+    checked.add(key)
+
+
 def _layer_source(layers, n_layers):
     if _is_device_source(layers):
         if n_layers is not None and n_layers != len(layers):
@@ -252,6 +268,7 @@ def stream_network(
     on_device = _is_device_source(layers) and platform != "other"
     if on_device:
         make_chunk = _device_chunk(layers.build_chunk, platform, acc, where)
+        checked = set()  # input shapes whose built shape was checked
 
     def _build(a: int, b: int):
         """Host side of chunk [a, b): the layers and their packing for the kernel (or, for a
@@ -317,14 +334,7 @@ def stream_network(
             if i >= 2:  # at most two chunks' weights on the device: this one and the running
                 actives[i - 2].block_until_ready()  # one (dispatch is asynchronous)
             if on_device:  # (values, a, b) made there; the biases copied
-                built = jax.eval_shape(lambda i: layers.build_chunk(i, acc), host[0])[0].shape
-                want = (bounds[i][1] - bounds[i][0], n, int(layers.degree))
-                if tuple(built) != want:
-                    raise ValueError(
-                        f"stream_network: the layer source built inputs of shape {tuple(built)} "
-                        f"for features of width {n}; layers {bounds[i]} need {want} "
-                        "([layers, n, degree])"
-                    )
+                _check_built_shape(layers, host[0], acc, bounds[i], n, checked)
                 values, *index = make_chunk(host[0])
                 host = ops = (values, jax.device_put(host[1], device), *index)
             if mesh is not None:
