@@ -30,6 +30,7 @@ def test_notebook_runs(name, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     outputs = _run(name)
     assert "PASSED" in outputs and "True" in outputs
+    assert "same survivors as SparseDNN: True" in " ".join(outputs.split())  # streamed
     assert os.environ.get("SPDNN_NB_LAYERS") == "12"
 
 
