@@ -23,18 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import copy_bandwidth, environment, time_fn  # noqa: E402
+from common import copy_bandwidth, environment, time_fn, time_once  # noqa: E402
 
 import jax_spdnn as sd  # noqa: E402
 from jax_spdnn import challenge as ch  # noqa: E402
 
 _REFERENCES = {}
-
-
-def _seconds(f, *args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    return time.perf_counter() - t0
 
 
 def _make_seconds(source, chunk_layers, dtype) -> float:
@@ -116,7 +110,7 @@ def run_problem(
             t = time.perf_counter() - t0
             active, found = np.asarray(r.active_per_layer).astype(np.int64), r.categories()
             del r  # 60000 x 65536 features: the device holds no more than one call's worth
-            t = min([t] + [_seconds(f, net, xd) for _ in range(stream_trials - 1)])
+            t = min([t] + [time_once(f, net, xd) for _ in range(stream_trials - 1)])
         else:
             f = jax.jit(lambda net, x: net(x))  # a fresh jit: options are read at trace time
             r = jax.block_until_ready(f(net, xd))

@@ -21,15 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
-
-
-def _seconds(f, *args) -> float:
-    import jax
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -63,7 +54,7 @@ def main(argv=None):
     from jax.sharding import PartitionSpec as P
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from common import environment, time_fn
+    from common import environment, time_fn, time_once
 
     import jax_spdnn as sd
     from jax_spdnn import challenge as ch
@@ -120,7 +111,7 @@ def main(argv=None):
                     run = dist.shard(net, mesh, rebalance_every=every or None)
                 r = jax.block_until_ready(run(x))
                 if a.chunk_layers:  # long calls: best of --trials single calls
-                    t = min(_seconds(run, x) for _ in range(a.trials))
+                    t = min(time_once(run, x) for _ in range(a.trials))
                 else:
                     t = time_fn(run, x, trials=a.trials, min_time=0.0)
                 cats = np.asarray(r.categories())

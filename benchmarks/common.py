@@ -33,6 +33,13 @@ def time_fn(fn, *args, trials: int = 5, min_time: float = 0.2) -> float:
     return statistics.median(samples)
 
 
+def time_once(fn, *args) -> float:
+    """Seconds of one call of ``fn(*args)``, until its results are ready (for long calls)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
 def time_iterated(layer, x, *, iters: int = 20, trials: int = 5) -> float:
     """Median seconds per application of ``layer: x -> x`` run ``iters`` times in
     one ``fori_loop`` program, so each application pays no dispatch overhead."""

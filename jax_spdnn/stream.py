@@ -270,15 +270,18 @@ def stream_network(
         make_chunk = _device_chunk(layers.build_chunk, platform, acc, where)
         checked = set()  # input shapes whose built shape was checked
 
+    def bias_row(k: int) -> np.ndarray:
+        return np.broadcast_to(np.asarray(get_bias(k), acc), (n,))
+
+    def drop_for(bias: np.ndarray) -> bool:
+        return bool(np.all(bias <= 0)) if drop_dead_rows is None else bool(drop_dead_rows)
+
     def _build(a: int, b: int):
         """Host side of chunk [a, b): the layers and their packing for the kernel (or, for a
         device source, what the device makes them from)."""
         if on_device:
-            bias = np.empty((b - a, n), acc)
-            for k in range(a, b):
-                bias[k - a] = np.broadcast_to(np.asarray(get_bias(k), acc), (n,))
-            drop = bool(np.all(bias <= 0)) if drop_dead_rows is None else bool(drop_dead_rows)
-            static = {"drop_dead": drop}
+            bias = np.stack([bias_row(k) for k in range(a, b)])
+            static = {"drop_dead": drop_for(bias)}
             if platform == "cuda":
                 static.update(_uniform_offsets(b - a, n, int(layers.degree)))
             return (layers.chunk_inputs(a, b), bias), static
@@ -294,8 +297,8 @@ def stream_network(
                     f"stream_network: layer {k} has shape {W.shape}, expected {(n, n)}"
                 )
             mats.append(W)
-            bias[k - a] = np.broadcast_to(np.asarray(get_bias(k), acc), (n,))
-        drop = bool(np.all(bias <= 0)) if drop_dead_rows is None else bool(drop_dead_rows)
+            bias[k - a] = bias_row(k)  # right after its layer (a bias may ask for it)
+        drop = drop_for(bias)
         if platform == "cpu":
             indptr = np.concatenate([W.structure.indptr for W in mats])
             indices = np.concatenate([W.structure.indices for W in mats])
