@@ -295,6 +295,42 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
   }  // work items
 }
 
+// Blocks of `kernel` that fit on the current device at once with `smem` bytes of
+// dynamic shared memory (raising the kernel's limit above 48 KB when needed).
+// Cached: a network launches kernels once per layer, and the attribute and
+// occupancy queries would otherwise cost more than a small layer.  Keys take few
+// values (a kernel, its shared-memory size, the device), so the cache stays tiny.
+template <typename Kernel>
+xla::ffi::Error resident_blocks(Kernel kernel, size_t smem, int* blocks, const char* what) {
+  struct Launch { const void* kernel; size_t smem; int device; int blocks; };
+  static std::mutex mu;
+  static std::vector<Launch> cache;
+  int device = 0;
+  cudaGetDevice(&device);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Launch& c : cache) {
+    if (c.kernel == key && c.smem == smem && c.device == device) {
+      *blocks = c.blocks;
+      return xla::ffi::Error::Success();
+    }
+  }
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) {
+      return xla::ffi::Error::Internal(std::string(what) + ": cudaFuncSetAttribute: " +
+                                       cudaGetErrorString(err));
+    }
+  }
+  int sms = 0, per_sm = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<int>(smem));
+  *blocks = std::max(1, sms * per_sm);
+  cache.push_back({key, smem, device, *blocks});
+  return xla::ffi::Error::Success();
+}
+
 template <typename T, typename A, int kOuts>
 xla::ffi::Error launch_outs(cudaStream_t stream, const LayerArgs<T, A>& args) {
   const int per_block = kThreads * kOuts;
@@ -305,36 +341,9 @@ xla::ffi::Error launch_outs(cudaStream_t stream, const LayerArgs<T, A>& args) {
   const int chunk = std::max(1, std::min(args.n_in, kMaxSharedBytes / col_bytes / 8 * 8));
   const size_t smem = static_cast<size_t>((chunk + 7) / 8 * 8) * col_bytes;
   auto kernel = fused_layer_kernel<T, A, kOuts>;
-  // Host-side queries are cached: a network launches this once per layer, and the
-  // attribute and occupancy calls would otherwise cost more than a small layer.
-  // The shared-memory size takes one of few values (it depends on n_in only up
-  // to the 64 KB cap), so the cache stays tiny.
-  struct Launch { size_t smem; int device; int blocks; };
-  static std::mutex mu;
-  static std::vector<Launch> cache;
-  int device = 0;
-  cudaGetDevice(&device);
   int resident = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (const Launch& c : cache) {
-      if (c.smem == smem && c.device == device) resident = c.blocks;
-    }
-    if (resident == 0) {
-      if (smem > 48 * 1024) {
-        cudaError_t err = cudaFuncSetAttribute(
-            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-        if (err != cudaSuccess) {
-          return xla::ffi::Error::Internal(std::string("fused layer: cudaFuncSetAttribute: ") +
-                                           cudaGetErrorString(err));
-        }
-      }
-      int sms = 0, per_sm = 0;
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-      resident = std::max(1, sms * per_sm);
-      cache.push_back({smem, device, resident});
-    }
+  if (auto err = resident_blocks(kernel, smem, &resident, "fused layer"); err.failure()) {
+    return err;
   }
   int64_t n_blocks = n_work;
   if (args.count) {  // persistent grid: as many blocks as fit on the device at once

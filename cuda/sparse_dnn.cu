@@ -22,6 +22,7 @@
 #include <cuda_pipeline.h>
 
 #include "cuda/common.cuh"
+#include "cuda/footprint_layer.cuh"
 #include "cuda/fused_layer.cuh"
 
 namespace ffi = xla::ffi;
@@ -647,6 +648,147 @@ ffi::Error sparse_dnn_resident_impl(
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The footprint path (cuda/footprint_layer.cuh): features row-interleaved in the two
+// work buffers, rows listed in order by compact_rows after every layer.
+template <typename T, typename A>
+ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const A* bias,
+                         const int32_t* slice_ptr, const int32_t* indices, const int32_t* perm,
+                         const int32_t* fp_ptr, const int32_t* fp_cols, T* y, int32_t* active,
+                         T* work, int32_t* iwork, int64_t rows, int n, int64_t n_layers,
+                         double clip, bool drop, ffi::Span<const int64_t> sp_off,
+                         ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off) {
+  const int64_t rows8 = (rows + kRows - 1) / kRows * kRows;
+  const int n_groups = (n + kGroup - 1) / kGroup;
+  T* buf[2] = {work, work + rows8 * n};
+  // Integer workspace: marks (zero between kernels), two row lists of positions and
+  // original ids, list lengths (ping-pong) and a scratch count.
+  int32_t* alive = iwork;
+  int32_t* src[2] = {iwork + rows, iwork + 2 * rows};
+  int32_t* ids[2] = {iwork + 3 * rows, iwork + 4 * rows};
+  int32_t* counts = iwork + 5 * rows;
+  cudaMemsetAsync(alive, 0, sizeof(int32_t) * rows, stream);
+  cudaMemsetAsync(counts, 0, sizeof(int32_t) * 4, stream);
+  cudaMemsetAsync(active, 0, sizeof(int32_t) * n_layers, stream);
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
+
+  // The first list: rows of x with a nonzero feature, in order, interleaved into buf[0].
+  mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
+  compact_rows<<<1, kCompactThreads, 0, stream>>>(nullptr, rows, alive, nullptr, drop, src[0],
+                                                   ids[0], counts + 2, counts);
+  interleave_rows<T><<<grid, 256, 0, stream>>>(x, src[0], counts, n, buf[0]);
+  if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
+
+  const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
+  int cur = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    FootprintArgs<T, A> args{};
+    args.x = buf[l % 2];
+    args.values = values + ell_off[l];
+    args.bias = bias + l * n;
+    args.slice_ptr = slice_ptr + sp_off[l];
+    args.indices = indices + ell_off[l];
+    args.perm = perm + l * n;
+    args.fp_ptr = fp_ptr + l * (n_groups + 1);
+    args.fp_cols = fp_cols + fp_off[l];
+    args.y = buf[1 - l % 2];
+    args.count = counts + l % 2;
+    args.src = list;
+    args.alive = alive;
+    args.rows = rows;
+    args.n_in = n;
+    args.n_out = n;
+    args.relu = true;
+    args.clip = static_cast<A>(clip);
+    if (auto err = launch_footprint_layer<T, A>(stream, args); err.failure()) return err;
+    compact_rows<<<1, kCompactThreads, 0, stream>>>(counts + l % 2, rows, alive, ids[cur], drop,
+                                                     src[1 - cur], ids[1 - cur], active + l,
+                                                     counts + (l + 1) % 2);
+    cur = 1 - cur;
+    list = src[cur];
+  }
+  cudaMemsetAsync(y, 0, sizeof(T) * rows * n, stream);
+  deinterleave_rows<T><<<grid, 256, 0, stream>>>(buf[n_layers % 2], list, ids[cur],
+                                                 counts + n_layers % 2, n, y);
+  return last_launch_error("sparse_dnn: footprint layers");
+}
+
+ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values,
+                              ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> slice_ptr,
+                              ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> perm,
+                              ffi::Buffer<ffi::S32> fp_ptr, ffi::Buffer<ffi::S32> fp_cols,
+                              ffi::Result<ffi::AnyBuffer> y,
+                              ffi::Result<ffi::Buffer<ffi::S32>> active,
+                              ffi::Result<ffi::AnyBuffer> work,
+                              ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip,
+                              bool drop_dead, ffi::Span<const int64_t> sp_off,
+                              ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("sparse_dnn: x must be [batch, n]");
+  const int64_t rows = xd[0], n = xd[1];
+  const int64_t n_layers = static_cast<int64_t>(active->element_count());
+  const int64_t n_slices = (n + kSlice - 1) / kSlice;
+  const int64_t n_groups = (n + kGroup - 1) / kGroup;
+  const int64_t rows8 = (rows + kRows - 1) / kRows * kRows;
+  if (n > 0x7fffffff || rows >= 0x7fffffff) {
+    return ffi::Error::InvalidArgument("sparse_dnn: batch and n must be below 2^31");
+  }
+  if (static_cast<int64_t>(sp_off.size()) != n_layers ||
+      static_cast<int64_t>(ell_off.size()) != n_layers + 1 ||
+      static_cast<int64_t>(fp_off.size()) != n_layers + 1 ||
+      static_cast<int64_t>(bias.element_count()) != n_layers * n ||
+      static_cast<int64_t>(slice_ptr.element_count()) != n_layers * (n_slices + 1) ||
+      static_cast<int64_t>(indices.element_count()) != ell_off[n_layers] ||
+      static_cast<int64_t>(values.element_count()) != ell_off[n_layers] ||
+      static_cast<int64_t>(perm.element_count()) != n_layers * n ||
+      static_cast<int64_t>(fp_ptr.element_count()) != n_layers * (n_groups + 1) ||
+      static_cast<int64_t>(fp_cols.element_count()) < fp_off[n_layers] ||
+      static_cast<int64_t>(work->element_count()) != 2 * rows8 * n ||
+      static_cast<int64_t>(iwork->element_count()) != 5 * rows + 4) {
+    return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
+  }
+  if (x.element_type() != y->element_type() || x.element_type() != work->element_type()) {
+    return ffi::Error::InvalidArgument("sparse_dnn: x, y and the workspace must share a dtype");
+  }
+  if (rows == 0 || n_layers == 0) {
+    cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
+    return last_launch_error("sparse_dnn");
+  }
+  auto run = [&](auto* tag, auto* acc_tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using A = std::remove_pointer_t<decltype(acc_tag)>;
+    constexpr ffi::DataType acc = sizeof(A) == 8 ? ffi::DataType::F64 : ffi::DataType::F32;
+    if (values.element_type() != acc || bias.element_type() != acc) {
+      return ffi::Error::InvalidArgument(
+          "sparse_dnn: values and bias must have the accumulation dtype of x");
+    }
+    return run_footprint<T, A>(
+        stream, reinterpret_cast<const T*>(x.untyped_data()),
+        reinterpret_cast<const A*>(values.untyped_data()),
+        reinterpret_cast<const A*>(bias.untyped_data()), slice_ptr.typed_data(),
+        indices.typed_data(), perm.typed_data(), fp_ptr.typed_data(), fp_cols.typed_data(),
+        reinterpret_cast<T*>(y->untyped_data()), active->typed_data(),
+        reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows,
+        static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off);
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      return run(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+    case ffi::DataType::F64:
+      return run(static_cast<double*>(nullptr), static_cast<double*>(nullptr));
+    case ffi::DataType::BF16:
+      return run(static_cast<__nv_bfloat16*>(nullptr), static_cast<float*>(nullptr));
+    case ffi::DataType::F16:
+      return run(static_cast<__half*>(nullptr), static_cast<float*>(nullptr));
+    default:
+      return ffi::Error::InvalidArgument("sparse_dnn: unsupported feature dtype");
+  }
+}
+
 }  // namespace
 }  // namespace spdnn::cuda
 
@@ -687,3 +829,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnResidentCuda, spdnn::cuda::sparse_dn
                                   .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [head]
                                   .Attr<ffi::Span<const int64_t>>("ell_offsets")    // [head + 1]
                                   .Attr<ffi::Span<const int64_t>>("segment_ends"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_dnn_fp_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [batch, n]
+                                  .Arg<ffi::AnyBuffer>()         // values, all layers, ELL order
+                                  .Arg<ffi::AnyBuffer>()         // bias [L, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr, all layers
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // footprint slots, ELL order
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // perm [L, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // fp_ptr [L, groups + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // fp_cols, all layers
+                                  .Ret<ffi::AnyBuffer>()         // y [batch, n]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
+                                  .Ret<ffi::AnyBuffer>()         // workspace [2, batch8, n]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // workspace [5 batch + 4]
+                                  .Attr<double>("clip")
+                                  .Attr<bool>("drop_dead")
+                                  .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [L]
+                                  .Attr<ffi::Span<const int64_t>>("ell_offsets")    // [L + 1]
+                                  .Attr<ffi::Span<const int64_t>>("fp_offsets"));   // [L + 1]

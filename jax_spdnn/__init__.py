@@ -24,9 +24,12 @@ from jax_spdnn.linear import sparse_linear, sparse_linear_p
 from jax_spdnn.sparse import (
     BankSplitPack,
     EllPack,
+    FootprintPack,
     SparseMatrix,
     Structure,
+    footprint_order,
     pack_bank_split,
+    pack_footprint,
     pack_sliced_ell,
 )
 from jax_spdnn.stream import stream_network
@@ -41,7 +44,10 @@ __all__ = [
     "distributed",
     "BankSplitPack",
     "EllPack",
+    "FootprintPack",
+    "footprint_order",
     "pack_bank_split",
+    "pack_footprint",
     "pack_sliced_ell",
     "SparseConvKernel",
     "SparseMatrix",

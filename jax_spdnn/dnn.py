@@ -34,19 +34,29 @@ __all__ = ["DNNResult", "SparseDNN"]
 _CPU_TARGET = "spdnn_sparse_dnn_csr"
 _CUDA_TARGET = "spdnn_sparse_dnn_ell"
 _CUDA_RESIDENT_TARGET = "spdnn_sparse_dnn_resident"
+_CUDA_FOOTPRINT_TARGET = "spdnn_sparse_dnn_footprint"
 
 # Schedule of the hybrid CUDA path: the first SINGLE_LAYERS layers one per launch with the
 # layer kernel (rows die fast there and every launch compacts them; it is the faster kernel
 # while rows are many), then segments of 2, 4, 8, ... layers, at most MAX_SEGMENT per
 # launch, with the resident kernel (the row tile stays in shared memory across layers).
 # SPDNN_DNN_SEGMENTS="singles,max" overrides both (tuning; singles=0 runs every layer on the
-# resident kernel).  SPDNN_DNN_KERNEL=layer|resident|auto picks the CUDA path: auto runs the
-# hybrid where it measured faster (n <= 1024: two lane groups or one; on H100 8% faster at
-# 1024-120) and the layer kernel for every layer otherwise (with 4 or 8 lane groups the
-# hybrid measured slower, 2x at 4096-120; benchmarks/RESULTS.md); resident forces the hybrid
-# for any n up to 4096; layer forces the layer kernel.
+# resident kernel).  SPDNN_DNN_KERNEL=auto|footprint|layer|resident picks the CUDA path:
+# auto runs the hybrid where it measured faster (n <= 1024: two lane groups or one; on H100
+# 8% faster at 1024-120) and the footprint kernel for wider networks (it stages only the
+# inputs a block's outputs use; benchmarks/RESULTS.md); footprint, layer and resident force
+# one (resident: the hybrid, for any n up to 4096).
 SINGLE_LAYERS = 8
 MAX_SEGMENT = 32
+KERNELS = ("auto", "footprint", "layer", "resident")
+FOOTPRINT_MIN_N = 2048  # auto: the footprint kernel from this width on
+
+
+def footprint_applies(n: int, kernel: str) -> bool:
+    """Whether the CUDA network call uses the footprint kernel for width ``n``."""
+    if not _native.has_target(_CUDA_FOOTPRINT_TARGET, "cuda"):
+        return False
+    return kernel == "footprint" or (kernel == "auto" and n >= FOOTPRINT_MIN_N)
 
 
 def segment_ends(n_layers: int, singles: int = SINGLE_LAYERS, max_segment: int = MAX_SEGMENT):
@@ -64,8 +74,8 @@ def segment_ends(n_layers: int, singles: int = SINGLE_LAYERS, max_segment: int =
 
 def _cuda_options() -> tuple[str, tuple[int, int]]:
     kernel = os.environ.get("SPDNN_DNN_KERNEL", "auto")
-    if kernel not in ("auto", "resident", "layer"):
-        raise ValueError(f"SPDNN_DNN_KERNEL must be auto, resident or layer, got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"SPDNN_DNN_KERNEL must be one of {KERNELS}, got {kernel!r}")
     seg = os.environ.get("SPDNN_DNN_SEGMENTS")
     if seg:
         try:
@@ -307,6 +317,69 @@ def _call_cuda_ell(
     return y, active
 
 
+def _call_cuda_fp(
+    x,
+    values,
+    biases,
+    slice_ptr,
+    indices,
+    perm,
+    fp_ptr,
+    fp_cols,
+    sp_off,
+    ell_off,
+    fp_off,
+    clip,
+    drop_dead: bool,
+    alias=False,
+):
+    """The CUDA footprint-kernel network call on explicit operands (see
+    :func:`_fp_operands`; ``alias`` as in :func:`_call_cuda_ell`)."""
+    batch, n = x.shape
+    batch8 = -(-batch // 8) * 8
+    out = (
+        _like(x, x.shape, x.dtype),
+        _like(x, (biases.shape[0],), jnp.int32),
+        _like(x, (2 * batch8 * n,), x.dtype),  # ping-pong row-interleaved feature buffers
+        _like(x, (5 * batch + 4,), jnp.int32),  # marks, row lists, counts
+    )
+    aliases = {0: 0} if alias else None
+    y, active, _, _ = jax.ffi.ffi_call(_CUDA_FOOTPRINT_TARGET, out, input_output_aliases=aliases)(
+        x,
+        *_operands(x, values, biases, slice_ptr, indices, perm, fp_ptr, fp_cols),
+        clip=_clip_attr(clip),
+        drop_dead=drop_dead,
+        slice_offsets=np.asarray(sp_off, np.int64),
+        ell_offsets=np.asarray(ell_off, np.int64),
+        fp_offsets=np.asarray(fp_off, np.int64),
+    )
+    return y, active
+
+
+def _fp_operands(layers, acc):
+    """Footprint packings of ``layers`` concatenated: values (traced), the index arrays and
+    the per-layer offsets (static)."""
+    fps = [W.structure.footprint for W in layers]
+    values = jnp.concatenate(
+        [fp.pack_values(jnp.asarray(W.values).astype(acc)) for fp, W in zip(fps, layers)]
+    )
+    slice_ptr = np.concatenate([fp.slice_ptr for fp in fps])
+    indices = np.concatenate([fp.indices for fp in fps])
+    perm = np.concatenate([fp.perm for fp in fps])
+    fp_ptr = np.concatenate([fp.fp_ptr for fp in fps])
+    fp_cols = np.concatenate([fp.fp_cols for fp in fps])
+    sp_off = np.cumsum([0] + [fp.slice_ptr.shape[0] for fp in fps[:-1]]).astype(np.int64)
+    ell_off = np.cumsum([0] + [fp.total for fp in fps]).astype(np.int64)
+    fp_off = np.cumsum([0] + [fp.staged for fp in fps]).astype(np.int64)
+    return (values, slice_ptr, indices, perm, fp_ptr, fp_cols), (sp_off, ell_off, fp_off)
+
+
+def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool):
+    (values, *index), offsets = _fp_operands(net.layers, _acc_dtype(x.dtype))
+    biases = net.biases.astype(_acc_dtype(x.dtype))
+    return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead)
+
+
 def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
     acc = _acc_dtype(x.dtype)
     values, slice_ptr, indices, sp_off, ell_off = _ell_operands(net.layers, acc)
@@ -317,7 +390,7 @@ def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
 
 def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
     """The resident kernel's lane groups when the hybrid path runs this network, else None."""
-    if kernel == "layer" or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
+    if kernel in ("layer", "footprint") or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
         return None
     if np.dtype(x.dtype) == np.float64:
         return None
@@ -408,6 +481,8 @@ def _forward(
     groups = _resident_applies(net, x, kernel)
     if groups is not None:
         branches["cuda"] = lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
+    elif footprint_applies(net.n, kernel):
+        branches["cuda"] = lambda x: _fused_cuda_fp(net, x, drop_dead)
     elif _native.has_target(_CUDA_TARGET, "cuda"):
         branches["cuda"] = lambda x: _fused_cuda(net, x, drop_dead)
     y, active = lax.platform_dependent(x, **branches, default=lambda x: _chain(net, x))

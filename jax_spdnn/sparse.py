@@ -25,14 +25,19 @@ import scipy.sparse as sps
 __all__ = [
     "BankSplitPack",
     "EllPack",
+    "FootprintPack",
     "SparseMatrix",
     "Structure",
+    "footprint_order",
     "pack_bank_split",
+    "pack_footprint",
     "pack_sliced_ell",
 ]
 
 ELL_SLICE = 32  # outputs per slice: one warp on the GPU
 ELL_PAD_INDEX = np.iinfo(np.int32).max  # sorts after every real input index
+FOOTPRINT_GROUP = 1024  # outputs per block of the footprint kernel (256 threads x 4)
+ORDER_KEYS = 8  # leading inputs that key the footprint reordering (then a hash of all)
 
 
 class Structure:
@@ -101,6 +106,11 @@ class Structure:
     def sliced_ell(self) -> EllPack:
         """The GPU's packed layout of this structure (see :func:`pack_sliced_ell`)."""
         return pack_sliced_ell(self)
+
+    @cached_property
+    def footprint(self) -> FootprintPack:
+        """The footprint kernel's packed layout of this structure (see :func:`pack_footprint`)."""
+        return pack_footprint(self)
 
     def bank_split(self, groups: int) -> BankSplitPack:
         """The whole-network GPU kernel's layout (see :func:`pack_bank_split`), cached."""
@@ -192,6 +202,107 @@ def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
     for a in (slice_ptr, indices, source):
         a.flags.writeable = False
     return EllPack(slice_ptr, indices, source, slice_, nnz)
+
+
+def mix_inputs(indices):
+    """A 32-bit mix of each input index (numpy or jax arrays; wraps, no overflow checks):
+    summed over an output's inputs it keys the footprint reordering."""
+    h = indices.astype(np.uint32) * np.uint32(0x9E3779B1)
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    return h ^ (h >> np.uint32(13))
+
+
+def footprint_order(structure: Structure) -> np.ndarray:
+    """Output neurons ordered so that outputs with equal or similar input sets are adjacent.
+
+    Sorted by their first ``ORDER_KEYS`` inputs (a missing input counts as ``n_in``), then by
+    a hash of the whole input set, then by index: outputs with identical inputs always end
+    up adjacent, outputs sharing leading inputs nearly so.  Any sparsity pattern works; the
+    order only decides which outputs share a block (and so its footprint).  Returns
+    ``order [n_out] int32`` (new position -> output neuron).
+    """
+    n_out, indptr = structure.n_out, structure.indptr.astype(np.int64)
+    counts = np.diff(indptr)
+    width = min(int(counts.max(initial=0)), ORDER_KEYS)
+    keys = []
+    for i in range(width):
+        k = np.full(n_out, structure.n_in, np.int64)
+        has = counts > i
+        k[has] = structure.indices[indptr[:-1][has] + i]
+        keys.append(k)
+    mixed = mix_inputs(structure.indices)
+    h = np.zeros(n_out, np.uint32)
+    nonempty = counts > 0
+    if mixed.size:
+        h[nonempty] = np.add.reduceat(mixed, indptr[:-1][nonempty], dtype=np.uint32)
+    order = np.lexsort((np.arange(n_out), h, *keys[::-1]))
+    return order.astype(np.int32)
+
+
+class FootprintPack(_Packed):
+    """Footprint packing of a :class:`Structure` (the CUDA footprint network kernel).
+
+    Output neurons are reordered by :func:`footprint_order` and cut into groups of
+    ``group`` (one block of the kernel each).  Group ``g``'s footprint is the ascending list
+    of distinct inputs its outputs use, ``fp_cols[fp_ptr[g]:fp_ptr[g + 1]]``: the kernel
+    stages only those columns of its feature rows.  The weights are warp-sliced ELL (as
+    :class:`EllPack`) in the reordered output order, each index being a *slot* of the
+    group's footprint (``ELL_PAD_INDEX`` for padding); slots keep the inputs' order, so every
+    output still sums its inputs in increasing order.
+
+    Attributes:
+      perm: ``[n_out] int32``, the output neuron at each reordered position.
+      slice_ptr, indices, source: the sliced ELL of the reordered outputs (``indices`` are
+        footprint slots; ``source`` indexes the *original* CSR values).
+      fp_ptr: ``[n_groups + 1] int32``; fp_cols: ``[fp_ptr[-1]] int32``.
+      group, nnz; padding: ``total / nnz``; staged: ``fp_ptr[-1]`` (columns staged per row).
+    """
+
+    __slots__ = ("perm", "slice_ptr", "indices", "source", "fp_ptr", "fp_cols", "group", "nnz")
+
+    def __init__(self, perm, slice_ptr, indices, source, fp_ptr, fp_cols, group, nnz):
+        self.perm, self.slice_ptr, self.indices, self.source = perm, slice_ptr, indices, source
+        self.fp_ptr, self.fp_cols, self.group, self.nnz = fp_ptr, fp_cols, group, nnz
+
+    @property
+    def staged(self) -> int:
+        """Input columns a feature row is staged through shared memory per layer."""
+        return int(self.fp_ptr[-1])
+
+
+def pack_footprint(structure: Structure, group: int = FOOTPRINT_GROUP) -> FootprintPack:
+    """Packs a CSR-of-``W^T`` structure for the footprint kernel (host, vectorized).
+
+    See :class:`FootprintPack`.  Done once per structure (cached on
+    :attr:`Structure.footprint`); only the values are re-gathered per call.
+    """
+    if group % ELL_SLICE or group <= 0:
+        raise ValueError(f"pack_footprint: group must be a multiple of {ELL_SLICE}, got {group}")
+    n_in, n_out, nnz = structure.n_in, structure.n_out, structure.nnz
+    perm = footprint_order(structure)
+    indptr = structure.indptr.astype(np.int64)
+    counts = np.diff(indptr)[perm]
+    new_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    # Position in the original CSR of each nonzero of the reordered structure.
+    moved = np.repeat(indptr[:-1][perm] - new_ptr[:-1], counts) + np.arange(nnz, dtype=np.int64)
+    reordered = Structure(new_ptr, structure.indices[moved], structure.shape)
+    ell = pack_sliced_ell(reordered)
+    padded = ell.source == nnz
+    source = np.where(padded, nnz, moved[np.minimum(ell.source, max(nnz - 1, 0))] if nnz else nnz)
+    n_groups = -(-n_out // group)
+    slice_of = np.repeat(np.arange(ell.slice_ptr.shape[0] - 1), np.diff(ell.slice_ptr))
+    g_real = (slice_of // (group // ELL_SLICE)).astype(np.int64)[~padded]
+    key = g_real * (n_in + 1) + ell.indices[~padded]
+    uniq, inverse = np.unique(key, return_inverse=True)
+    fp_ptr = np.searchsorted(uniq, np.arange(n_groups + 1, dtype=np.int64) * (n_in + 1))
+    indices = np.full(ell.total, ELL_PAD_INDEX, np.int32)
+    indices[~padded] = inverse.reshape(-1) - fp_ptr[g_real]
+    fp_cols = (uniq % (n_in + 1)).astype(np.int32)
+    out = (perm, ell.slice_ptr, indices, source.astype(np.int32), fp_ptr.astype(np.int32), fp_cols)
+    for a in out:
+        a.flags.writeable = False
+    return FootprintPack(*out, group, nnz)
 
 
 class BankSplitPack(_Packed):

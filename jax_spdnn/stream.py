@@ -42,9 +42,19 @@ from jax_spdnn.dnn import (
     SparseDNN,
     _call_cpu,
     _call_cuda_ell,
+    _call_cuda_fp,
+    _cuda_options,
+    footprint_applies,
 )
 from jax_spdnn.linear import _acc_dtype, _check_features
-from jax_spdnn.sparse import ELL_PAD_INDEX, ELL_SLICE, SparseMatrix
+from jax_spdnn.sparse import (
+    ELL_PAD_INDEX,
+    ELL_SLICE,
+    FOOTPRINT_GROUP,
+    ORDER_KEYS,
+    SparseMatrix,
+    mix_inputs,
+)
 
 __all__ = ["stream_network"]
 
@@ -54,19 +64,24 @@ def _chunk_cpu(x, values, biases, indptr, indices, *, clip, drop_dead):
     return _call_cpu(x, values, biases, indptr, indices, clip, drop_dead)
 
 
-def _cuda_chunk(x, values, biases, slice_ptr, indices, *, clip, drop_dead, sp_off, ell_off):
-    return _call_cuda_ell(x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead)
+def _call_cuda(x, ops, *, clip, drop_dead, sp_off, ell_off, fp_off=None, alias=False):
+    """One chunk's CUDA network call: the layer kernel's operands ``(values, biases,
+    slice_ptr, indices)``, or with ``fp_off`` the footprint kernel's (``+ perm, fp_ptr,
+    fp_cols``)."""
+    if fp_off is None:
+        return _call_cuda_ell(x, *ops, sp_off, ell_off, clip, drop_dead, alias=alias)
+    return _call_cuda_fp(x, *ops, sp_off, ell_off, fp_off, clip, drop_dead, alias=alias)
 
 
-def _cuda_chunk_in_place(
-    x, values, biases, slice_ptr, indices, *, clip, drop_dead, sp_off, ell_off
-):
-    return _call_cuda_ell(
-        x, values, biases, slice_ptr, indices, sp_off, ell_off, clip, drop_dead, alias=True
-    )
+def _cuda_chunk(x, *ops, **static):
+    return _call_cuda(x, ops, **static)
 
 
-_CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off")
+def _cuda_chunk_in_place(x, *ops, **static):
+    return _call_cuda(x, ops, alias=True, **static)
+
+
+_CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off", "fp_off")
 # The first chunk must not consume the caller's x; later chunks write their output into
 # the previous chunk's (donated) feature buffer, so a chunk holds one feature array plus
 # the kernel's work buffers (60000 x 65536 float32 is 14.6 GiB).
@@ -75,17 +90,21 @@ _chunk_cuda = jax.jit(_cuda_chunk_in_place, static_argnames=_CUDA_STATIC, donate
 
 
 @lru_cache(maxsize=64)
-def _sharded_chunk(platform: str, mesh: Mesh, axis: str, clip, drop_dead, sp_off=(), ell_off=()):
+def _sharded_chunk(
+    platform: str, mesh: Mesh, axis: str, clip, drop_dead, sp_off=(), ell_off=(), fp_off=None
+):
     """One chunk over ``mesh``: rows split along ``axis``, operands replicated."""
+    n_ops = 7 if platform == "cuda-fp" else 4
 
-    def body(h, values, biases, a, b):
+    def body(h, *ops):
         if platform == "cpu":
-            y, active = _call_cpu(h, values, biases, a, b, clip, drop_dead)
+            y, active = _call_cpu(h, *ops, clip, drop_dead)
         else:
-            y, active = _call_cuda_ell(h, values, biases, a, b, sp_off, ell_off, clip, drop_dead)
+            static = {"sp_off": sp_off, "ell_off": ell_off, "fp_off": fp_off}
+            y, active = _call_cuda(h, ops, clip=clip, drop_dead=drop_dead, **static)
         return y, lax.psum(active, axis)
 
-    specs = (P(axis), P(), P(), P(), P())
+    specs = (P(axis),) + (P(),) * n_ops
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(axis), P())))
 
 
@@ -96,6 +115,8 @@ def _is_device_source(layers) -> bool:
 def _pack_uniform(indices, values, platform: str):
     """``[m, n, d]`` per-output inputs and values of ``m`` layers -> the kernel's operands
     (traceable; the same arrays as the host packing of those layers, concatenated)."""
+    if platform == "cuda-fp":
+        return _pack_footprint_uniform(indices, values)
     m, n, d = indices.shape
     if platform == "cpu":  # CSR of W^T per layer
         indptr = jnp.tile(jnp.arange(n + 1, dtype=jnp.int32) * d, m)
@@ -113,13 +134,68 @@ def _pack_uniform(indices, values, platform: str):
     return slot_major(values), slice_ptr, slot_major(indices)
 
 
-def _uniform_offsets(m: int, n: int, d: int) -> dict:
-    """The CUDA kernel's per-layer offsets into :func:`_pack_uniform`'s arrays."""
+def _footprint_layer(indices, values):
+    """One ``[n, d]`` layer (each output's inputs, ascending) -> its footprint packing as
+    :func:`jax_spdnn.sparse.pack_footprint` makes it (traceable): the reordered ``[n, d]``
+    footprint slots and values, ``perm [n]``, ``fp_ptr [groups + 1]`` and ``fp_cols``
+    (``groups * FOOTPRINT_GROUP * d`` long; the tail past ``fp_ptr[-1]`` is zero)."""
+    n, d = indices.shape
+    G = FOOTPRINT_GROUP
+    groups = -(-n // G)
+    keys = [indices[:, i] for i in range(min(d, ORDER_KEYS))]
+    h = jnp.sum(mix_inputs(indices), axis=1, dtype=jnp.uint32)
+    iota = lax.iota(jnp.int32, n)
+    perm = lax.sort((*keys, h, iota), num_keys=len(keys) + 2)[-1]
+    idx = jnp.pad(indices[perm], ((0, groups * G - n), (0, 0)), constant_values=ELL_PAD_INDEX)
+    idx = idx.reshape(groups, G * d)
+    where = lax.broadcasted_iota(jnp.int32, idx.shape, 1)
+    srt, at = lax.sort((idx, where), dimension=1, num_keys=1)
+    prev = jnp.pad(srt[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    first = (srt != prev) & (srt != ELL_PAD_INDEX)
+    rank = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1
+    fp_ptr = jnp.concatenate(
+        [jnp.zeros(1, jnp.int32), jnp.cumsum(jnp.sum(first, axis=1, dtype=jnp.int32))]
+    )
+    rows = lax.broadcasted_iota(jnp.int32, idx.shape, 0)
+    slots = jnp.where(srt == ELL_PAD_INDEX, ELL_PAD_INDEX, rank)
+    slots = jnp.zeros_like(idx).at[rows, at].set(slots, unique_indices=True)
+    dest = jnp.where(first, fp_ptr[:-1, None] + rank, idx.size)
+    fp_cols = (
+        jnp.zeros(idx.size, jnp.int32)
+        .at[dest.reshape(-1)]
+        .set(srt.reshape(-1), mode="drop", unique_indices=True)
+    )
+    slots = slots.reshape(groups * G, d)[:n]
+    return slots, values[perm], perm, fp_ptr, fp_cols
+
+
+def _pack_footprint_uniform(indices, values):
+    """``[m, n, d]`` per-output inputs and values -> the footprint kernel's operands
+    (traceable; per layer the same arrays as :func:`jax_spdnn.sparse.pack_footprint`, the
+    footprint lists at a fixed stride, see :func:`_uniform_offsets`)."""
+    slots, vals, perm, fp_ptr, fp_cols = lax.map(lambda a: _footprint_layer(*a), (indices, values))
+    ell_values, slice_ptr, ell_slots = _pack_uniform(slots, vals, "cuda")
+    return (
+        ell_values,
+        slice_ptr,
+        ell_slots,
+        perm.reshape(-1),
+        fp_ptr.reshape(-1),
+        fp_cols.reshape(-1),
+    )
+
+
+def _uniform_offsets(m: int, n: int, d: int, footprint: bool = False) -> dict:
+    """The CUDA kernels' per-layer offsets into :func:`_pack_uniform`'s arrays."""
     slices = -(-n // ELL_SLICE)
-    return {
+    offsets = {
         "sp_off": tuple(k * (slices + 1) for k in range(m)),
         "ell_off": tuple(k * slices * ELL_SLICE * d for k in range(m + 1)),
     }
+    if footprint:
+        stride = -(-n // FOOTPRINT_GROUP) * FOOTPRINT_GROUP * d
+        offsets["fp_off"] = tuple(k * stride for k in range(m + 1))
+    return offsets
 
 
 @lru_cache(maxsize=64)
@@ -183,12 +259,14 @@ def _bias_source(biases, n_layers: int, n: int):
     )
 
 
-def _platform_of(device) -> str:
+def _platform_of(device, n: int) -> str:
+    """Which network call runs chunks of width ``n`` on ``device``: "cpu", "cuda" (the
+    layer kernel), "cuda-fp" (the footprint kernel) or "other" (a chain of layers)."""
     platform = device.platform
     if platform == "cpu" and _native.has_target(_CPU_TARGET, "cpu"):
         return "cpu"
     if platform in ("gpu", "cuda") and _native.has_target(_CUDA_TARGET, "cuda"):
-        return "cuda"
+        return "cuda-fp" if footprint_applies(n, _cuda_options()[0]) else "cuda"
     return "other"
 
 
@@ -241,12 +319,12 @@ def stream_network(
     acc = np.dtype(_acc_dtype(x.dtype))
     if mesh is None:
         device = next(iter(x.devices()))
-        platform = _platform_of(device)
+        platform = _platform_of(device, n)
         x = jax.device_put(x, device)  # committed, like every later chunk's input: one program
         where = SingleDeviceSharding(device)
     else:
         axis = axis or mesh.axis_names[0]
-        platform = _platform_of(mesh.devices.flat[0])
+        platform = _platform_of(mesh.devices.flat[0], n)
         if platform == "other":
             raise ValueError("stream_network: a mesh needs the CPU or CUDA network kernels")
         pad = (-batch) % mesh.shape[axis]
@@ -282,8 +360,9 @@ def stream_network(
         if on_device:
             bias = np.stack([bias_row(k) for k in range(a, b)])
             static = {"drop_dead": drop_for(bias)}
-            if platform == "cuda":
-                static.update(_uniform_offsets(b - a, n, int(layers.degree)))
+            if platform != "cpu":
+                footprint = platform == "cuda-fp"
+                static.update(_uniform_offsets(b - a, n, int(layers.degree), footprint))
             return (layers.chunk_inputs(a, b), bias), static
         mats, bias = [], np.empty((b - a, n), acc)
         for k in range(a, b):
@@ -304,6 +383,27 @@ def stream_network(
             indices = np.concatenate([W.structure.indices for W in mats])
             values = np.concatenate([np.asarray(W.values, acc) for W in mats])
             return (values, bias, indptr, indices), {"drop_dead": drop}
+        if platform == "cuda-fp":
+            fps = [W.structure.footprint for W in mats]
+            values = np.concatenate(
+                [
+                    np.append(np.asarray(W.values, acc), acc.type(0))[fp.source]
+                    for fp, W in zip(fps, mats)
+                ]
+            )
+            index = [
+                np.concatenate([getattr(fp, a) for fp in fps])
+                for a in ("slice_ptr", "indices", "perm", "fp_ptr", "fp_cols")
+            ]
+            offsets = [
+                np.cumsum([0] + [fp.slice_ptr.shape[0] for fp in fps[:-1]]),
+                np.cumsum([0] + [fp.total for fp in fps]),
+                np.cumsum([0] + [fp.staged for fp in fps]),
+            ]
+            static = {"drop_dead": drop}
+            for name, off in zip(("sp_off", "ell_off", "fp_off"), offsets):
+                static[name] = tuple(int(v) for v in off)
+            return (values, bias, *index), static
         if platform == "cuda":
             ells = [W.structure.sliced_ell for W in mats]
             slice_ptr = np.concatenate([e.slice_ptr for e in ells])
@@ -353,7 +453,7 @@ def stream_network(
                     active = active - pad * jax.device_put(probe_active, active.sharding)
             elif platform == "cpu":
                 h, active = _chunk_cpu(h, *jax.device_put(host, device), clip=clip, **static)
-            elif platform == "cuda":
+            elif platform in ("cuda", "cuda-fp"):
                 step = _chunk_cuda_first if i == 0 else _chunk_cuda
                 h, active = step(h, *jax.device_put(host, device), clip=clip, **static)
             else:

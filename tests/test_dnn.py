@@ -2,10 +2,15 @@
 unambiguous row, features to float32 tolerance), with and without dead-row skipping, on the
 CPU and on CUDA; edge cases and argument errors."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.sparse as sps
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jax_spdnn as sd
 from jax_spdnn.challenge import check_categories, radixnet, random_inputs, reference_inference
@@ -33,11 +38,12 @@ def test_matches_reference(device, net_and_ref, drop):
     assert abs(int(act[-1]) - ref.categories.size) <= ref.ambiguous.size
 
 
-@pytest.mark.parametrize("kernel", ["auto", "layer", "resident"])
+@pytest.mark.parametrize("kernel", ["auto", "layer", "resident", "footprint"])
 def test_matches_sparse_linear_chain(device, kernel, monkeypatch):
     """The fused network equals the chain of sparse_linear layers: bit for bit where both
-    run the same layer kernel (CPU; CUDA 'layer'), to rounding with the hybrid path's
-    resident kernel ('auto' at this width, 'resident'; same products, another order)."""
+    sum every output in input order (CPU; CUDA 'layer' and 'footprint'), to rounding with
+    the hybrid path's resident kernel ('auto' at this width, 'resident'; same products,
+    another order)."""
     monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
     layers = radixnet(256, 12, seed=5)
     x = random_inputs(256, 203, seed=1)  # not a multiple of the row tile
@@ -46,14 +52,14 @@ def test_matches_sparse_linear_chain(device, kernel, monkeypatch):
     for W in layers:
         y = sd.sparse_linear(y, W, -0.35, clip=32.0)
     got = np.asarray(net(x).features)
-    if device.platform == "cpu" or kernel == "layer":
+    if device.platform == "cpu" or kernel in ("layer", "footprint"):
         np.testing.assert_array_equal(got, np.asarray(y))
     else:
         np.testing.assert_allclose(got, np.asarray(y), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("n", [64, 1024, 2048, 4096])
-@pytest.mark.parametrize("kernel", ["resident", "layer"])
+@pytest.mark.parametrize("kernel", ["resident", "layer", "footprint"])
 def test_widths_and_kernels(device, n, kernel, monkeypatch):
     """Every width class of the resident kernel (1, 2, 4, 8 lane groups; every layer on it)
     and the layer kernel match the float64 reference; a batch that is not a multiple of any
@@ -101,6 +107,44 @@ def test_segment_schedules_agree(device, segments, monkeypatch):
     np.testing.assert_array_equal(np.asarray(again.features), np.asarray(r.features))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 2600),
+    n_layers=st.integers(1, 4),
+    batch=st.integers(1, 70),
+    density=st.sampled_from([0.002, 0.01, 0.05]),
+    dup=st.integers(1, 16),
+    drop=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, drop, seed):
+    """Any sparsity pattern (uneven degrees, empty outputs, outputs sharing inputs, n and the
+    batch not multiples of any tile): the footprint kernel gives the layer kernel's results
+    bit for bit, and the active counts."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(n_layers):
+        base = sps.random(n, -(-n // dup), density, random_state=rng, format="csc")
+        w = sps.hstack([base] * dup, format="csc")[:, rng.permutation(n)]
+        w.data = rng.uniform(0.05, 0.6, w.data.shape)
+        layers.append(sd.SparseMatrix.from_scipy(w))
+    x = (rng.random((batch, n)) < 0.3).astype(np.float32) * rng.uniform(0, 2, (batch, n))
+    net = sd.SparseDNN(layers, -0.1)
+    results = {}
+    with jax.default_device(jax.devices("cuda")[0]):
+        for kernel in ("layer", "footprint"):
+            os.environ["SPDNN_DNN_KERNEL"] = kernel
+            try:
+                results[kernel] = net(x.astype(np.float32), drop_dead_rows=drop)
+            finally:
+                del os.environ["SPDNN_DNN_KERNEL"]
+    a, b = results["layer"], results["footprint"]
+    np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
+    np.testing.assert_array_equal(np.asarray(b.active_per_layer), np.asarray(a.active_per_layer))
+
+
 def test_segment_ends_and_options(monkeypatch):
     from jax_spdnn.dnn import resident_groups, segment_ends
 
@@ -123,7 +167,11 @@ def test_segment_ends_and_options(monkeypatch):
         net(np.zeros((2, 64), np.float32))
 
 
-def test_edge_cases(device):
+@pytest.mark.parametrize("kernel", ["auto", "footprint"])
+def test_edge_cases(device, kernel, monkeypatch):
+    if kernel != "auto" and device.platform == "cpu":
+        pytest.skip("the CPU has one network kernel")
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
     layers = radixnet(64, 6, seed=0)
     x = random_inputs(64, 50, seed=0)
     # every row dies at layer 1
@@ -146,8 +194,12 @@ def test_edge_cases(device):
     assert check_categories(got.categories(), ref.categories, ref.ambiguous).passed
 
 
+@pytest.mark.parametrize("kernel", ["auto", "footprint"])
 @pytest.mark.parametrize("dtype", [np.float64, jnp.bfloat16, jnp.float16])
-def test_dtypes(device, dtype):
+def test_dtypes(device, dtype, kernel, monkeypatch):
+    if kernel != "auto" and device.platform == "cpu":
+        pytest.skip("the CPU has one network kernel")
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
     layers = radixnet(256, 10, seed=2)
     x = random_inputs(256, 500, seed=4)
     ref = reference_inference(layers, -0.3, x)
@@ -212,7 +264,9 @@ def test_profile_layers(device, bias):
     [
         ("layer", 1024, "spdnn_sparse_dnn_ell"),
         ("auto", 1024, "spdnn_sparse_dnn_resident"),
-        ("auto", 2048, "spdnn_sparse_dnn_ell"),
+        ("auto", 2048, "spdnn_sparse_dnn_footprint"),
+        ("layer", 2048, "spdnn_sparse_dnn_ell"),
+        ("footprint", 1024, "spdnn_sparse_dnn_footprint"),
         ("resident", 2048, "spdnn_sparse_dnn_resident"),
         ("resident", 8192, "spdnn_sparse_dnn_ell"),
     ],

@@ -204,6 +204,66 @@ def test_pack_sliced_ell(n_out, density, seed):
 
 
 @given(
+    n_in=st.integers(1, 80),
+    n_out=st.integers(0, 300),
+    group=st.sampled_from([32, 64, 1024]),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    dup=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_footprint(n_in, n_out, group, density, dup, seed):
+    """The footprint packing holds W exactly: each reordered output's slots, read through
+    its group's footprint, are its inputs in increasing order with their values; footprints
+    are the distinct inputs of their group, ascending; outputs with equal inputs are
+    adjacent in the order."""
+    rng = np.random.default_rng(seed)
+    base = random_sparse(rng, n_in, -(-n_out // dup), density, empty_rows=0.3).toarray()
+    w = np.repeat(base, dup, axis=1)[:, :n_out]  # outputs repeated: equal input sets
+    w = w[:, rng.permutation(n_out)] * rng.uniform(0.5, 1.5, w.shape)
+    m = sd.SparseMatrix.from_dense(w)
+    fp = sd.pack_footprint(m.structure, group)
+    assert sorted(fp.perm.tolist()) == list(range(n_out))
+    n_groups = -(-n_out // group)
+    assert fp.fp_ptr.shape == (n_groups + 1,) and fp.fp_ptr[0] == 0
+    assert fp.slice_ptr.shape == (-(-n_out // 32) + 1,)
+    packed = np.asarray(fp.pack_values(jnp.asarray(m.values)))
+    dense = np.zeros_like(w)
+    for jr in range(n_out):
+        g, wi, lane = jr // group, jr // 32, jr % 32
+        cols = fp.fp_cols[fp.fp_ptr[g] : fp.fp_ptr[g + 1]]
+        slots = np.arange(fp.slice_ptr[wi] + lane, fp.slice_ptr[wi + 1], 32)
+        idx = fp.indices[slots]
+        real = idx != sd.sparse.ELL_PAD_INDEX
+        assert np.all(real[: real.sum()]) and np.all(packed[slots[~real]] == 0)
+        inputs = cols[idx[real]]
+        assert np.all(np.diff(inputs) > 0)  # summed in increasing input order
+        dense[inputs, fp.perm[jr]] = packed[slots[real]]
+    np.testing.assert_array_equal(dense, w)
+    for g in range(n_groups):
+        outs = fp.perm[g * group : (g + 1) * group]
+        want = np.flatnonzero(np.any(w[:, outs] != 0, axis=1))
+        np.testing.assert_array_equal(fp.fp_cols[fp.fp_ptr[g] : fp.fp_ptr[g + 1]], want)
+    sets = [tuple(np.flatnonzero(w[:, j])) for j in fp.perm]
+    runs = sum(1 for k in range(n_out) if k == 0 or sets[k] != sets[k - 1])
+    assert runs == len(set(sets))  # each distinct input set is one run
+    assert m.structure.footprint.staged == sd.pack_footprint(m.structure).staged
+
+
+def test_footprint_order_keys():
+    """The order sorts by leading inputs, then by the hash of the whole set; a missing
+    input sorts last."""
+    w = np.zeros((12, 4))
+    w[[3, 5], 0] = 1  # {3, 5}
+    w[[1, 9], 1] = 1  # {1, 9}
+    w[[3], 2] = 1  # {3}: shorter, so after {3, 5}
+    w[[1, 9], 3] = 1  # equal to output 1
+    order = sd.footprint_order(sd.SparseMatrix.from_dense(w).structure)
+    np.testing.assert_array_equal(order, [1, 3, 0, 2])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        sd.pack_footprint(sd.SparseMatrix.from_dense(w).structure, 48)
+
+
+@given(
     n_in=st.integers(1, 70),
     n_out=st.integers(0, 90),
     groups=st.sampled_from([1, 2, 4, 8]),

@@ -62,9 +62,18 @@ def _layer_kernel(monkeypatch):
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "layer")
 
 
+def _use_kernel(device, kernel, monkeypatch):
+    """Runs a test with a CUDA network kernel (the CPU has one: its footprint run is skipped)."""
+    if kernel != "layer" and device.platform == "cpu":
+        pytest.skip("the CPU has one network kernel")
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
+
+
+@pytest.mark.parametrize("kernel", ["layer", "footprint"])
 @pytest.mark.parametrize("chunk", [1, 3, 4, 10, 12])
 @pytest.mark.parametrize("source", ["list", "function"])
-def test_equals_sparse_dnn(device, chunk, source):
+def test_equals_sparse_dnn(device, chunk, source, kernel, monkeypatch):
+    _use_kernel(device, kernel, monkeypatch)
     n, L = 64, 10
     layers = radixnet(n, L, seed=4)
     x = random_inputs(n, 90, seed=2)
@@ -179,12 +188,27 @@ def test_cuda_chunk_lowering_without_a_gpu():
         sp_off=tuple(int(v) for v in np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])),
         ell_off=tuple(int(v) for v in np.cumsum([0] + [e.total for e in ells])),
     )
-    for fn, donated in ((stream._chunk_cuda_first, False), (stream._chunk_cuda, True)):
-        text = fn.trace(*args, **static).lower(lowering_platforms=("cuda",)).as_text()
-        assert set(re.findall(r"custom_call @(\w+)", text)) == {"spdnn_sparse_dnn_ell"}
-        assert len(re.findall(r"%arg\d+: tensor<", text)) == 5  # no index constants
-        assert ("tf.aliasing_output" in text or "jax.buffer_donor" in text) == donated
-        assert ("output_operand_aliases" in text) == donated  # the output takes x's buffer
+    fps = [W.structure.footprint for W in layers]
+    fp_args = args[:3] + tuple(
+        np.concatenate([getattr(fp, a) for fp in fps])
+        for a in ("slice_ptr", "indices", "perm", "fp_ptr", "fp_cols")
+    )
+    fp_static = dict(
+        static,
+        ell_off=tuple(int(v) for v in np.cumsum([0] + [fp.total for fp in fps])),
+        fp_off=tuple(int(v) for v in np.cumsum([0] + [fp.staged for fp in fps])),
+    )
+    cases = [
+        (args, static, "spdnn_sparse_dnn_ell"),
+        (fp_args, fp_static, "spdnn_sparse_dnn_footprint"),
+    ]
+    for a, st_, target in cases:
+        for fn, donated in ((stream._chunk_cuda_first, False), (stream._chunk_cuda, True)):
+            text = fn.trace(*a, **st_).lower(lowering_platforms=("cuda",)).as_text()
+            assert set(re.findall(r"custom_call @(\w+)", text)) == {target}
+            assert len(re.findall(r"%arg\d+: tensor<", text)) == len(a)  # no index constants
+            assert ("tf.aliasing_output" in text or "jax.buffer_donor" in text) == donated
+            assert ("output_operand_aliases" in text) == donated  # the output takes x's buffer
 
 
 @pytest.mark.parametrize("batch", [40, 37])
@@ -301,8 +325,39 @@ def test_uniform_packing_of_any_size(platform):
     np.testing.assert_array_equal(np.asarray(values), want_val)
 
 
+@pytest.mark.parametrize(
+    "src", [RadixNetLayers(2048, 13, seed=2), RandomUniformLayers(1100, 3, 12, seed=3)]
+)
+def test_device_footprint_packing_equals_host(src):
+    """The footprint packing made on the device (any n, degrees past the order's leading
+    keys, permuted RadiX-Net blocks) equals pack_footprint of the host layers, layer by
+    layer at the offsets the kernel is given."""
+    L, n = len(src), src[0].n_out
+    got = jax.jit(lambda i: stream._pack_uniform(*src.build_chunk(i, jnp.float32), "cuda-fp"))(
+        src.chunk_inputs(0, L)
+    )
+    values, slice_ptr, slots, perm, fp_ptr, fp_cols = (np.asarray(a) for a in got)
+    off = stream._uniform_offsets(L, n, src.degree, footprint=True)
+    groups = -(-n // 1024)
+    for k in range(L):
+        W = src[k]
+        fp = W.structure.footprint
+        e0, e1 = off["ell_off"][k], off["ell_off"][k + 1]
+        sp0 = off["sp_off"][k]
+        np.testing.assert_array_equal(perm[k * n : (k + 1) * n], fp.perm)
+        np.testing.assert_array_equal(slice_ptr[sp0 : sp0 + fp.slice_ptr.size], fp.slice_ptr)
+        np.testing.assert_array_equal(slots[e0:e1], fp.indices)
+        np.testing.assert_array_equal(values[e0:e1], np.asarray(fp.pack_values(W.values)))
+        np.testing.assert_array_equal(fp_ptr[k * (groups + 1) : (k + 1) * (groups + 1)], fp.fp_ptr)
+        f0 = off["fp_off"][k]
+        np.testing.assert_array_equal(fp_cols[f0 : f0 + fp.staged], fp.fp_cols)
+        assert off["fp_off"][k + 1] - f0 >= fp.staged
+
+
+@pytest.mark.parametrize("kernel", ["layer", "footprint"])
 @pytest.mark.parametrize("make", ["radixnet", "random"])
-def test_device_source_equals_host_layers(device, make):
+def test_device_source_equals_host_layers(device, make, kernel, monkeypatch):
+    _use_kernel(device, kernel, monkeypatch)
     n, L = (64, 11) if make == "radixnet" else (45, 6)
     src = RadixNetLayers(n, L, seed=4) if make == "radixnet" else RandomUniformLayers(n, L, 5)
     x = random_inputs(n, 70, seed=2)
