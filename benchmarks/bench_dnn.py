@@ -207,7 +207,7 @@ def main(argv=None):
         "--kernels",
         nargs="+",
         default=["auto"],
-        help="CUDA kernels of SparseDNN to time: auto, resident, layer",
+        help="CUDA kernels of SparseDNN to time: auto, footprint, layer, resident",
     )
     p.add_argument(
         "--segments",
@@ -237,7 +237,11 @@ def main(argv=None):
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    variants = [(k, s) for k in args.kernels for s in (args.segments if k != "layer" else [None])]
+    variants = [
+        (k, s)
+        for k in args.kernels
+        for s in (args.segments if k in ("auto", "resident") else [None])
+    ]
     env = environment()
     on_gpu = env["platform"] not in ("cpu",)
     bw = copy_bandwidth() if on_gpu else None
