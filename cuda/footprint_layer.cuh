@@ -4,7 +4,7 @@
 //
 // Packing (jax_spdnn.sparse.pack_footprint): the output neurons are reordered so
 // that outputs with equal or similar input sets are adjacent, then cut into groups
-// of kGroup = kThreads * kOuts.  Group g's footprint is the sorted list of distinct
+// of kThreads * O (O outputs per thread).  Group g's footprint is the sorted list of distinct
 // inputs its outputs use, fp_cols[fp_ptr[g] .. fp_ptr[g + 1]); the weights are
 // warp-sliced ELL (as in fused_layer.cuh) in the reordered output order, each
 // index being a slot of the group's footprint.  perm maps a reordered output back
@@ -12,8 +12,8 @@
 // keep the network's neuron order and no permutation survives a layer.
 //
 // Features are stored row-interleaved: row p, column c of a [rows, n] feature
-// array sits at (p / kRows) * n * kRows + c * kRows + p % kRows, so one column of
-// a tile of kRows consecutive rows is one contiguous 32-byte sector (float).  A
+// array sits at (p / R) * n * R + c * R + p % R, so one column of a tile of R
+// consecutive rows is contiguous (R = 8 float rows: one 32-byte sector).  A
 // block gathers its footprint columns for its tile of rows sector by sector; the
 // outputs of a thread (one column, kRows rows) leave as 16-byte stores.
 //
@@ -36,29 +36,32 @@
 
 namespace spdnn::cuda {
 
-constexpr int kFpOuts = 4;
-constexpr int kGroup = kThreads * kFpOuts;  // outputs per footprint group (= FOOTPRINT_GROUP)
+// Rows per tile (R) and outputs per thread (O; a group is kThreads * O outputs) are
+// template parameters: SPDNN_FP_ROWS picks R at run time, the packing's group size O.
+// Resident blocks per SM the registers must allow: 3 up to 32 accumulators, else 2.
+template <int R, int O, typename A>
+constexpr int kFpMinBlocks = O * R * sizeof(A) > 128 ? 2 : 3;
 
-// Offset of (row p, column c) in a row-interleaved [*, n] feature array.
+// Offset of (row p, column c) in an R-row-interleaved [*, n] feature array.
+template <int R>
 __device__ __forceinline__ int64_t interleaved(int64_t p, int c, int n) {
-  return (p / kRows) * static_cast<int64_t>(n) * kRows + static_cast<int64_t>(c) * kRows +
-         p % kRows;
+  return (p / R) * static_cast<int64_t>(n) * R + static_cast<int64_t>(c) * R + p % R;
 }
 
-// Rounds kRows accumulated values to the storage type in place and stores them,
+// Rounds R accumulated values to the storage type in place and stores them,
 // contiguous, with 16-byte stores (dst is 16-byte aligned).
-template <typename T, typename A>
-__device__ __forceinline__ void store_rows(T* dst, A (&v)[kRows]) {
-  static_assert(kRows * sizeof(T) % 16 == 0, "a tile column must fill 16-byte stores");
+template <typename T, typename A, int R>
+__device__ __forceinline__ void store_rows(T* dst, A (&v)[R]) {
+  static_assert(R * sizeof(T) % 16 == 0, "a tile column must fill 16-byte stores");
   union {
-    T t[kRows];
-    uint4 u[kRows * sizeof(T) / 16];
+    T t[R];
+    uint4 u[R * sizeof(T) / 16];
   } pack;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) v[r] = store_from(&pack.t[r], v[r]);
+  for (int r = 0; r < R; ++r) v[r] = store_from(&pack.t[r], v[r]);
   uint4* d = reinterpret_cast<uint4*>(dst);
 #pragma unroll
-  for (int k = 0; k < kRows * static_cast<int>(sizeof(T)) / 16; ++k) d[k] = pack.u[k];
+  for (int k = 0; k < R * static_cast<int>(sizeof(T)) / 16; ++k) d[k] = pack.u[k];
 }
 
 template <typename T, typename A>
@@ -81,10 +84,9 @@ struct FootprintArgs {
   A clip;
 };
 
-template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads, (kMinBlocks<kFpOuts, A>))
+template <typename T, typename A, int kRows, int kOuts>
+__global__ void __launch_bounds__(kThreads, (kFpMinBlocks<kRows, kOuts, A>))
     footprint_layer_kernel(const FootprintArgs<T, A> args, int chunk, int n_groups) {
-  constexpr int kOuts = kFpOuts;
   const T* __restrict__ x = args.x;
   const A* __restrict__ values = args.values;
   const int32_t* __restrict__ indices = args.indices;
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kFpOuts, A>))
     const T* my_x = nullptr;
     if (my_r < valid) {
       const int64_t p = args.src ? static_cast<int64_t>(__ldg(args.src + row0 + my_r)) : row0 + my_r;
-      my_x = x + interleaved(p, 0, n_in);
+      my_x = x + interleaved<kRows>(p, 0, n_in);
     }
     const int fp0 = __ldg(args.fp_ptr + group);
     const int fp_n = __ldg(args.fp_ptr + group + 1) - fp0;
@@ -235,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kFpOuts, A>))
         if (v > args.clip) v = args.clip;
         out[r] = r < valid ? v : A(0);
       }
-      store_rows(args.y + interleaved(row0, j, n_out), out);  // rounds out to storage
+      store_rows<T, A, kRows>(args.y + interleaved<kRows>(row0, j, n_out), out);  // rounds out to storage
 #pragma unroll
       for (int r = 0; r < kRows; ++r) nonzero[r] |= out[r] != A(0);
     }
@@ -320,8 +322,8 @@ __global__ void mark_nonzero_rows(const T* __restrict__ x, int64_t rows, int n,
 }
 
 // Row-major rows src[k] of x -> row-interleaved packed rows k < *count of y (a tile
-// column per thread: coalesced reads along the row, 16-byte writes).
-template <typename T>
+// column per thread: coalesced reads along the row, contiguous writes).
+template <typename T, int kRows>
 __global__ void interleave_rows(const T* __restrict__ x, const int32_t* __restrict__ src,
                                 const int32_t* count, int n, T* __restrict__ y) {
   const int64_t m = *count;
@@ -337,14 +339,14 @@ __global__ void interleave_rows(const T* __restrict__ x, const int32_t* __restri
       const int64_t k = tile * kRows + r;
       v[r] = k < m ? x[static_cast<int64_t>(src[k]) * n + c] : T(0);
     }
-    T* d = y + interleaved(tile * kRows, c, n);
+    T* d = y + interleaved<kRows>(tile * kRows, c, n);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) d[r] = v[r];
   }
 }
 
 // out[ids[k]] = row src[k] of the row-interleaved buf (row-major out), k < *count.
-template <typename T>
+template <typename T, int kRows>
 __global__ void deinterleave_rows(const T* __restrict__ buf, const int32_t* __restrict__ src,
                                   const int32_t* __restrict__ ids, const int32_t* count, int n,
                                   T* __restrict__ out) {
@@ -354,18 +356,19 @@ __global__ void deinterleave_rows(const T* __restrict__ buf, const int32_t* __re
        e += stride) {
     const int64_t k = e / n;
     const int c = static_cast<int>(e - k * n);
-    out[static_cast<int64_t>(ids[k]) * n + c] = buf[interleaved(src[k], c, n)];
+    out[static_cast<int64_t>(ids[k]) * n + c] = buf[interleaved<kRows>(src[k], c, n)];
   }
 }
 
-template <typename T, typename A>
+template <typename T, typename A, int kRows, int kOuts>
 xla::ffi::Error launch_footprint_layer(cudaStream_t stream, const FootprintArgs<T, A>& args) {
-  const int n_groups = (args.n_out + kGroup - 1) / kGroup;
+  constexpr int group = kThreads * kOuts;
+  const int n_groups = (args.n_out + group - 1) / group;
   const int64_t n_work = (args.rows + kRows - 1) / kRows * n_groups;
   const int col_bytes = kRows * static_cast<int>(sizeof(A));
   const int chunk = std::max(8, kMaxSharedBytes / col_bytes / 8 * 8);
   const size_t smem = static_cast<size_t>(chunk) * col_bytes;
-  auto kernel = footprint_layer_kernel<T, A>;
+  auto kernel = footprint_layer_kernel<T, A, kRows, kOuts>;
   int resident = 0;
   if (auto err = resident_blocks(kernel, smem, &resident, "footprint layer"); err.failure()) {
     return err;

@@ -652,16 +652,16 @@ ffi::Error sparse_dnn_resident_impl(
 // ---------------------------------------------------------------------------------------
 // The footprint path (cuda/footprint_layer.cuh): features row-interleaved in the two
 // work buffers, rows listed in order by compact_rows after every layer.
-template <typename T, typename A>
+template <typename T, typename A, int R, int O>
 ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const A* bias,
                          const int32_t* slice_ptr, const int32_t* indices, const int32_t* perm,
                          const int32_t* fp_ptr, const int32_t* fp_cols, T* y, int32_t* active,
                          T* work, int32_t* iwork, int64_t rows, int n, int64_t n_layers,
                          double clip, bool drop, ffi::Span<const int64_t> sp_off,
                          ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off) {
-  const int64_t rows8 = (rows + kRows - 1) / kRows * kRows;
-  const int n_groups = (n + kGroup - 1) / kGroup;
-  T* buf[2] = {work, work + rows8 * n};
+  const int64_t rows16 = (rows + 15) / 16 * 16;  // the workspace fits any tile height
+  const int n_groups = (n + kThreads * O - 1) / (kThreads * O);
+  T* buf[2] = {work, work + rows16 * n};
   // Integer workspace: marks (zero between kernels), two row lists of positions and
   // original ids, list lengths (ping-pong) and a scratch count.
   int32_t* alive = iwork;
@@ -680,7 +680,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
   compact_rows<<<1, kCompactThreads, 0, stream>>>(nullptr, rows, alive, nullptr, drop, src[0],
                                                    ids[0], counts + 2, counts);
-  interleave_rows<T><<<grid, 256, 0, stream>>>(x, src[0], counts, n, buf[0]);
+  interleave_rows<T, R><<<grid, 256, 0, stream>>>(x, src[0], counts, n, buf[0]);
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
@@ -704,7 +704,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.n_out = n;
     args.relu = true;
     args.clip = static_cast<A>(clip);
-    if (auto err = launch_footprint_layer<T, A>(stream, args); err.failure()) return err;
+    if (auto err = launch_footprint_layer<T, A, R, O>(stream, args); err.failure()) return err;
     compact_rows<<<1, kCompactThreads, 0, stream>>>(counts + l % 2, rows, alive, ids[cur], drop,
                                                      src[1 - cur], ids[1 - cur], active + l,
                                                      counts + (l + 1) % 2);
@@ -712,7 +712,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     list = src[cur];
   }
   cudaMemsetAsync(y, 0, sizeof(T) * rows * n, stream);
-  deinterleave_rows<T><<<grid, 256, 0, stream>>>(buf[n_layers % 2], list, ids[cur],
+  deinterleave_rows<T, R><<<grid, 256, 0, stream>>>(buf[n_layers % 2], list, ids[cur],
                                                  counts + n_layers % 2, n, y);
   return last_launch_error("sparse_dnn: footprint layers");
 }
@@ -725,15 +725,23 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
                               ffi::Result<ffi::Buffer<ffi::S32>> active,
                               ffi::Result<ffi::AnyBuffer> work,
                               ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip,
-                              bool drop_dead, ffi::Span<const int64_t> sp_off,
+                              bool drop_dead, int64_t group, ffi::Span<const int64_t> sp_off,
                               ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("sparse_dnn: x must be [batch, n]");
   const int64_t rows = xd[0], n = xd[1];
   const int64_t n_layers = static_cast<int64_t>(active->element_count());
   const int64_t n_slices = (n + kSlice - 1) / kSlice;
-  const int64_t n_groups = (n + kGroup - 1) / kGroup;
-  const int64_t rows8 = (rows + kRows - 1) / kRows * kRows;
+  if (group != 2 * kThreads && group != 4 * kThreads) {
+    return ffi::Error::InvalidArgument("sparse_dnn: footprint groups must be 512 or 1024 outputs");
+  }
+  const int64_t n_groups = (n + group - 1) / group;
+  const int64_t rows16 = (rows + 15) / 16 * 16;
+  // SPDNN_FP_ROWS=8|16: feature rows per tile (weights reused that many times).
+  static const int fp_rows = [] {
+    const char* env = std::getenv("SPDNN_FP_ROWS");
+    return env && std::atoi(env) == 8 ? 8 : 16;
+  }();
   if (n > 0x7fffffff || rows >= 0x7fffffff) {
     return ffi::Error::InvalidArgument("sparse_dnn: batch and n must be below 2^31");
   }
@@ -747,7 +755,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
       static_cast<int64_t>(perm.element_count()) != n_layers * n ||
       static_cast<int64_t>(fp_ptr.element_count()) != n_layers * (n_groups + 1) ||
       static_cast<int64_t>(fp_cols.element_count()) < fp_off[n_layers] ||
-      static_cast<int64_t>(work->element_count()) != 2 * rows8 * n ||
+      static_cast<int64_t>(work->element_count()) != 2 * rows16 * n ||
       static_cast<int64_t>(iwork->element_count()) != 5 * rows + 4) {
     return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
   }
@@ -766,7 +774,8 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
       return ffi::Error::InvalidArgument(
           "sparse_dnn: values and bias must have the accumulation dtype of x");
     }
-    return run_footprint<T, A>(
+    auto go = [&](auto rows_tag, auto outs_tag) {
+      return run_footprint<T, A, decltype(rows_tag)::value, decltype(outs_tag)::value>(
         stream, reinterpret_cast<const T*>(x.untyped_data()),
         reinterpret_cast<const A*>(values.untyped_data()),
         reinterpret_cast<const A*>(bias.untyped_data()), slice_ptr.typed_data(),
@@ -774,6 +783,13 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
         reinterpret_cast<T*>(y->untyped_data()), active->typed_data(),
         reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows,
         static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off);
+    };
+    using R8 = std::integral_constant<int, 8>;
+    using R16 = std::integral_constant<int, 16>;
+    using O2 = std::integral_constant<int, 2>;
+    using O4 = std::integral_constant<int, 4>;
+    if (group == 2 * kThreads) return fp_rows == 8 ? go(R8{}, O2{}) : go(R16{}, O2{});
+    return fp_rows == 8 ? go(R8{}, O4{}) : go(R16{}, O4{});
   };
   switch (x.element_type()) {
     case ffi::DataType::F32:
@@ -843,10 +859,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_d
                                   .Arg<ffi::Buffer<ffi::S32>>()  // fp_cols, all layers
                                   .Ret<ffi::AnyBuffer>()         // y [batch, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
-                                  .Ret<ffi::AnyBuffer>()         // workspace [2, batch8, n]
+                                  .Ret<ffi::AnyBuffer>()         // workspace [2, batch16, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // workspace [5 batch + 4]
                                   .Attr<double>("clip")
                                   .Attr<bool>("drop_dead")
+                                  .Attr<int64_t>("group")  // outputs per footprint group
                                   .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [L]
                                   .Attr<ffi::Span<const int64_t>>("ell_offsets")    // [L + 1]
                                   .Attr<ffi::Span<const int64_t>>("fp_offsets"));   // [L + 1]

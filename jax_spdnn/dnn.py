@@ -27,7 +27,7 @@ from jax import lax
 
 from jax_spdnn import _native
 from jax_spdnn.linear import _acc_dtype, _check_features, _match_vma, _vma, sparse_linear
-from jax_spdnn.sparse import SparseMatrix, Structure
+from jax_spdnn.sparse import SparseMatrix, Structure, footprint_group
 
 __all__ = ["DNNResult", "SparseDNN"]
 
@@ -331,16 +331,17 @@ def _call_cuda_fp(
     fp_off,
     clip,
     drop_dead: bool,
+    group: int,
     alias=False,
 ):
     """The CUDA footprint-kernel network call on explicit operands (see
     :func:`_fp_operands`; ``alias`` as in :func:`_call_cuda_ell`)."""
     batch, n = x.shape
-    batch8 = -(-batch // 8) * 8
+    batch16 = -(-batch // 16) * 16  # any tile height fits
     out = (
         _like(x, x.shape, x.dtype),
         _like(x, (biases.shape[0],), jnp.int32),
-        _like(x, (2 * batch8 * n,), x.dtype),  # ping-pong row-interleaved feature buffers
+        _like(x, (2 * batch16 * n,), x.dtype),  # ping-pong row-interleaved feature buffers
         _like(x, (5 * batch + 4,), jnp.int32),  # marks, row lists, counts
     )
     aliases = {0: 0} if alias else None
@@ -349,6 +350,7 @@ def _call_cuda_fp(
         *_operands(x, values, biases, slice_ptr, indices, perm, fp_ptr, fp_cols),
         clip=_clip_attr(clip),
         drop_dead=drop_dead,
+        group=np.int64(group),
         slice_offsets=np.asarray(sp_off, np.int64),
         ell_offsets=np.asarray(ell_off, np.int64),
         fp_offsets=np.asarray(fp_off, np.int64),
@@ -356,10 +358,10 @@ def _call_cuda_fp(
     return y, active
 
 
-def _fp_operands(layers, acc):
+def _fp_operands(layers, acc, group):
     """Footprint packings of ``layers`` concatenated: values (traced), the index arrays and
     the per-layer offsets (static)."""
-    fps = [W.structure.footprint for W in layers]
+    fps = [W.structure.footprint(group) for W in layers]
     values = jnp.concatenate(
         [fp.pack_values(jnp.asarray(W.values).astype(acc)) for fp, W in zip(fps, layers)]
     )
@@ -375,9 +377,10 @@ def _fp_operands(layers, acc):
 
 
 def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool):
-    (values, *index), offsets = _fp_operands(net.layers, _acc_dtype(x.dtype))
+    group = footprint_group()
+    (values, *index), offsets = _fp_operands(net.layers, _acc_dtype(x.dtype), group)
     biases = net.biases.astype(_acc_dtype(x.dtype))
-    return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead)
+    return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead, group)
 
 
 def _fused_cuda(net: SparseDNN, x, drop_dead: bool):

@@ -14,6 +14,7 @@ leaf, so ``jit`` traces over them and ``jax.grad`` differentiates them.
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import cached_property
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
 ELL_SLICE = 32  # outputs per slice: one warp on the GPU
 ELL_PAD_INDEX = np.iinfo(np.int32).max  # sorts after every real input index
 FOOTPRINT_GROUP = 1024  # outputs per block of the footprint kernel (256 threads x 4)
+FOOTPRINT_GROUPS = (512, 1024)  # the group sizes the kernel is built for
 ORDER_KEYS = 8  # leading inputs that key the footprint reordering (then a hash of all)
 
 
@@ -107,10 +109,14 @@ class Structure:
         """The GPU's packed layout of this structure (see :func:`pack_sliced_ell`)."""
         return pack_sliced_ell(self)
 
-    @cached_property
-    def footprint(self) -> FootprintPack:
-        """The footprint kernel's packed layout of this structure (see :func:`pack_footprint`)."""
-        return pack_footprint(self)
+    def footprint(self, group: int | None = None) -> FootprintPack:
+        """The footprint kernel's packed layout of this structure (see
+        :func:`pack_footprint`; default group: :func:`footprint_group`), cached."""
+        group = footprint_group() if group is None else group
+        cache = self.__dict__.setdefault("_footprint", {})
+        if group not in cache:
+            cache[group] = pack_footprint(self, group)
+        return cache[group]
 
     def bank_split(self, groups: int) -> BankSplitPack:
         """The whole-network GPU kernel's layout (see :func:`pack_bank_split`), cached."""
@@ -204,6 +210,17 @@ def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
     return EllPack(slice_ptr, indices, source, slice_, nnz)
 
 
+def footprint_group() -> int:
+    """Outputs per block of the footprint kernel: ``FOOTPRINT_GROUP``, or the environment's
+    ``SPDNN_FP_GROUP`` (512 or 1024; for tuning)."""
+    value = os.environ.get("SPDNN_FP_GROUP")
+    if value is None:
+        return FOOTPRINT_GROUP
+    if value not in ("512", "1024"):
+        raise ValueError(f"SPDNN_FP_GROUP must be 512 or 1024, got {value!r}")
+    return int(value)
+
+
 def mix_inputs(indices):
     """A 32-bit mix of each input index (numpy or jax arrays; wraps, no overflow checks):
     summed over an output's inputs it keys the footprint reordering."""
@@ -275,7 +292,7 @@ def pack_footprint(structure: Structure, group: int = FOOTPRINT_GROUP) -> Footpr
     """Packs a CSR-of-``W^T`` structure for the footprint kernel (host, vectorized).
 
     See :class:`FootprintPack`.  Done once per structure (cached on
-    :attr:`Structure.footprint`); only the values are re-gathered per call.
+    :meth:`Structure.footprint`); only the values are re-gathered per call.
     """
     if group % ELL_SLICE or group <= 0:
         raise ValueError(f"pack_footprint: group must be a multiple of {ELL_SLICE}, got {group}")

@@ -50,9 +50,9 @@ from jax_spdnn.linear import _acc_dtype, _check_features
 from jax_spdnn.sparse import (
     ELL_PAD_INDEX,
     ELL_SLICE,
-    FOOTPRINT_GROUP,
     ORDER_KEYS,
     SparseMatrix,
+    footprint_group,
     mix_inputs,
 )
 
@@ -64,13 +64,13 @@ def _chunk_cpu(x, values, biases, indptr, indices, *, clip, drop_dead):
     return _call_cpu(x, values, biases, indptr, indices, clip, drop_dead)
 
 
-def _call_cuda(x, ops, *, clip, drop_dead, sp_off, ell_off, fp_off=None, alias=False):
+def _call_cuda(x, ops, *, clip, drop_dead, sp_off, ell_off, fp_off=None, group=None, alias=False):
     """One chunk's CUDA network call: the layer kernel's operands ``(values, biases,
     slice_ptr, indices)``, or with ``fp_off`` the footprint kernel's (``+ perm, fp_ptr,
     fp_cols``)."""
     if fp_off is None:
         return _call_cuda_ell(x, *ops, sp_off, ell_off, clip, drop_dead, alias=alias)
-    return _call_cuda_fp(x, *ops, sp_off, ell_off, fp_off, clip, drop_dead, alias=alias)
+    return _call_cuda_fp(x, *ops, sp_off, ell_off, fp_off, clip, drop_dead, group, alias=alias)
 
 
 def _cuda_chunk(x, *ops, **static):
@@ -81,7 +81,7 @@ def _cuda_chunk_in_place(x, *ops, **static):
     return _call_cuda(x, ops, alias=True, **static)
 
 
-_CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off", "fp_off")
+_CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off", "fp_off", "group")
 # The first chunk must not consume the caller's x; later chunks write their output into
 # the previous chunk's (donated) feature buffer, so a chunk holds one feature array plus
 # the kernel's work buffers (60000 x 65536 float32 is 14.6 GiB).
@@ -91,7 +91,15 @@ _chunk_cuda = jax.jit(_cuda_chunk_in_place, static_argnames=_CUDA_STATIC, donate
 
 @lru_cache(maxsize=64)
 def _sharded_chunk(
-    platform: str, mesh: Mesh, axis: str, clip, drop_dead, sp_off=(), ell_off=(), fp_off=None
+    platform: str,
+    mesh: Mesh,
+    axis: str,
+    clip,
+    drop_dead,
+    sp_off=(),
+    ell_off=(),
+    fp_off=None,
+    group=None,
 ):
     """One chunk over ``mesh``: rows split along ``axis``, operands replicated."""
     n_ops = 7 if platform == "cuda-fp" else 4
@@ -100,7 +108,7 @@ def _sharded_chunk(
         if platform == "cpu":
             y, active = _call_cpu(h, *ops, clip, drop_dead)
         else:
-            static = {"sp_off": sp_off, "ell_off": ell_off, "fp_off": fp_off}
+            static = {"sp_off": sp_off, "ell_off": ell_off, "fp_off": fp_off, "group": group}
             y, active = _call_cuda(h, ops, clip=clip, drop_dead=drop_dead, **static)
         return y, lax.psum(active, axis)
 
@@ -116,7 +124,7 @@ def _pack_uniform(indices, values, platform: str):
     """``[m, n, d]`` per-output inputs and values of ``m`` layers -> the kernel's operands
     (traceable; the same arrays as the host packing of those layers, concatenated)."""
     if platform == "cuda-fp":
-        return _pack_footprint_uniform(indices, values)
+        return _pack_footprint_uniform(indices, values, footprint_group())
     m, n, d = indices.shape
     if platform == "cpu":  # CSR of W^T per layer
         indptr = jnp.tile(jnp.arange(n + 1, dtype=jnp.int32) * d, m)
@@ -134,13 +142,12 @@ def _pack_uniform(indices, values, platform: str):
     return slot_major(values), slice_ptr, slot_major(indices)
 
 
-def _footprint_layer(indices, values):
+def _footprint_layer(indices, values, G: int):
     """One ``[n, d]`` layer (each output's inputs, ascending) -> its footprint packing as
     :func:`jax_spdnn.sparse.pack_footprint` makes it (traceable): the reordered ``[n, d]``
     footprint slots and values, ``perm [n]``, ``fp_ptr [groups + 1]`` and ``fp_cols``
-    (``groups * FOOTPRINT_GROUP * d`` long; the tail past ``fp_ptr[-1]`` is zero)."""
+    (``groups * G * d`` long; the tail past ``fp_ptr[-1]`` is zero)."""
     n, d = indices.shape
-    G = FOOTPRINT_GROUP
     groups = -(-n // G)
     keys = [indices[:, i] for i in range(min(d, ORDER_KEYS))]
     h = jnp.sum(mix_inputs(indices), axis=1, dtype=jnp.uint32)
@@ -169,11 +176,13 @@ def _footprint_layer(indices, values):
     return slots, values[perm], perm, fp_ptr, fp_cols
 
 
-def _pack_footprint_uniform(indices, values):
+def _pack_footprint_uniform(indices, values, group: int):
     """``[m, n, d]`` per-output inputs and values -> the footprint kernel's operands
     (traceable; per layer the same arrays as :func:`jax_spdnn.sparse.pack_footprint`, the
     footprint lists at a fixed stride, see :func:`_uniform_offsets`)."""
-    slots, vals, perm, fp_ptr, fp_cols = lax.map(lambda a: _footprint_layer(*a), (indices, values))
+    slots, vals, perm, fp_ptr, fp_cols = lax.map(
+        lambda a: _footprint_layer(*a, group), (indices, values)
+    )
     ell_values, slice_ptr, ell_slots = _pack_uniform(slots, vals, "cuda")
     return (
         ell_values,
@@ -193,8 +202,10 @@ def _uniform_offsets(m: int, n: int, d: int, footprint: bool = False) -> dict:
         "ell_off": tuple(k * slices * ELL_SLICE * d for k in range(m + 1)),
     }
     if footprint:
-        stride = -(-n // FOOTPRINT_GROUP) * FOOTPRINT_GROUP * d
+        group = footprint_group()
+        stride = -(-n // group) * group * d
         offsets["fp_off"] = tuple(k * stride for k in range(m + 1))
+        offsets["group"] = group
     return offsets
 
 
@@ -384,7 +395,8 @@ def stream_network(
             values = np.concatenate([np.asarray(W.values, acc) for W in mats])
             return (values, bias, indptr, indices), {"drop_dead": drop}
         if platform == "cuda-fp":
-            fps = [W.structure.footprint for W in mats]
+            group = footprint_group()
+            fps = [W.structure.footprint(group) for W in mats]
             values = np.concatenate(
                 [
                     np.append(np.asarray(W.values, acc), acc.type(0))[fp.source]
@@ -400,7 +412,7 @@ def stream_network(
                 np.cumsum([0] + [fp.total for fp in fps]),
                 np.cumsum([0] + [fp.staged for fp in fps]),
             ]
-            static = {"drop_dead": drop}
+            static = {"drop_dead": drop, "group": group}
             for name, off in zip(("sp_off", "ell_off", "fp_off"), offsets):
                 static[name] = tuple(int(v) for v in off)
             return (values, bias, *index), static

@@ -117,9 +117,10 @@ def test_segment_schedules_agree(device, segments, monkeypatch):
     density=st.sampled_from([0.002, 0.01, 0.05]),
     dup=st.integers(1, 16),
     drop=st.booleans(),
+    group=st.sampled_from(["512", "1024"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, drop, seed):
+def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, drop, group, seed):
     """Any sparsity pattern (uneven degrees, empty outputs, outputs sharing inputs, n and the
     batch not multiples of any tile): the footprint kernel gives the layer kernel's results
     bit for bit, and the active counts."""
@@ -135,11 +136,11 @@ def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, 
     results = {}
     with jax.default_device(jax.devices("cuda")[0]):
         for kernel in ("layer", "footprint"):
-            os.environ["SPDNN_DNN_KERNEL"] = kernel
+            os.environ.update(SPDNN_DNN_KERNEL=kernel, SPDNN_FP_GROUP=group)
             try:
                 results[kernel] = net(x.astype(np.float32), drop_dead_rows=drop)
             finally:
-                del os.environ["SPDNN_DNN_KERNEL"]
+                del os.environ["SPDNN_DNN_KERNEL"], os.environ["SPDNN_FP_GROUP"]
     a, b = results["layer"], results["footprint"]
     np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
     np.testing.assert_array_equal(np.asarray(b.active_per_layer), np.asarray(a.active_per_layer))
@@ -162,6 +163,10 @@ def test_segment_ends_and_options(monkeypatch):
     with pytest.raises(ValueError, match="SPDNN_DNN_KERNEL"):
         net(np.zeros((2, 64), np.float32))
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "auto")
+    monkeypatch.setenv("SPDNN_FP_GROUP", "256")
+    with pytest.raises(ValueError, match="SPDNN_FP_GROUP"):
+        sd.sparse.footprint_group()
+    monkeypatch.delenv("SPDNN_FP_GROUP")
     monkeypatch.setenv("SPDNN_DNN_SEGMENTS", "8")
     with pytest.raises(ValueError, match="SPDNN_DNN_SEGMENTS"):
         net(np.zeros((2, 64), np.float32))

@@ -246,7 +246,8 @@ def test_pack_footprint(n_in, n_out, group, density, dup, seed):
     sets = [tuple(np.flatnonzero(w[:, j])) for j in fp.perm]
     runs = sum(1 for k in range(n_out) if k == 0 or sets[k] != sets[k - 1])
     assert runs == len(set(sets))  # each distinct input set is one run
-    assert m.structure.footprint.staged == sd.pack_footprint(m.structure).staged
+    assert m.structure.footprint(group).staged == fp.staged
+    assert m.structure.footprint(group) is m.structure.footprint(group)  # cached
 
 
 def test_footprint_order_keys():

@@ -188,7 +188,7 @@ def test_cuda_chunk_lowering_without_a_gpu():
         sp_off=tuple(int(v) for v in np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])),
         ell_off=tuple(int(v) for v in np.cumsum([0] + [e.total for e in ells])),
     )
-    fps = [W.structure.footprint for W in layers]
+    fps = [W.structure.footprint() for W in layers]
     fp_args = args[:3] + tuple(
         np.concatenate([getattr(fp, a) for fp in fps])
         for a in ("slice_ptr", "indices", "perm", "fp_ptr", "fp_cols")
@@ -197,6 +197,7 @@ def test_cuda_chunk_lowering_without_a_gpu():
         static,
         ell_off=tuple(int(v) for v in np.cumsum([0] + [fp.total for fp in fps])),
         fp_off=tuple(int(v) for v in np.cumsum([0] + [fp.staged for fp in fps])),
+        group=1024,
     )
     cases = [
         (args, static, "spdnn_sparse_dnn_ell"),
@@ -325,23 +326,26 @@ def test_uniform_packing_of_any_size(platform):
     np.testing.assert_array_equal(np.asarray(values), want_val)
 
 
+@pytest.mark.parametrize("group", ["512", "1024"])
 @pytest.mark.parametrize(
     "src", [RadixNetLayers(2048, 13, seed=2), RandomUniformLayers(1100, 3, 12, seed=3)]
 )
-def test_device_footprint_packing_equals_host(src):
+def test_device_footprint_packing_equals_host(src, group, monkeypatch):
     """The footprint packing made on the device (any n, degrees past the order's leading
     keys, permuted RadiX-Net blocks) equals pack_footprint of the host layers, layer by
     layer at the offsets the kernel is given."""
+    monkeypatch.setenv("SPDNN_FP_GROUP", group)
     L, n = len(src), src[0].n_out
     got = jax.jit(lambda i: stream._pack_uniform(*src.build_chunk(i, jnp.float32), "cuda-fp"))(
         src.chunk_inputs(0, L)
     )
     values, slice_ptr, slots, perm, fp_ptr, fp_cols = (np.asarray(a) for a in got)
     off = stream._uniform_offsets(L, n, src.degree, footprint=True)
-    groups = -(-n // 1024)
+    groups = -(-n // int(group))
+    assert off["group"] == int(group)
     for k in range(L):
         W = src[k]
-        fp = W.structure.footprint
+        fp = W.structure.footprint()
         e0, e1 = off["ell_off"][k], off["ell_off"][k + 1]
         sp0 = off["sp_off"][k]
         np.testing.assert_array_equal(perm[k * n : (k + 1) * n], fp.perm)
