@@ -13,7 +13,7 @@
 //
 // Features are stored row-interleaved: row p, column c of a [rows, n] feature
 // array sits at (p / R) * n * R + c * R + p % R, so one column of a tile of R
-// consecutive rows is contiguous (R = 8 float rows: one 32-byte sector).  A
+// consecutive rows is contiguous (R = 16 float rows: two 32-byte sectors).  A
 // block gathers its footprint columns for its tile of rows sector by sector; the
 // outputs of a thread (one column, kRows rows) leave as 16-byte stores.
 //

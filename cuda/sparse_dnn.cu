@@ -659,9 +659,9 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
                          T* work, int32_t* iwork, int64_t rows, int n, int64_t n_layers,
                          double clip, bool drop, ffi::Span<const int64_t> sp_off,
                          ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off) {
-  const int64_t rows16 = (rows + 15) / 16 * 16;  // the workspace fits any tile height
+  const int64_t rows32 = (rows + 31) / 32 * 32;  // the workspace fits any tile height
   const int n_groups = (n + kThreads * O - 1) / (kThreads * O);
-  T* buf[2] = {work, work + rows16 * n};
+  T* buf[2] = {work, work + rows32 * n};
   // Integer workspace: marks (zero between kernels), two row lists of positions and
   // original ids, list lengths (ping-pong) and a scratch count.
   int32_t* alive = iwork;
@@ -732,15 +732,16 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
   const int64_t rows = xd[0], n = xd[1];
   const int64_t n_layers = static_cast<int64_t>(active->element_count());
   const int64_t n_slices = (n + kSlice - 1) / kSlice;
-  if (group != 2 * kThreads && group != 4 * kThreads) {
-    return ffi::Error::InvalidArgument("sparse_dnn: footprint groups must be 512 or 1024 outputs");
+  if (group != kThreads && group != 2 * kThreads) {
+    return ffi::Error::InvalidArgument("sparse_dnn: footprint groups must be 256 or 512 outputs");
   }
   const int64_t n_groups = (n + group - 1) / group;
-  const int64_t rows16 = (rows + 15) / 16 * 16;
-  // SPDNN_FP_ROWS=8|16: feature rows per tile (weights reused that many times).
+  const int64_t rows32 = (rows + 31) / 32 * 32;
+  // Feature rows per tile: each weight loaded is applied to that many rows.  16 beat 8 by
+  // 17-33% on H100 at 16384-120 and 65536-120; SPDNN_FP_ROWS=16|32 picks (tuning).
   static const int fp_rows = [] {
     const char* env = std::getenv("SPDNN_FP_ROWS");
-    return env && std::atoi(env) == 8 ? 8 : 16;
+    return env && std::atoi(env) == 32 ? 32 : 16;
   }();
   if (n > 0x7fffffff || rows >= 0x7fffffff) {
     return ffi::Error::InvalidArgument("sparse_dnn: batch and n must be below 2^31");
@@ -755,7 +756,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
       static_cast<int64_t>(perm.element_count()) != n_layers * n ||
       static_cast<int64_t>(fp_ptr.element_count()) != n_layers * (n_groups + 1) ||
       static_cast<int64_t>(fp_cols.element_count()) < fp_off[n_layers] ||
-      static_cast<int64_t>(work->element_count()) != 2 * rows16 * n ||
+      static_cast<int64_t>(work->element_count()) != 2 * rows32 * n ||
       static_cast<int64_t>(iwork->element_count()) != 5 * rows + 4) {
     return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
   }
@@ -784,12 +785,12 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
         reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows,
         static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off);
     };
-    using R8 = std::integral_constant<int, 8>;
     using R16 = std::integral_constant<int, 16>;
+    using R32 = std::integral_constant<int, 32>;
+    using O1 = std::integral_constant<int, 1>;
     using O2 = std::integral_constant<int, 2>;
-    using O4 = std::integral_constant<int, 4>;
-    if (group == 2 * kThreads) return fp_rows == 8 ? go(R8{}, O2{}) : go(R16{}, O2{});
-    return fp_rows == 8 ? go(R8{}, O4{}) : go(R16{}, O4{});
+    if (group == kThreads) return fp_rows == 32 ? go(R32{}, O1{}) : go(R16{}, O1{});
+    return fp_rows == 32 ? go(R32{}, O2{}) : go(R16{}, O2{});
   };
   switch (x.element_type()) {
     case ffi::DataType::F32:
@@ -859,7 +860,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_d
                                   .Arg<ffi::Buffer<ffi::S32>>()  // fp_cols, all layers
                                   .Ret<ffi::AnyBuffer>()         // y [batch, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
-                                  .Ret<ffi::AnyBuffer>()         // workspace [2, batch16, n]
+                                  .Ret<ffi::AnyBuffer>()         // workspace [2, batch32, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // workspace [5 batch + 4]
                                   .Attr<double>("clip")
                                   .Attr<bool>("drop_dead")

@@ -337,11 +337,11 @@ def _call_cuda_fp(
     """The CUDA footprint-kernel network call on explicit operands (see
     :func:`_fp_operands`; ``alias`` as in :func:`_call_cuda_ell`)."""
     batch, n = x.shape
-    batch16 = -(-batch // 16) * 16  # any tile height fits
+    batch32 = -(-batch // 32) * 32  # any tile height fits
     out = (
         _like(x, x.shape, x.dtype),
         _like(x, (biases.shape[0],), jnp.int32),
-        _like(x, (2 * batch16 * n,), x.dtype),  # ping-pong row-interleaved feature buffers
+        _like(x, (2 * batch32 * n,), x.dtype),  # ping-pong row-interleaved feature buffers
         _like(x, (5 * batch + 4,), jnp.int32),  # marks, row lists, counts
     )
     aliases = {0: 0} if alias else None

@@ -37,8 +37,10 @@ __all__ = [
 
 ELL_SLICE = 32  # outputs per slice: one warp on the GPU
 ELL_PAD_INDEX = np.iinfo(np.int32).max  # sorts after every real input index
-FOOTPRINT_GROUP = 1024  # outputs per block of the footprint kernel (256 threads x 4)
-FOOTPRINT_GROUPS = (512, 1024)  # the group sizes the kernel is built for
+# Outputs per block of the footprint kernel (256 threads x 2; on H100 512 beat 1024 by 16% at
+# 16384-120 and 65536-120 with 16-row tiles, benchmarks/RESULTS.md).
+FOOTPRINT_GROUP = 512
+FOOTPRINT_GROUPS = (256, 512)  # the group sizes the kernel is built for
 ORDER_KEYS = 8  # leading inputs that key the footprint reordering (then a hash of all)
 
 
@@ -212,12 +214,12 @@ def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
 
 def footprint_group() -> int:
     """Outputs per block of the footprint kernel: ``FOOTPRINT_GROUP``, or the environment's
-    ``SPDNN_FP_GROUP`` (512 or 1024; for tuning)."""
+    ``SPDNN_FP_GROUP`` (one of ``FOOTPRINT_GROUPS``; for tuning)."""
     value = os.environ.get("SPDNN_FP_GROUP")
     if value is None:
         return FOOTPRINT_GROUP
-    if value not in ("512", "1024"):
-        raise ValueError(f"SPDNN_FP_GROUP must be 512 or 1024, got {value!r}")
+    if value not in tuple(str(g) for g in FOOTPRINT_GROUPS):
+        raise ValueError(f"SPDNN_FP_GROUP must be one of {FOOTPRINT_GROUPS}, got {value!r}")
     return int(value)
 
 

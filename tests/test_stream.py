@@ -188,7 +188,7 @@ def test_cuda_chunk_lowering_without_a_gpu():
         sp_off=tuple(int(v) for v in np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])),
         ell_off=tuple(int(v) for v in np.cumsum([0] + [e.total for e in ells])),
     )
-    fps = [W.structure.footprint() for W in layers]
+    fps = [W.structure.footprint(512) for W in layers]
     fp_args = args[:3] + tuple(
         np.concatenate([getattr(fp, a) for fp in fps])
         for a in ("slice_ptr", "indices", "perm", "fp_ptr", "fp_cols")
@@ -197,7 +197,7 @@ def test_cuda_chunk_lowering_without_a_gpu():
         static,
         ell_off=tuple(int(v) for v in np.cumsum([0] + [fp.total for fp in fps])),
         fp_off=tuple(int(v) for v in np.cumsum([0] + [fp.staged for fp in fps])),
-        group=1024,
+        group=512,
     )
     cases = [
         (args, static, "spdnn_sparse_dnn_ell"),
@@ -326,7 +326,7 @@ def test_uniform_packing_of_any_size(platform):
     np.testing.assert_array_equal(np.asarray(values), want_val)
 
 
-@pytest.mark.parametrize("group", ["512", "1024"])
+@pytest.mark.parametrize("group", ["256", "512"])
 @pytest.mark.parametrize(
     "src", [RadixNetLayers(2048, 13, seed=2), RandomUniformLayers(1100, 3, 12, seed=3)]
 )
