@@ -4,26 +4,27 @@
 //
 // Packing (jax_spdnn.sparse.pack_footprint): the output neurons are reordered so
 // that outputs with equal or similar input sets are adjacent, then cut into groups
-// of kThreads * O (O outputs per thread).  Group g's footprint is the sorted list of distinct
-// inputs its outputs use, fp_cols[fp_ptr[g] .. fp_ptr[g + 1]); the weights are
-// warp-sliced ELL (as in fused_layer.cuh) in the reordered output order, each
-// index being a slot of the group's footprint.  perm maps a reordered output back
-// to its neuron: the kernel writes every output at its own column, so features
-// keep the network's neuron order and no permutation survives a layer.
+// of kThreads * O (O outputs per thread).  Group g's footprint is the sorted list
+// of distinct inputs its outputs use, fp_cols[fp_ptr[g] .. fp_ptr[g + 1]); the
+// weights are warp-sliced ELL (as in fused_layer.cuh) in the reordered output
+// order, each index being a slot of the group's footprint.  perm maps a reordered
+// output back to its neuron: the kernel writes every output at its own column, so
+// features keep the network's neuron order and no permutation survives a layer.
 //
 // Features are stored row-interleaved: row p, column c of a [rows, n] feature
 // array sits at (p / R) * n * R + c * R + p % R, so one column of a tile of R
-// consecutive rows is contiguous (R = 16 float rows: two 32-byte sectors).  A
-// block gathers its footprint columns for its tile of rows sector by sector; the
-// outputs of a thread (one column, kRows rows) leave as 16-byte stores.
+// consecutive rows is contiguous (R = 32 float rows: four 32-byte sectors, one
+// 128-byte line).  A block gathers its footprint columns for its tile line by
+// line; the outputs of a thread (one column, R rows) leave as 16-byte stores.
+// Each weight a thread loads is applied to R rows held in registers.
 //
 // Rows are listed on the device: src[k] is the position in the input of packed
 // row k (nullptr: k itself).  The layer writes its outputs packed (row k of the
 // list at position k) and marks rows with a nonzero output; a one-block kernel
 // (compact_rows) then lists the marked rows in order.  Keeping the order keeps
-// consecutive surviving rows in consecutive positions, so the next layer's tiles
-// stay one or two sectors per column.  Every output is summed in order by one
-// thread: deterministic, no floating-point atomics; the sum visits inputs in
+// consecutive surviving rows in consecutive positions, so a tile of the next
+// layer spans one or two tiles of this one.  Every output is summed in order by
+// one thread: deterministic, no floating-point atomics; the sum visits inputs in
 // increasing order, as the layer kernel does, so both give identical results.
 #pragma once
 
@@ -37,7 +38,8 @@
 namespace spdnn::cuda {
 
 // Rows per tile (R) and outputs per thread (O; a group is kThreads * O outputs) are
-// template parameters: SPDNN_FP_ROWS picks R at run time, the packing's group size O.
+// template parameters: SPDNN_FP_ROWS picks R at run time (default 32), the packing's
+// group size picks O (default 1: jax_spdnn.sparse.FOOTPRINT_GROUP = 256).
 // Resident blocks per SM the registers must allow: 3 up to 32 accumulators, else 2.
 template <int R, int O, typename A>
 constexpr int kFpMinBlocks = O * R * sizeof(A) > 128 ? 2 : 3;
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, (kFpMinBlocks<kRows, kOuts, A>))
     for (int c0 = 0; c0 < fp_n; c0 += chunk) {
       const int cn = min(chunk, fp_n - c0);
       __syncthreads();  // everyone is done with the previous chunk (or item)
-      // kRows lanes gather one footprint column of the tile (one sector), kCols
+      // kRows lanes gather one footprint column of the tile (contiguous), kCols
       // columns per pass; each value lands in its row's place of the column's
       // swizzled vectors.
       for (int c = my_c; c < cn; c += kCols) {

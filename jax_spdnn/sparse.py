@@ -37,9 +37,9 @@ __all__ = [
 
 ELL_SLICE = 32  # outputs per slice: one warp on the GPU
 ELL_PAD_INDEX = np.iinfo(np.int32).max  # sorts after every real input index
-# Outputs per block of the footprint kernel (256 threads x 2; on H100 512 beat 1024 by 16% at
-# 16384-120 and 65536-120 with 16-row tiles, benchmarks/RESULTS.md).
-FOOTPRINT_GROUP = 512
+# Outputs per block of the footprint kernel (256 threads, one output each).  On H100 with
+# 32-row tiles 256 beat 512 (with 16-row tiles 512 beat 1024 and 256), benchmarks/RESULTS.md.
+FOOTPRINT_GROUP = 256
 FOOTPRINT_GROUPS = (256, 512)  # the group sizes the kernel is built for
 ORDER_KEYS = 8  # leading inputs that key the footprint reordering (then a hash of all)
 
