@@ -316,8 +316,11 @@ xla::ffi::Error resident_blocks(Kernel kernel, size_t smem, int* blocks, const c
     }
   }
   if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
+    // The limit is the kernel's, not the launch's: raise it to the largest size any launch
+    // uses (setting this launch's size could lower it below a cached larger one).
+    const int limit = static_cast<int>(std::max<size_t>(smem, kMaxSharedBytes));
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
     if (err != cudaSuccess) {
       return xla::ffi::Error::Internal(std::string(what) + ": cudaFuncSetAttribute: " +
                                        cudaGetErrorString(err));
@@ -325,7 +328,12 @@ xla::ffi::Error resident_blocks(Kernel kernel, size_t smem, int* blocks, const c
   }
   int sms = 0, per_sm = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<int>(smem));
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                                  static_cast<int>(smem));
+  if (err != cudaSuccess) {
+    return xla::ffi::Error::Internal(std::string(what) + ": occupancy query: " +
+                                     cudaGetErrorString(err));
+  }
   *blocks = std::max(1, sms * per_sm);
   cache.push_back({key, smem, device, *blocks});
   return xla::ffi::Error::Success();

@@ -109,7 +109,26 @@ def test_segment_schedules_agree(device, segments, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
-@settings(max_examples=30, deadline=None)
+@pytest.mark.parametrize("kernel", ["layer", "footprint"])
+def test_shared_memory_sizes_in_one_process(kernel, monkeypatch):
+    """Widths whose staging needs different shared-memory sizes above 48 KB, one after the
+    other in one process (a launch must not lower the kernel's limit below a size it cached
+    for a later launch: 2048 then 2040 then 2047 failed that way)."""
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
+    with jax.default_device(jax.devices("cuda")[0]):
+        for n in (2048, 2040, 2047, 2049, 1500, 3000):
+            rng = np.random.default_rng(n)
+            w = sps.random(n, n, 0.003, random_state=rng, format="csc")
+            net = sd.SparseDNN([sd.SparseMatrix.from_scipy(w)], -0.1)
+            x = rng.random((5, n)).astype(np.float32)
+            y = np.asarray(net(x, drop_dead_rows=False).features)
+            want = np.minimum(np.maximum(x.astype(np.float64) @ w.toarray() - 0.1, 0), 32)
+            np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@settings(max_examples=15, deadline=None)
 @given(
     n=st.integers(1, 2600),
     n_layers=st.integers(1, 4),
