@@ -4,7 +4,7 @@ The CUDA layer kernel gives a block a tile of 8 feature rows and a group of 1024
 neurons, and stages the tile's input columns through shared memory. This model counts, per
 feature row and layer, the bytes that staging pulls from L2 under four designs:
 
-- ``full``: every input column, 4 bytes each (the kernel today), ``n / 1024`` times per row;
+- ``full``: every input column, 4 bytes each (the layer kernel), ``n / 1024`` times per row;
 - ``footprint``: only the columns the group's outputs use (its footprint), gathered from
   row-major features: one 32-byte sector per distinct ``column // 8`` per row;
 - ``footprint, reordered``: the same after a generic reordering of the output neurons by their
@@ -12,7 +12,9 @@ feature row and layer, the bytes that staging pulls from L2 under four designs:
 - ``reordered, interleaved``: footprints of the reordered groups with features stored 8 rows
   per 32-byte sector (the seed's layout), 4 bytes per footprint column and row.
 
-It needs no GPU: it reads the pattern only.  The floor counts 8 bytes per row and neuron
+The last design is what the footprint kernel does (``jax_spdnn.sparse.pack_footprint``; it
+uses groups of 256 outputs and 32-row tiles, measured best on H100). It needs no GPU: it
+reads the pattern only.  The floor counts 8 bytes per row and neuron
 (its features read and written once).
 
     python benchmarks/staging_model.py [--neurons 1024 4096 16384 65536] [--layers 1 13]
