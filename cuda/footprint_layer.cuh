@@ -160,7 +160,68 @@ __global__ void __launch_bounds__(kThreads, (kFpMinBlocks<kRows, kOuts, A>))
         }
       };
 
-      walk_chunk<kOuts>(indices, values, pos, end, c1, cn == fp_n, apply);
+      constexpr int S = kSlice;
+      if (cn == fp_n) {
+        // The whole footprint is resident: only padding ends a row early.
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) {
+          int p = pos[o];
+          const int e = end[o];
+          for (; p + 3 * S < e; p += 4 * S) {
+            const int i0 = __ldg(indices + p), i1 = __ldg(indices + p + S);
+            const int i2 = __ldg(indices + p + 2 * S), i3 = __ldg(indices + p + 3 * S);
+            if (i3 >= c1) break;  // padding sorts last
+            const A v0 = __ldg(values + p), v1 = __ldg(values + p + S);
+            const A v2 = __ldg(values + p + 2 * S), v3 = __ldg(values + p + 3 * S);
+            apply(o, v0, i0);
+            apply(o, v1, i1);
+            apply(o, v2, i2);
+            apply(o, v3, i3);
+          }
+          for (; p < e; p += S) {
+            const int i = __ldg(indices + p);
+            if (i >= c1) break;
+            apply(o, __ldg(values + p), i);
+          }
+          pos[o] = p;
+        }
+      } else {
+        // Rows continue past this chunk: walk the kOuts rows in step (see the layer kernel).
+        bool live[kOuts];
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) live[o] = pos[o] < end[o];
+        bool any = true;
+        while (any) {
+          int i0[kOuts], i1[kOuts];
+          A v0[kOuts], v1[kOuts];
+#pragma unroll
+          for (int o = 0; o < kOuts; ++o) {
+            i0[o] = i1[o] = c1;
+            if (live[o]) {
+              i0[o] = __ldg(indices + pos[o]);
+              v0[o] = __ldg(values + pos[o]);
+              if (pos[o] + S < end[o]) {
+                i1[o] = __ldg(indices + pos[o] + S);
+                v1[o] = __ldg(values + pos[o] + S);
+              }
+            }
+          }
+          any = false;
+#pragma unroll
+          for (int o = 0; o < kOuts; ++o) {
+            if (i0[o] < c1) {
+              apply(o, v0[o], i0[o]);
+              pos[o] += S;
+              if (i1[o] < c1) {
+                apply(o, v1[o], i1[o]);
+                pos[o] += S;
+              }
+            }
+            live[o] = i1[o] < c1 && pos[o] < end[o];
+            any |= live[o];
+          }
+        }
+      }
     }
 
     bool nonzero[kRows] = {};

@@ -84,80 +84,6 @@ struct LayerArgs {
   A clip;
 };
 
-// Walks a thread's kOuts ELL rows (slots pos[o] .. end[o], a slot every kSlice)
-// through one staged chunk of inputs, calling apply(o, value, input) for each weight
-// whose input is below c1 and leaving pos[o] at the first one that is not.  Rows are
-// sorted and padding sorts past every input.  With `whole` the chunk holds every input
-// of the rows, so only padding ends a row early: four weights a step.  Otherwise the
-// rows continue past the chunk: all kOuts rows are walked in step, two slots each, so
-// the independent weight loads overlap instead of forming one long dependent chain.
-template <int kOuts, typename A, typename Apply>
-__device__ __forceinline__ void walk_chunk(const int32_t* __restrict__ indices,
-                                           const A* __restrict__ values, int (&pos)[kOuts],
-                                           const int (&end)[kOuts], int c1, bool whole,
-                                           Apply&& apply) {
-  constexpr int S = kSlice;
-  if (whole) {
-#pragma unroll
-    for (int o = 0; o < kOuts; ++o) {
-      int p = pos[o];
-      const int e = end[o];
-      for (; p + 3 * S < e; p += 4 * S) {
-        const int i0 = __ldg(indices + p), i1 = __ldg(indices + p + S);
-        const int i2 = __ldg(indices + p + 2 * S), i3 = __ldg(indices + p + 3 * S);
-        if (i3 >= c1) break;  // padding sorts last: i0..i2 are real when i3 is
-        const A v0 = __ldg(values + p), v1 = __ldg(values + p + S);
-        const A v2 = __ldg(values + p + 2 * S), v3 = __ldg(values + p + 3 * S);
-        apply(o, v0, i0);
-        apply(o, v1, i1);
-        apply(o, v2, i2);
-        apply(o, v3, i3);
-      }
-      for (; p < e; p += S) {
-        const int i = __ldg(indices + p);
-        if (i >= c1) break;  // padding
-        apply(o, __ldg(values + p), i);
-      }
-      pos[o] = p;
-    }
-  } else {
-    bool live[kOuts];
-#pragma unroll
-    for (int o = 0; o < kOuts; ++o) live[o] = pos[o] < end[o];
-    bool any = true;
-    while (any) {
-      int i0[kOuts], i1[kOuts];
-      A v0[kOuts], v1[kOuts];
-#pragma unroll
-      for (int o = 0; o < kOuts; ++o) {
-        i0[o] = i1[o] = c1;
-        if (live[o]) {
-          i0[o] = __ldg(indices + pos[o]);
-          v0[o] = __ldg(values + pos[o]);
-          if (pos[o] + S < end[o]) {
-            i1[o] = __ldg(indices + pos[o] + S);
-            v1[o] = __ldg(values + pos[o] + S);
-          }
-        }
-      }
-      any = false;
-#pragma unroll
-      for (int o = 0; o < kOuts; ++o) {
-        if (i0[o] < c1) {
-          apply(o, v0[o], i0[o]);
-          pos[o] += S;
-          if (i1[o] < c1) {
-            apply(o, v1[o], i1[o]);
-            pos[o] += S;
-          }
-        }
-        live[o] = i1[o] < c1 && pos[o] < end[o];
-        any |= live[o];
-      }
-    }
-  }
-}
-
 template <typename T, typename A, int kOuts>
 __global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
     fused_layer_kernel(const LayerArgs<T, A> args, int chunk, int n_groups) {
@@ -246,7 +172,71 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
       }
     };
 
-    walk_chunk<kOuts>(indices, values, pos, end, c1, cn == n_in, apply);
+    constexpr int S = kSlice;
+    if (cn == n_in) {
+      // Whole rows are resident: only padding (index past every input) ends a
+      // row early; four weights a step.
+#pragma unroll
+      for (int o = 0; o < kOuts; ++o) {
+        int p = pos[o];
+        const int e = end[o];
+        for (; p + 3 * S < e; p += 4 * S) {
+          const int i0 = __ldg(indices + p), i1 = __ldg(indices + p + S);
+          const int i2 = __ldg(indices + p + 2 * S), i3 = __ldg(indices + p + 3 * S);
+          if (i3 >= c1) break;  // padding sorts last: i0..i2 are real when i3 is
+          const A v0 = __ldg(values + p), v1 = __ldg(values + p + S);
+          const A v2 = __ldg(values + p + 2 * S), v3 = __ldg(values + p + 3 * S);
+          apply(o, v0, i0);
+          apply(o, v1, i1);
+          apply(o, v2, i2);
+          apply(o, v3, i3);
+        }
+        for (; p < e; p += S) {
+          const int i = __ldg(indices + p);
+          if (i >= c1) break;  // padding
+          apply(o, __ldg(values + p), i);
+        }
+        pos[o] = p;
+      }
+    } else {
+      // Rows continue past this chunk.  Walk all kOuts rows in step, two slots
+      // each, so the independent weight loads overlap instead of forming one
+      // long dependent chain; a row stops at its first input past the chunk.
+      bool live[kOuts];
+#pragma unroll
+      for (int o = 0; o < kOuts; ++o) live[o] = pos[o] < end[o];
+      bool any = true;
+      while (any) {
+        int i0[kOuts], i1[kOuts];
+        A v0[kOuts], v1[kOuts];
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) {
+          i0[o] = i1[o] = c1;
+          if (live[o]) {
+            i0[o] = __ldg(indices + pos[o]);
+            v0[o] = __ldg(values + pos[o]);
+            if (pos[o] + S < end[o]) {
+              i1[o] = __ldg(indices + pos[o] + S);
+              v1[o] = __ldg(values + pos[o] + S);
+            }
+          }
+        }
+        any = false;
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) {
+          if (i0[o] < c1) {
+            apply(o, v0[o], i0[o]);
+            pos[o] += S;
+            if (i1[o] < c1) {
+              apply(o, v1[o], i1[o]);
+              pos[o] += S;
+            }
+          }
+          live[o] = i1[o] < c1 && pos[o] < end[o];
+          any |= live[o];
+        }
+      }
+    }
   }
 
   bool nonzero[kRows] = {};
