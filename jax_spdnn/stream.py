@@ -18,7 +18,8 @@ worker thread) and a traceable ``build_chunk(inputs, dtype) -> (indices, values)
 packed for the kernel by one jitted program on the device(s) that run it, and only the small
 inputs cross the host link.
 
-Results equal :class:`~jax_spdnn.SparseDNN` with the layer kernel, bit for bit.
+Results equal :class:`~jax_spdnn.SparseDNN` with the layer or footprint kernel, bit for bit (on
+CUDA chunks run the footprint kernel from ``FOOTPRINT_MIN_N`` on, like ``SparseDNN``).
 """
 
 from __future__ import annotations
