@@ -11,6 +11,9 @@ feature row and layer, the bytes that staging pulls from L2 under four designs:
   input sets (lexicographic), so that outputs sharing inputs share a group;
 - ``reordered, interleaved``: footprints of the reordered groups with features stored 8 rows
   per 32-byte sector (the seed's layout), 4 bytes per footprint column and row.
+- ``kernel``: what the footprint kernel stages: footprints of its own groups
+  (``FOOTPRINT_GROUP`` outputs in ``footprint_order``), 4 bytes per column and row (its
+  32-row tiles make every staged column one 128-byte line).
 
 The last design is what the footprint kernel does (``jax_spdnn.sparse.pack_footprint``; it
 uses groups of 256 outputs and 32-row tiles, measured best on H100). It needs no GPU: it
@@ -30,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jax_spdnn import challenge as ch  # noqa: E402
+from jax_spdnn.sparse import FOOTPRINT_GROUP, pack_footprint  # noqa: E402
 
 GROUP = 1024  # outputs per block (256 threads x 4 outputs)
 
@@ -70,6 +74,7 @@ def model(W) -> dict:
         "footprint": natural["footprint"],
         "footprint, reordered": reordered["footprint"],
         "reordered, interleaved": reordered["interleaved"],
+        "kernel": 4 * pack_footprint(W.structure, FOOTPRINT_GROUP).staged,
         "floor": 8 * W.n_out,
     }
 
@@ -87,7 +92,8 @@ def main(argv=None):
     )
     p.add_argument("--random", action="store_true", help="also a random 32-per-output layer")
     a = p.parse_args(argv)
-    names = ["full", "footprint", "footprint, reordered", "reordered, interleaved", "floor"]
+    names = ["full", "footprint", "footprint, reordered", "reordered, interleaved", "kernel"]
+    names.append("floor")
     print("| layer | " + " | ".join(names) + " | full / best |")
     print("|---|" + "---|" * (len(names) + 1))
     cases = [(f"{n}-l{k}", ch.radixnet_layer(n, k, seed=0)) for n in a.neurons for k in a.layers]

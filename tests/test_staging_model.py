@@ -20,8 +20,11 @@ def test_one_group_uses_every_input():
         "footprint": 32 * 1024 // 8,
         "footprint, reordered": 32 * 1024 // 8,
         "reordered, interleaved": 4 * 1024,
+        "kernel": m["kernel"],
         "floor": 8 * 1024,
     }
+    # the kernel's 4 groups of 256 outputs: every input staged at least once, at most 4 times
+    assert 4 * 1024 <= m["kernel"] <= 4 * 4 * 1024
 
 
 def test_reordering_groups_equal_input_sets():
@@ -36,5 +39,6 @@ def test_reordering_groups_equal_input_sets():
     assert m["footprint"] == 2 * 32 * 16  # 128 columns: 16 sectors, both groups
     assert m["reordered, interleaved"] == 2 * 4 * 64
     assert m["footprint, reordered"] == 2 * 32 * 16  # even/odd columns share every sector
+    assert m["kernel"] == 8 * 4 * 64  # the kernel's 8 groups of 256 read 64 inputs each
     order = sm.reorder(sm.input_sets(W))
     assert set(order[:1024] % 2) == {0} and set(order[1024:] % 2) == {1}
