@@ -361,28 +361,30 @@ def _call_cuda_fp(
     return y, active
 
 
-def _fp_operands(layers, acc, group):
-    """Footprint packings of ``layers`` concatenated: values (traced), the index arrays and
-    the per-layer offsets (static)."""
-    fps = [W.structure.footprint(group) for W in layers]
-    values = jnp.concatenate(
-        [fp.pack_values(jnp.asarray(W.values).astype(acc)) for fp, W in zip(fps, layers)]
+def _fp_layout(fps):
+    """Footprint packings of consecutive layers, concatenated for the kernel: the index
+    arrays ``(slice_ptr, indices, perm, fp_ptr, fp_cols)`` and the per-layer offsets
+    ``(sp_off, ell_off, fp_off)`` as tuples of ints (static)."""
+    index = tuple(
+        np.concatenate([getattr(fp, a) for fp in fps])
+        for a in ("slice_ptr", "indices", "perm", "fp_ptr", "fp_cols")
     )
-    slice_ptr = np.concatenate([fp.slice_ptr for fp in fps])
-    indices = np.concatenate([fp.indices for fp in fps])
-    perm = np.concatenate([fp.perm for fp in fps])
-    fp_ptr = np.concatenate([fp.fp_ptr for fp in fps])
-    fp_cols = np.concatenate([fp.fp_cols for fp in fps])
-    sp_off = np.cumsum([0] + [fp.slice_ptr.shape[0] for fp in fps[:-1]]).astype(np.int64)
-    ell_off = np.cumsum([0] + [fp.total for fp in fps]).astype(np.int64)
-    fp_off = np.cumsum([0] + [fp.staged for fp in fps]).astype(np.int64)
-    return (values, slice_ptr, indices, perm, fp_ptr, fp_cols), (sp_off, ell_off, fp_off)
+    offsets = (
+        np.cumsum([0] + [fp.slice_ptr.shape[0] for fp in fps[:-1]]),
+        np.cumsum([0] + [fp.total for fp in fps]),
+        np.cumsum([0] + [fp.staged for fp in fps]),
+    )
+    return index, tuple(tuple(int(v) for v in off) for off in offsets)
 
 
 def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool):
-    group = footprint_group()
-    (values, *index), offsets = _fp_operands(net.layers, _acc_dtype(x.dtype), group)
-    biases = net.biases.astype(_acc_dtype(x.dtype))
+    group, acc = footprint_group(), _acc_dtype(x.dtype)
+    fps = [W.structure.footprint(group) for W in net.layers]
+    values = jnp.concatenate(
+        [fp.pack_values(jnp.asarray(W.values).astype(acc)) for fp, W in zip(fps, net.layers)]
+    )
+    index, offsets = _fp_layout(fps)
+    biases = net.biases.astype(acc)
     return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead, group)
 
 

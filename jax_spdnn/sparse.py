@@ -308,7 +308,7 @@ def pack_footprint(structure: Structure, group: int = FOOTPRINT_GROUP) -> Footpr
     reordered = Structure(new_ptr, structure.indices[moved], structure.shape)
     ell = pack_sliced_ell(reordered)
     padded = ell.source == nnz
-    source = np.where(padded, nnz, moved[np.minimum(ell.source, max(nnz - 1, 0))] if nnz else nnz)
+    source = np.append(moved, nnz)[ell.source]  # padding keeps nnz (the appended zero)
     n_groups = -(-n_out // group)
     slice_of = np.repeat(np.arange(ell.slice_ptr.shape[0] - 1), np.diff(ell.slice_ptr))
     g_real = (slice_of // (group // ELL_SLICE)).astype(np.int64)[~padded]

@@ -45,6 +45,7 @@ from jax_spdnn.dnn import (
     _call_cuda_ell,
     _call_cuda_fp,
     _cuda_options,
+    _fp_layout,
     footprint_applies,
 )
 from jax_spdnn.linear import _acc_dtype, _check_features
@@ -404,18 +405,9 @@ def stream_network(
                     for fp, W in zip(fps, mats)
                 ]
             )
-            index = [
-                np.concatenate([getattr(fp, a) for fp in fps])
-                for a in ("slice_ptr", "indices", "perm", "fp_ptr", "fp_cols")
-            ]
-            offsets = [
-                np.cumsum([0] + [fp.slice_ptr.shape[0] for fp in fps[:-1]]),
-                np.cumsum([0] + [fp.total for fp in fps]),
-                np.cumsum([0] + [fp.staged for fp in fps]),
-            ]
+            index, offsets = _fp_layout(fps)
             static = {"drop_dead": drop, "group": group}
-            for name, off in zip(("sp_off", "ell_off", "fp_off"), offsets):
-                static[name] = tuple(int(v) for v in off)
+            static.update(zip(("sp_off", "ell_off", "fp_off"), offsets))
             return (values, bias, *index), static
         if platform == "cuda":
             ells = [W.structure.sliced_ell for W in mats]
