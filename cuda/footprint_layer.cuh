@@ -254,6 +254,306 @@ __global__ void __launch_bounds__(kThreads, (kFpMinBlocks<kRows, kOuts, A>))
   }  // work items
 }
 
+// cp.async (sm_80+): copies global -> shared without holding registers, so a block
+// can have its next stage's whole footprint in flight while it computes.
+// Copies one B-byte element (B = 4 or 8); valid = false zero-fills dst without reading src.
+template <int B = 4>
+__device__ __forceinline__ void cp_async_elem(void* dst, const void* src, bool valid) {
+  static_assert(B == 4 || B == 8, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? B : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(B),
+               "r"(bytes));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  cp_async_elem<4>(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Copies n 4-byte words global -> shared with the whole block (16-byte copies where
+// both ends allow).
+__device__ __forceinline__ void block_copy_words(void* dst, const void* src, int n) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src), b = reinterpret_cast<uintptr_t>(dst);
+  if (a % 16 == 0 && b % 16 == 0) {
+    const int n4 = n / 4;
+    for (int k = threadIdx.x; k < n4; k += blockDim.x) {
+      cp_async16(static_cast<int4*>(dst) + k, static_cast<const int4*>(src) + k);
+    }
+    for (int k = n4 * 4 + threadIdx.x; k < n; k += blockDim.x) {
+      cp_async4(static_cast<int32_t*>(dst) + k, static_cast<const int32_t*>(src) + k, true);
+    }
+  } else {
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+      cp_async4(static_cast<int32_t*>(dst) + k, static_cast<const int32_t*>(src) + k, true);
+    }
+  }
+}
+
+// The pipelined footprint kernel (float or double features and accumulation, one
+// output per thread): the same packing, layout and arithmetic as
+// footprint_layer_kernel (results are bitwise equal), with the memory traffic taken
+// off the compute path.  One block per SM; its shared memory holds
+//  - the group's weights (indices and values, up to wcap entries): a block runs the
+//    work items of one group for a run of up to 8 consecutive row tiles, so the
+//    weights come in once per run, and the inner loop reads them from shared memory
+//    instead of waiting on L2 (groups with more entries read them from global memory);
+//  - two footprint buffers: while the block computes stage s (a row tile, a group and
+//    a chunk of its footprint), stage s + 1's columns are in flight (cp.async).  A
+//    staged column (kRows values) is padded by 16 bytes instead of swizzled: vector q
+//    of column c sits at c * pitch + 16 q bytes, so the eight 16-byte loads of a
+//    weight's column use immediate offsets and no address arithmetic, and columns
+//    c and c + 1 start one bank quad apart (threads reading different columns spread
+//    over the banks); and
+//  - two small buffers of stage s + 2's footprint columns and source rows, so issuing
+//    stage s + 1's copies waits on nothing.
+// Runs are dealt to blocks round-robin in (tile block, group) order, so the blocks
+// working at one time cover a few tile blocks and share their staged columns in L2.
+// Elements of A per staged column in the pipelined kernel (16 bytes of padding).
+template <typename A, int kRows>
+constexpr int kPipePitch = kRows + 16 / static_cast<int>(sizeof(A));
+
+template <typename A, int kRows>
+struct PipeStage {
+  int64_t run = -1, tile = 0, tile_end = 0;
+  int group = 0, c0 = 0, fp0 = 0, fp_n = 0;
+};
+
+template <typename A, int kRows>
+__global__ void __launch_bounds__(kThreads, 1)
+    footprint_pipe_kernel(const FootprintArgs<A, A> args, int chunk, int wcap, int n_groups) {
+  using V = Vec16<A>;
+  using VT = typename V::type;
+  using Stage = PipeStage<A, kRows>;
+  constexpr int E = V::n;
+  constexpr int Q = kRows / E;
+  constexpr int kCols = kThreads / kRows;
+  constexpr int kGroupSlices = kThreads / kSlice;
+  constexpr int S = kSlice;
+  static_assert(kThreads % kRows == 0 && kThreads % kSlice == 0, "whole columns and slices");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* wv = reinterpret_cast<A*>(smem_raw);                                       // [wcap]
+  int32_t* wi = reinterpret_cast<int32_t*>(smem_raw + sizeof(A) * wcap);        // [wcap]
+  constexpr int P = kPipePitch<A, kRows>;
+  A* fbuf = reinterpret_cast<A*>(smem_raw + (sizeof(A) + 4) * wcap);            // [2][chunk * P]
+  int32_t* cbuf = reinterpret_cast<int32_t*>(fbuf + 2 * chunk * P);             // [2][chunk]
+  int32_t* rbuf = cbuf + 2 * chunk;                                             // [2][kRows]
+
+  const int64_t rows = *args.count;
+  const int64_t n_tiles = (rows + kRows - 1) / kRows;
+  if (n_tiles == 0) return;
+  // Tiles per run: up to 8 while every block still gets about two runs.
+  const int64_t tb = max(int64_t{1}, min(int64_t{8}, n_tiles * n_groups / (2 * gridDim.x)));
+  const int64_t n_runs = (n_tiles + tb - 1) / tb * n_groups;
+  if (blockIdx.x >= n_runs) return;
+  const int n_slices = (args.n_out + S - 1) / S;
+
+  auto start_run = [&](Stage& k, int64_t run) {
+    k.run = run < n_runs ? run : -1;
+    if (k.run < 0) return;
+    const int64_t sb = run / n_groups;
+    k.group = static_cast<int>(run - sb * n_groups);
+    k.tile = sb * tb;
+    k.tile_end = min(k.tile + tb, n_tiles);
+    k.c0 = 0;
+    k.fp0 = __ldg(args.fp_ptr + k.group);
+    k.fp_n = __ldg(args.fp_ptr + k.group + 1) - k.fp0;
+  };
+  auto advance = [&](Stage& k) {
+    if (k.run < 0) return;
+    if (k.c0 + chunk < k.fp_n) {
+      k.c0 += chunk;
+    } else if (++k.tile < k.tile_end) {
+      k.c0 = 0;
+    } else {
+      start_run(k, k.run + gridDim.x);
+    }
+  };
+  // Stage k's footprint columns and source rows -> buffer b (cp.async).
+  auto issue_meta = [&](const Stage& k, int b) {
+    if (k.run < 0) return;
+    const int cn = min(chunk, k.fp_n - k.c0);
+    for (int c = threadIdx.x; c < cn; c += kThreads) {
+      cp_async4(cbuf + b * chunk + c, args.fp_cols + k.fp0 + k.c0 + c, true);
+    }
+    if (threadIdx.x < kRows) {
+      const int64_t p = k.tile * kRows + threadIdx.x;
+      if (args.src && p < rows) {
+        cp_async4(rbuf + b * kRows + threadIdx.x, args.src + p, true);
+      } else {
+        rbuf[b * kRows + threadIdx.x] = p < rows ? static_cast<int32_t>(p) : -1;
+      }
+    }
+  };
+  // Stage k's footprint values -> feature buffer b (cp.async; its meta is in buffer b).
+  const int my_r = threadIdx.x % kRows, my_c = threadIdx.x / kRows;
+  auto issue_features = [&](const Stage& k, int b) {
+    if (k.run < 0) return;
+    const int cn = min(chunk, k.fp_n - k.c0);
+    const int32_t p = rbuf[b * kRows + my_r];
+    const A* my_x = p >= 0 ? args.x + interleaved<kRows>(p, 0, args.n_in) : args.x;
+    A* dst = fbuf + b * chunk * P + my_r;
+    const int32_t* cols = cbuf + b * chunk;
+#pragma unroll 4
+    for (int c = my_c; c < cn; c += kCols) {
+      cp_async_elem<sizeof(A)>(dst + c * P, my_x + static_cast<int64_t>(cols[c]) * kRows, p >= 0);
+    }
+  };
+
+  Stage cur, nxt, nxt2;
+  start_run(cur, blockIdx.x);
+  nxt = cur;
+  advance(nxt);
+  nxt2 = nxt;
+  advance(nxt2);
+  issue_meta(cur, 0);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  issue_meta(nxt, 1);
+  issue_features(cur, 0);
+  cp_async_commit();
+
+  // Per group (loaded when a run starts): where the weights are, this thread's ELL row,
+  // its neuron and bias.
+  int loaded_group = -1;
+  bool in_shared = false;
+  int pos0 = 0, end0 = 0, neuron = -1;
+  A bias = A(0);
+  int pos = 0, end = 0;
+  A acc[kRows];
+  for (int s = 0; cur.run >= 0; ++s) {
+    const int b = s & 1;
+    __syncthreads();  // everyone is done with stage s - 1 (its buffers and the weights)
+    if (cur.c0 == 0 && cur.group != loaded_group) {
+      const int w0 = cur.group * kGroupSlices;
+      const int w1 = min(w0 + kGroupSlices, n_slices);
+      const int64_t e0 = __ldg(args.slice_ptr + w0), e1 = __ldg(args.slice_ptr + w1);
+      in_shared = e1 - e0 <= wcap;
+      const int64_t w_base = in_shared ? e0 : 0;
+      const int j = cur.group * kThreads + threadIdx.x;
+      neuron = -1;
+      pos0 = end0 = 0;
+      if (j < args.n_out) {
+        pos0 = __ldg(args.slice_ptr + j / S) + j % S - static_cast<int>(w_base);
+        end0 = __ldg(args.slice_ptr + j / S + 1) - static_cast<int>(w_base);
+        neuron = __ldg(args.perm + j);
+        bias = __ldg(args.bias + neuron);
+      }
+      if (in_shared) {
+        block_copy_words(wv, args.values + e0, static_cast<int>((e1 - e0) * sizeof(A) / 4));
+        block_copy_words(wi, args.indices + e0, static_cast<int>(e1 - e0));
+        cp_async_commit();
+      }
+      loaded_group = cur.group;
+    }
+    cp_async_wait_all();
+    __syncthreads();  // stage s's features, stage s + 1's meta and the weights are in
+    issue_meta(nxt2, b);  // buffer b's meta (stage s) was used when stage s was issued
+    issue_features(nxt, 1 - b);
+    cp_async_commit();
+
+    if (cur.c0 == 0) {
+      pos = pos0;
+      end = end0;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] = A(0);
+    }
+    const int c0 = cur.c0, c1 = c0 + min(chunk, cur.fp_n - cur.c0);
+    const A* xb = fbuf + b * chunk * P;  // slot i's column at xb + (i - c0) * P
+    auto apply = [&](A v, int i) {
+      const VT* col = reinterpret_cast<const VT*>(xb + (i - c0) * P);
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const VT f = col[q];
+#pragma unroll
+        for (int k = 0; k < E; ++k) acc[q * E + k] = fma(v, V::get(f, k), acc[q * E + k]);
+      }
+    };
+    // The entries of this thread's output with slots in [c0, c1), in order (padding
+    // slots sort last).
+    auto walk = [&](const int32_t* idx, const A* val) {
+      int p = pos;
+      for (; p + 3 * S < end; p += 4 * S) {
+        const int i0 = idx[p], i1 = idx[p + S], i2 = idx[p + 2 * S], i3 = idx[p + 3 * S];
+        if (i3 >= c1) break;
+        const A v0 = val[p], v1 = val[p + S], v2 = val[p + 2 * S], v3 = val[p + 3 * S];
+        apply(v0, i0);
+        apply(v1, i1);
+        apply(v2, i2);
+        apply(v3, i3);
+      }
+      for (; p < end; p += S) {
+        const int i = idx[p];
+        if (i >= c1) break;
+        apply(val[p], i);
+      }
+      pos = p;
+    };
+    if (in_shared) {
+      // As walk, with the next four slots read one step ahead (reads past the row stay
+      // inside the weight buffer and are not used), so the feature loads need not wait
+      // for them.
+      int p = pos;
+      int i[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) i[k] = wi[min(p + k * S, wcap - 1)];
+      while (p + 3 * S < end && i[3] < c1) {
+        int n[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) n[k] = wi[min(p + (4 + k) * S, wcap - 1)];
+        const A v0 = wv[p], v1 = wv[p + S], v2 = wv[p + 2 * S], v3 = wv[p + 3 * S];
+        apply(v0, i[0]);
+        apply(v1, i[1]);
+        apply(v2, i[2]);
+        apply(v3, i[3]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) i[k] = n[k];
+        p += 4 * S;
+      }
+      pos = p;
+      walk(wi, wv);  // the last entries of this chunk, one at a time
+    } else {
+      walk(args.indices, args.values);
+    }
+
+    if (c1 == cur.fp_n) {  // the item's last chunk: bias, ReLU, clamp, store, marks
+      const int64_t row0 = cur.tile * kRows;
+      const int valid = static_cast<int>(min(static_cast<int64_t>(kRows), rows - row0));
+      bool nonzero[kRows] = {};
+      if (neuron >= 0) {
+        A out[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          A v = acc[r] + bias;
+          if (args.relu && v < A(0)) v = A(0);
+          if (v > args.clip) v = args.clip;
+          out[r] = r < valid ? v : A(0);
+          nonzero[r] = out[r] != A(0);
+        }
+        store_rows<A, A, kRows>(args.y + interleaved<kRows>(row0, neuron, args.n_out), out);
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (__any_sync(0xffffffffu, nonzero[r]) && (threadIdx.x % 32) == 0 && r < valid) {
+          args.alive[row0 + r] = 1;
+        }
+      }
+    }
+    cur = nxt;
+    nxt = nxt2;
+    advance(nxt2);
+  }
+  cp_async_wait_all();
+}
+
 // Lists the marked rows in order, in one block: next_src[s] = k and next_ids[s] =
 // ids_in[k] (k without ids_in) for the s-th k < m with alive[k] set (with drop off:
 // every k, at slot k), where m = *count_in (rows without count_in).  Writes the
@@ -323,42 +623,78 @@ __global__ void mark_nonzero_rows(const T* __restrict__ x, int64_t rows, int n,
   }
 }
 
-// Row-major rows src[k] of x -> row-interleaved packed rows k < *count of y (a tile
-// column per thread: coalesced reads along the row, contiguous writes).
+// Threads per block of the two kernels below (a 32 x 33 tile of doubles per warp
+// stays within the static shared-memory limit).
+constexpr int kMoveThreads = 128;
+
+// Row-major rows src[k] of x -> row-interleaved packed rows k < *count of y.  A
+// warp moves a tile of kRows rows by 32 columns through shared memory: it reads
+// each row's 32 columns as one coalesced segment and writes the tile's 32 columns,
+// which are contiguous in the interleaved layout (kRows * 32 elements), coalesced.
 template <typename T, int kRows>
-__global__ void interleave_rows(const T* __restrict__ x, const int32_t* __restrict__ src,
-                                const int32_t* count, int n, T* __restrict__ y) {
+__global__ void __launch_bounds__(kMoveThreads)
+    interleave_rows(const T* __restrict__ x, const int32_t* __restrict__ src,
+                    const int32_t* count, int n, T* __restrict__ y) {
+  __shared__ T tiles[kMoveThreads / 32][kRows][33];
+  auto& sm = tiles[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
   const int64_t m = *count;
-  const int64_t total = (m + kRows - 1) / kRows * n;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += stride) {
-    const int64_t tile = e / n;
-    const int c = static_cast<int>(e - tile * n);
-    T v[kRows];
-#pragma unroll
+  const int col_blocks = (n + 31) / 32;
+  const int64_t units = (m + kRows - 1) / kRows * col_blocks;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t u = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < units;
+       u += warps) {
+    const int64_t tile = u / col_blocks;
+    const int c0 = static_cast<int>(u - tile * col_blocks) * 32;
+    const int c = c0 + lane;
+#pragma unroll 8
     for (int r = 0; r < kRows; ++r) {
       const int64_t k = tile * kRows + r;
-      v[r] = k < m ? x[static_cast<int64_t>(src[k]) * n + c] : T(0);
+      sm[r][lane] = k < m && c < n ? x[static_cast<int64_t>(src[k]) * n + c] : T(0);
     }
-    T* d = y + interleaved<kRows>(tile * kRows, c, n);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) d[r] = v[r];
+    __syncwarp();
+    T* d = y + interleaved<kRows>(tile * kRows, c0, n);
+    const int width = min(32, n - c0);
+#pragma unroll 8
+    for (int j = 0; j < kRows; ++j) {
+      const int e = lane + 32 * j;  // element (column e / kRows, row e % kRows) of the block
+      if (e / kRows < width) d[e] = sm[e % kRows][e / kRows];
+    }
+    __syncwarp();
   }
 }
 
-// out[ids[k]] = row src[k] of the row-interleaved buf (row-major out), k < *count.
+// out[ids[k]] = row src[k] of the row-interleaved buf (row-major out), k < *count.  A
+// warp moves 32 listed rows by 32 columns through shared memory: coalesced reads
+// along the interleaved tile columns, coalesced writes along the output rows.
 template <typename T, int kRows>
-__global__ void deinterleave_rows(const T* __restrict__ buf, const int32_t* __restrict__ src,
-                                  const int32_t* __restrict__ ids, const int32_t* count, int n,
-                                  T* __restrict__ out) {
-  const int64_t total = static_cast<int64_t>(*count) * n;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += stride) {
-    const int64_t k = e / n;
-    const int c = static_cast<int>(e - k * n);
-    out[static_cast<int64_t>(ids[k]) * n + c] = buf[interleaved<kRows>(src[k], c, n)];
+__global__ void __launch_bounds__(kMoveThreads)
+    deinterleave_rows(const T* __restrict__ buf, const int32_t* __restrict__ src,
+                      const int32_t* __restrict__ ids, const int32_t* count, int n,
+                      T* __restrict__ out) {
+  __shared__ T tiles[kMoveThreads / 32][32][33];
+  auto& sm = tiles[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  const int64_t m = *count;
+  const int col_blocks = (n + 31) / 32;
+  const int64_t units = (m + 31) / 32 * col_blocks;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t u = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < units;
+       u += warps) {
+    const int64_t k0 = u / col_blocks * 32;
+    const int c0 = static_cast<int>(u - u / col_blocks * col_blocks) * 32;
+    const int width = min(32, n - c0);
+    const bool mine = k0 + lane < m;
+    const int64_t p = mine ? src[k0 + lane] : 0;
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) {
+      if (mine && j < width) sm[lane][j] = buf[interleaved<kRows>(p, c0 + j, n)];
+    }
+    __syncwarp();
+    for (int r = 0; r < 32 && k0 + r < m; ++r) {
+      if (lane < width) out[static_cast<int64_t>(ids[k0 + r]) * n + c0 + lane] = sm[r][lane];
+    }
+    __syncwarp();
   }
 }
 
@@ -378,6 +714,52 @@ xla::ffi::Error launch_footprint_layer(cudaStream_t stream, const FootprintArgs<
   const int64_t n_blocks = std::min<int64_t>(n_work, resident);
   if (n_blocks == 0) return xla::ffi::Error::Success();
   kernel<<<static_cast<unsigned>(n_blocks), kThreads, smem, stream>>>(args, chunk, n_groups);
+  return last_launch_error("footprint layer");
+}
+
+// The pipelined kernel's shared-memory plan for the device's per-block opt-in limit:
+// weights (up to 8192 entries: 256 outputs of 32 nonzeros), then two footprint
+// buffers as large as the rest allows.  Fails when fewer than 64 columns fit.
+struct PipePlan {
+  int wcap = 0, chunk = 0;
+  size_t smem = 0;
+};
+template <typename A, int kRows>
+PipePlan pipe_plan(int optin_bytes) {
+  PipePlan plan;
+  plan.wcap = 8192;
+  const int per_col = 2 * (kPipePitch<A, kRows> * static_cast<int>(sizeof(A)) + 4);
+  const int rest = optin_bytes - plan.wcap * static_cast<int>(sizeof(A) + 4) - 2 * kRows * 4;
+  plan.chunk = rest / per_col / 8 * 8;
+  if (plan.chunk < 64) return PipePlan{};
+  plan.smem = static_cast<size_t>(plan.wcap) * (sizeof(A) + 4) +
+              static_cast<size_t>(plan.chunk) * per_col + 2 * kRows * 4;
+  return plan;
+}
+
+// Launches the pipelined kernel; *launched is false (and nothing is launched) where
+// the device's shared memory is too small for it.
+template <typename A, int kRows>
+xla::ffi::Error launch_footprint_pipe(cudaStream_t stream, const FootprintArgs<A, A>& args,
+                                      bool* launched) {
+  *launched = false;
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const PipePlan plan = pipe_plan<A, kRows>(optin);
+  if (plan.smem == 0) return xla::ffi::Error::Success();
+  const int n_groups = (args.n_out + kThreads - 1) / kThreads;
+  auto kernel = footprint_pipe_kernel<A, kRows>;
+  int resident = 0;
+  if (auto err = resident_blocks(kernel, plan.smem, &resident, "footprint layer"); err.failure()) {
+    return err;
+  }
+  const int64_t n_blocks =
+      std::min<int64_t>((args.rows + kRows - 1) / kRows * n_groups, resident);
+  *launched = true;
+  if (n_blocks == 0) return xla::ffi::Error::Success();
+  kernel<<<static_cast<unsigned>(n_blocks), kThreads, plan.smem, stream>>>(args, plan.chunk,
+                                                                           plan.wcap, n_groups);
   return last_launch_error("footprint layer");
 }
 

@@ -680,9 +680,14 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
   compact_rows<<<1, kCompactThreads, 0, stream>>>(nullptr, rows, alive, nullptr, drop, src[0],
                                                    ids[0], counts + 2, counts);
-  interleave_rows<T, R><<<grid, 256, 0, stream>>>(x, src[0], counts, n, buf[0]);
+  interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
+  // The pipelined kernel (weights and footprints in shared memory, copies in flight
+  // while computing) for float and double storage; SPDNN_FP_PIPE=0 takes the plain one
+  // (read at every call, for tests and tuning).
+  const char* pipe_env = std::getenv("SPDNN_FP_PIPE");
+  const bool pipe = !(pipe_env && std::string(pipe_env) == "0");
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
   int cur = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
@@ -704,7 +709,17 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.n_out = n;
     args.relu = true;
     args.clip = static_cast<A>(clip);
-    if (auto err = launch_footprint_layer<T, A, R, O>(stream, args); err.failure()) return err;
+    bool launched = false;
+    if constexpr (std::is_same_v<T, A> && O == 1) {
+      if (pipe) {
+        if (auto err = launch_footprint_pipe<A, R>(stream, args, &launched); err.failure()) {
+          return err;
+        }
+      }
+    }
+    if (!launched) {
+      if (auto err = launch_footprint_layer<T, A, R, O>(stream, args); err.failure()) return err;
+    }
     compact_rows<<<1, kCompactThreads, 0, stream>>>(counts + l % 2, rows, alive, ids[cur], drop,
                                                      src[1 - cur], ids[1 - cur], active + l,
                                                      counts + (l + 1) % 2);
@@ -712,7 +727,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     list = src[cur];
   }
   cudaMemsetAsync(y, 0, sizeof(T) * rows * n, stream);
-  deinterleave_rows<T, R><<<grid, 256, 0, stream>>>(buf[n_layers % 2], list, ids[cur],
+  deinterleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(buf[n_layers % 2], list, ids[cur],
                                                  counts + n_layers % 2, n, y);
   return last_launch_error("sparse_dnn: footprint layers");
 }

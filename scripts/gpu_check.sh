@@ -94,18 +94,19 @@ ki, vi = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
 out = []
 for r in rows[2:]:
     name = r[ki]
-    for key in ("resident", "fused_layer", "list_nonzero", "scatter"):
+    for key in ("resident", "fused_layer", "footprint_layer", "compact_rows", "interleave", "list_nonzero", "scatter"):
         if key in name:
             out.append(f"{key}:{float(r[vi].replace(',', '')) / 1000:.0f}")
 print(" ".join(out))
 PYEOF
   done
-  if [ -n "${NCU_KERNEL:-}" ]; then  # one launch in detail
-    ncu --clock-control none --kernel-name regex:"$NCU_KERNEL" --launch-skip ${NCU_SKIP:-0} --launch-count 1 \
+  for skip in ${NCU_SKIP:-}; do  # launches of NCU_KERNEL in detail
+    ncu --clock-control none --kernel-name regex:"$NCU_KERNEL" --launch-skip $skip --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-      --section Occupancy --section LaunchStats \
-      $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 1 --calls 0 >"$OUT/ncu_detail.txt" 2>&1
-    grep -vE "^==PROF==|^run|^active|^10 calls" "$OUT/ncu_detail.txt" | grep -E "\S" | cut -c1-150 | head -150
-  fi
+      --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 1 --calls 0 >"$OUT/ncu_detail_$skip.txt" 2>&1
+    echo "-- $NCU_KERNEL launch $skip"
+    grep -vE "^==PROF==|^run|^active|^10 calls|^    -----|^    Section:|^    Metric Name" "$OUT/ncu_detail_$skip.txt" | grep -E "\S" | cut -c1-120 | head -${NCU_LINES:-110}
+  done
   SPDNN_HOST_TIMING=1 $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 3 2>&1 | grep -E "^run|calls|enqueued" | tail -8
 fi

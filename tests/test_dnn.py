@@ -154,15 +154,61 @@ def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, 
     net = sd.SparseDNN(layers, -0.1)
     results = {}
     with jax.default_device(jax.devices("cuda")[0]):
-        for kernel in ("layer", "footprint"):
-            os.environ.update(SPDNN_DNN_KERNEL=kernel, SPDNN_FP_GROUP=group)
+        for kernel, pipe in (("layer", "1"), ("footprint", "1"), ("footprint", "0")):
+            os.environ.update(SPDNN_DNN_KERNEL=kernel, SPDNN_FP_GROUP=group, SPDNN_FP_PIPE=pipe)
             try:
-                results[kernel] = net(x.astype(np.float32), drop_dead_rows=drop)
+                results[kernel, pipe] = net(x.astype(np.float32), drop_dead_rows=drop)
             finally:
-                del os.environ["SPDNN_DNN_KERNEL"], os.environ["SPDNN_FP_GROUP"]
-    a, b = results["layer"], results["footprint"]
-    np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
-    np.testing.assert_array_equal(np.asarray(b.active_per_layer), np.asarray(a.active_per_layer))
+                for k in ("SPDNN_DNN_KERNEL", "SPDNN_FP_GROUP", "SPDNN_FP_PIPE"):
+                    del os.environ[k]
+    a = results["layer", "1"]
+    for b in (results["footprint", "1"], results["footprint", "0"]):
+        np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
+        np.testing.assert_array_equal(
+            np.asarray(b.active_per_layer), np.asarray(a.active_per_layer)
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize(
+    "n, degree, batch",
+    [
+        (4096, 32, 1000),  # weights in shared memory, one footprint chunk, runs of 8 tiles
+        (4096, 48, 300),  # 12288 entries per group: weights read from global memory
+        (3000, 3, 33),  # random inputs: footprints of ~700 columns, two chunks
+        (5000, 40, 5),  # both, and one tile
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_footprint_kernel(n, degree, batch, dtype, monkeypatch):
+    """The pipelined footprint kernel's paths (weights in shared or global memory,
+    footprints in one or several chunks, runs of several row tiles or one) give the plain
+    footprint kernel's results bit for bit, in float32 and float64."""
+    rng = np.random.default_rng(n + degree)
+    layers = []
+    for _ in range(3):
+        rows = np.concatenate([rng.choice(n, degree, replace=False) for _ in range(n)])
+        cols = np.repeat(np.arange(n), degree)
+        vals = rng.uniform(0.5, 1.5, rows.size) * 4 / degree
+        layers.append(sd.SparseMatrix.from_scipy(sps.csc_matrix((vals, (rows, cols)), (n, n))))
+    x = (rng.random((batch, n)) < 0.2) * rng.uniform(0, 1, (batch, n))
+    x[::3] = 0  # rows dead from the start
+    net = sd.SparseDNN(layers, -0.2)
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
+    out = {}
+    with jax.default_device(jax.devices("cuda")[0]):
+        for pipe in ("0", "1"):
+            monkeypatch.setenv("SPDNN_FP_PIPE", pipe)
+            out[pipe] = net(x.astype(dtype))
+    np.testing.assert_array_equal(np.asarray(out["1"].features), np.asarray(out["0"].features))
+    np.testing.assert_array_equal(
+        np.asarray(out["1"].active_per_layer), np.asarray(out["0"].active_per_layer)
+    )
+    ref = reference_inference(layers, -0.2, x)
+    assert np.asarray(out["1"].active_per_layer)[-1] == batch - len(range(0, batch, 3))
+    check = check_categories(out["1"].categories(), ref.categories, ref.ambiguous)
+    assert check.passed, check.summary()
 
 
 def test_segment_ends_and_options(monkeypatch):
