@@ -80,6 +80,7 @@ struct FootprintArgs {
   const int32_t* count;      // listed rows (device)
   const int32_t* src;        // input position of each listed row, or nullptr for identity
   int32_t* alive;            // [rows] set to 1 for rows with a nonzero output
+  int32_t* next_run;         // pipelined kernel: runs handed out so far (zero at launch)
   int64_t rows;              // upper bound of *count (sizes the grid)
   int n_in, n_out;
   bool relu;
@@ -313,16 +314,18 @@ __device__ __forceinline__ void block_copy_words(void* dst, const void* src, int
 //    over the banks); and
 //  - two small buffers of stage s + 2's footprint columns and source rows, so issuing
 //    stage s + 1's copies waits on nothing.
-// Runs are dealt to blocks round-robin in (tile block, group) order, so the blocks
-// working at one time cover a few tile blocks and share their staged columns in L2.
+// Runs are handed out in (tile block, group) order, the first one per block and then
+// to whichever block asks next (an atomic counter): blocks finish together, and the
+// blocks working at one time cover a few tile blocks and share their staged columns
+// in L2.
 // Elements of A per staged column in the pipelined kernel (16 bytes of padding).
 template <typename A, int kRows>
 constexpr int kPipePitch = kRows + 16 / static_cast<int>(sizeof(A));
 
 template <typename A, int kRows>
 struct PipeStage {
-  int64_t run = -1, tile = 0, tile_end = 0;
-  int group = 0, c0 = 0, fp0 = 0, fp_n = 0;
+  int64_t run = -1, tile = 0, tile_end = 0;  // run: -1 none, -2 being handed out
+  int group = 0, c0 = 0, fp0 = 0, fp_n = 0, slot = 0;
 };
 
 template <typename A, int kRows>
@@ -345,12 +348,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   A* fbuf = reinterpret_cast<A*>(smem_raw + (sizeof(A) + 4) * wcap);            // [2][chunk * P]
   int32_t* cbuf = reinterpret_cast<int32_t*>(fbuf + 2 * chunk * P);             // [2][chunk]
   int32_t* rbuf = cbuf + 2 * chunk;                                             // [2][kRows]
+  int32_t* grab = rbuf + 2 * kRows;                                             // [2]
 
   const int64_t rows = *args.count;
   const int64_t n_tiles = (rows + kRows - 1) / kRows;
   if (n_tiles == 0) return;
-  // Tiles per run: up to 8 while every block still gets about two runs.
-  const int64_t tb = max(int64_t{1}, min(int64_t{8}, n_tiles * n_groups / (2 * gridDim.x)));
+  // Tiles per run: up to 8 while every block still gets about four runs.
+  const int64_t tb = max(int64_t{1}, min(int64_t{8}, n_tiles * n_groups / (4 * gridDim.x)));
   const int64_t n_runs = (n_tiles + tb - 1) / tb * n_groups;
   if (blockIdx.x >= n_runs) return;
   const int n_slices = (args.n_out + S - 1) / S;
@@ -366,15 +370,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     k.fp0 = __ldg(args.fp_ptr + k.group);
     k.fp_n = __ldg(args.fp_ptr + k.group + 1) - k.fp0;
   };
-  auto advance = [&](Stage& k) {
+  // The stage after k.  A new run is asked for by thread 0 into grab[slot]; resolve()
+  // reads it after the next barrier.
+  auto advance = [&](Stage& k, int slot) {
     if (k.run < 0) return;
     if (k.c0 + chunk < k.fp_n) {
       k.c0 += chunk;
     } else if (++k.tile < k.tile_end) {
       k.c0 = 0;
     } else {
-      start_run(k, k.run + gridDim.x);
+      k.run = -2;
+      k.slot = slot;
+      if (threadIdx.x == 0) grab[slot] = atomicAdd(args.next_run, 1);
     }
+  };
+  auto resolve = [&](Stage& k) {
+    if (k.run == -2) start_run(k, gridDim.x + static_cast<int64_t>(grab[k.slot]));
   };
   // Stage k's footprint columns and source rows -> buffer b (cp.async).
   auto issue_meta = [&](const Stage& k, int b) {
@@ -410,9 +421,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   Stage cur, nxt, nxt2;
   start_run(cur, blockIdx.x);
   nxt = cur;
-  advance(nxt);
+  advance(nxt, 0);
+  __syncthreads();
+  resolve(nxt);
   nxt2 = nxt;
-  advance(nxt2);
+  advance(nxt2, 1);
+  __syncthreads();
+  resolve(nxt2);
   issue_meta(cur, 0);
   cp_async_commit();
   cp_async_wait_all();
@@ -432,6 +447,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int s = 0; cur.run >= 0; ++s) {
     const int b = s & 1;
     __syncthreads();  // everyone is done with stage s - 1 (its buffers and the weights)
+    resolve(nxt2);
     if (cur.c0 == 0 && cur.group != loaded_group) {
       const int w0 = cur.group * kGroupSlices;
       const int w1 = min(w0 + kGroupSlices, n_slices);
@@ -549,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     cur = nxt;
     nxt = nxt2;
-    advance(nxt2);
+    advance(nxt2, 0);
   }
   cp_async_wait_all();
 }
@@ -558,13 +574,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ids_in[k] (k without ids_in) for the s-th k < m with alive[k] set (with drop off:
 // every k, at slot k), where m = *count_in (rows without count_in).  Writes the
 // number of marked rows to *active_out and the list's length to *list_count, and
-// clears the marks.
+// clears the marks (and *reset).
 constexpr int kCompactThreads = 1024;
 
 __global__ void __launch_bounds__(kCompactThreads)
     compact_rows(const int32_t* count_in, int64_t rows, int32_t* __restrict__ alive,
                  const int32_t* __restrict__ ids_in, bool drop, int32_t* __restrict__ next_src,
-                 int32_t* __restrict__ next_ids, int32_t* active_out, int32_t* list_count) {
+                 int32_t* __restrict__ next_ids, int32_t* active_out, int32_t* list_count,
+                 int32_t* reset = nullptr) {
   __shared__ int32_t warp_sums[kCompactThreads / 32];
   const int64_t m = count_in ? static_cast<int64_t>(*count_in) : rows;
   const int64_t per = (m + kCompactThreads - 1) / kCompactThreads;
@@ -606,6 +623,7 @@ __global__ void __launch_bounds__(kCompactThreads)
   if (threadIdx.x == 0) {
     *active_out = total;
     *list_count = drop ? total : static_cast<int32_t>(m);
+    if (reset) *reset = 0;  // the next layer's work counter
   }
 }
 
@@ -729,11 +747,11 @@ PipePlan pipe_plan(int optin_bytes) {
   PipePlan plan;
   plan.wcap = 8192;
   const int per_col = 2 * (kPipePitch<A, kRows> * static_cast<int>(sizeof(A)) + 4);
-  const int rest = optin_bytes - plan.wcap * static_cast<int>(sizeof(A) + 4) - 2 * kRows * 4;
+  const int rest = optin_bytes - plan.wcap * static_cast<int>(sizeof(A) + 4) - 2 * kRows * 4 - 16;
   plan.chunk = rest / per_col / 8 * 8;
   if (plan.chunk < 64) return PipePlan{};
   plan.smem = static_cast<size_t>(plan.wcap) * (sizeof(A) + 4) +
-              static_cast<size_t>(plan.chunk) * per_col + 2 * kRows * 4;
+              static_cast<size_t>(plan.chunk) * per_col + 2 * kRows * 4 + 16;
   return plan;
 }
 

@@ -663,7 +663,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   const int n_groups = (n + kThreads * O - 1) / (kThreads * O);
   T* buf[2] = {work, work + rows32 * n};
   // Integer workspace: marks (zero between kernels), two row lists of positions and
-  // original ids, list lengths (ping-pong) and a scratch count.
+  // original ids, list lengths (ping-pong), a scratch count and the pipelined kernel's
+  // work counter.
   int32_t* alive = iwork;
   int32_t* src[2] = {iwork + rows, iwork + 2 * rows};
   int32_t* ids[2] = {iwork + 3 * rows, iwork + 4 * rows};
@@ -704,6 +705,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.count = counts + l % 2;
     args.src = list;
     args.alive = alive;
+    args.next_run = counts + 3;  // zeroed above, then by each compaction
     args.rows = rows;
     args.n_in = n;
     args.n_out = n;
@@ -722,7 +724,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     }
     compact_rows<<<1, kCompactThreads, 0, stream>>>(counts + l % 2, rows, alive, ids[cur], drop,
                                                      src[1 - cur], ids[1 - cur], active + l,
-                                                     counts + (l + 1) % 2);
+                                                     counts + (l + 1) % 2, counts + 3);
     cur = 1 - cur;
     list = src[cur];
   }

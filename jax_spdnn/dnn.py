@@ -52,7 +52,7 @@ _CUDA_FOOTPRINT_TARGET = "spdnn_sparse_dnn_footprint"
 SINGLE_LAYERS = 8
 MAX_SEGMENT = 32
 KERNELS = ("auto", "footprint", "layer", "resident")
-FOOTPRINT_MIN_N = 2048  # auto: the footprint kernel from this width on (timed faster at 4096+)
+FOOTPRINT_MIN_N = 1024  # auto: the footprint kernel from this width on (timed faster at 1024+)
 
 
 def footprint_applies(n: int, kernel: str) -> bool:
@@ -487,10 +487,10 @@ def _forward(
     if _native.has_target(_CPU_TARGET, "cpu"):
         branches["cpu"] = lambda x: _fused_cpu(net, x, drop_dead)
     groups = _resident_applies(net, x, kernel)
-    if groups is not None:
-        branches["cuda"] = lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
-    elif footprint_applies(net.n, kernel):
+    if footprint_applies(net.n, kernel):
         branches["cuda"] = lambda x: _fused_cuda_fp(net, x, drop_dead)
+    elif groups is not None:
+        branches["cuda"] = lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
     elif _native.has_target(_CUDA_TARGET, "cuda"):
         branches["cuda"] = lambda x: _fused_cuda(net, x, drop_dead)
     y, active = lax.platform_dependent(x, **branches, default=lambda x: _chain(net, x))

@@ -333,7 +333,8 @@ def test_profile_layers(device, bias):
     "kernel, n, target",
     [
         ("layer", 1024, "spdnn_sparse_dnn_ell"),
-        ("auto", 1024, "spdnn_sparse_dnn_resident"),
+        ("auto", 512, "spdnn_sparse_dnn_resident"),
+        ("auto", 1024, "spdnn_sparse_dnn_footprint"),
         ("auto", 2048, "spdnn_sparse_dnn_footprint"),
         ("layer", 2048, "spdnn_sparse_dnn_ell"),
         ("footprint", 1024, "spdnn_sparse_dnn_footprint"),
