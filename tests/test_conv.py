@@ -413,3 +413,55 @@ def test_cuda_launch_chunks_cover_the_batch():
         for a, b in chunks:
             assert -(-(-(-(b - a) // 4) * plane) // 256) <= _CUDA_MAX_PIXEL_BLOCKS
     assert len(_batch_chunks(5000, 50176)) > 1
+
+
+@pytest.mark.parametrize(
+    "shape, k, strides, pads, dilation, groups",
+    [
+        ((3, 4, 9, 11), (6, 4, 3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+        ((2, 6, 8, 7), (4, 3, 3, 2), (2, 1), ((2, 0), (0, 3)), (2, 1), 2),
+        ((9, 2, 5, 5), (3, 2, 5, 5), (1, 2), ((0, 0), (4, 4)), (1, 1), 1),  # taps mostly apart
+    ],
+)
+def test_cpu_kernel_sums_in_csr_order(shape, k, strides, pads, dilation, groups):
+    """The CPU kernel sums each output's terms in CSR order in float32 (its blocked passes
+    over nonzeros that reach different outputs included): equal, bit for bit, to a NumPy
+    float32 sum in that order."""
+    rng = np.random.default_rng(sum(shape) + sum(k))
+    w = random_filter(rng, *k, density=0.7, dtype=np.float32)
+    K = sd.SparseConvKernel.from_oihw(w)
+    x = rng.standard_normal(shape).astype(np.float32)
+    bias = rng.standard_normal(k[0]).astype(np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        y = np.asarray(
+            sd.sparse_conv2d(
+                x,
+                K,
+                strides=strides,
+                padding=pads,
+                dilation=dilation,
+                groups=groups,
+                bias=bias,
+                activation="relu",
+            )
+        )
+    (pt, pb), (pl, pr) = pads
+    (sh, sw), (dh, dw) = strides, dilation
+    o_n, cg, kh, kw = k
+    xp = np.zeros((shape[0], shape[1], shape[2] + pt + pb, shape[3] + pl + pr), np.float32)
+    xp[:, :, pt : pt + shape[2], pl : pl + shape[3]] = x
+    oh_n = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow_n = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    acc = np.zeros((shape[0], o_n, oh_n, ow_n), np.float32)
+    vals = np.asarray(K.values, np.float32)
+    indptr, taps = K.structure.indptr, K.structure.indices
+    for o in range(o_n):
+        for j in range(indptr[o], indptr[o + 1]):
+            ci, r = divmod(int(taps[j]), kh * kw)
+            ky, kx = divmod(r, kw)
+            c = o // (o_n // groups) * cg + ci
+            win = xp[:, c, ky * dh :: sh, kx * dw :: sw][:, :oh_n, :ow_n]
+            acc[:, o] = acc[:, o] + vals[j] * win  # padding adds +-0: exact
+    want = np.maximum(acc + bias[None, :, None, None], np.float32(0))
+    assert y.shape == want.shape
+    np.testing.assert_array_equal(y, want)
