@@ -76,6 +76,20 @@ def gpu_rows(n, batch, bw, iters, ours_only=False):
         else ""
     )
     record("jax_spdnn sparse_linear" + tag, time_iterated(ours, x, iters=iters))
+    if sd.linear.linear_kernel() != "footprint":
+        # The opt-in route through the footprint kernel (a one-layer network call), read
+        # when a call is lowered: a new function object is traced under the setting.
+        os.environ["SPDNN_LINEAR_KERNEL"] = "footprint"
+        try:
+            fp = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
+            y_fp = jax.jit(fp)(x)
+            record(
+                "jax_spdnn sparse_linear (SPDNN_LINEAR_KERNEL=footprint)",
+                time_iterated(fp, x, iters=iters),
+                float(jnp.max(jnp.abs(y_fp - y_ours))),
+            )
+        finally:
+            del os.environ["SPDNN_LINEAR_KERNEL"]
     if ours_only:
         return rows
 

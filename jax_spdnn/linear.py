@@ -13,6 +13,7 @@ Every output is summed in a fixed order (deterministic; no atomics).
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import jax
@@ -31,6 +32,19 @@ _CPU_TARGET = "spdnn_sparse_linear_csr"
 _CUDA_TARGET = "spdnn_sparse_linear_ell"
 ACTIVATIONS = {None: 0, "none": 0, "linear": 0, "relu": 1}
 _FEATURE_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16))
+_CUDA_FOOTPRINT_TARGET = "spdnn_sparse_dnn_footprint"
+LINEAR_KERNELS = ("auto", "layer", "footprint")
+
+
+def linear_kernel() -> str:
+    """The CUDA kernel of ``sparse_linear`` (``SPDNN_LINEAR_KERNEL``, read when a call is
+    lowered): ``layer`` (and ``auto``, for now) the layer kernel; ``footprint`` runs square
+    ReLU layers through ``SparseDNN``'s footprint kernel as a one-layer network (the same
+    sums in the same order: bitwise equal results), other layers through the layer kernel."""
+    kernel = os.environ.get("SPDNN_LINEAR_KERNEL", "auto")
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"SPDNN_LINEAR_KERNEL must be one of {LINEAR_KERNELS}, got {kernel!r}")
+    return kernel
 
 
 def _check_features(x, who: str) -> None:
@@ -197,7 +211,35 @@ def _cpu_impl(x, values, bias, *, structure: Structure, activation: int, clip: f
     )
 
 
+def _footprint_applies(structure: Structure, activation: int) -> bool:
+    return (
+        linear_kernel() == "footprint"
+        and activation == ACTIVATIONS["relu"]
+        and structure.n_in == structure.n_out
+        and _native.has_target(_CUDA_FOOTPRINT_TARGET, "cuda")
+    )
+
+
+def _cuda_footprint(x, values, bias, structure: Structure, clip: float):
+    # A one-layer SparseDNN call with dead rows kept: the footprint kernel's packing
+    # (cached per structure), rows in interleaved tiles inside the call.
+    from jax_spdnn.dnn import _call_cuda_fp, _fp_layout
+    from jax_spdnn.sparse import footprint_group
+
+    group = footprint_group()
+    fp = structure.footprint(group)
+    index, offsets = _fp_layout([fp])
+    n = structure.n_out
+    x2 = x.reshape(-1, n)
+    y, _ = _call_cuda_fp(
+        x2, fp.pack_values(values), bias[None, :], *index, *offsets, clip, False, group
+    )
+    return y.reshape(x.shape)
+
+
 def _cuda_impl(x, values, bias, *, structure: Structure, activation: int, clip: float):
+    if _footprint_applies(structure, activation):
+        return _cuda_footprint(x, values, bias, structure, clip)
     # CUDA kernel reads warp-sliced ELL: the structure is packed once (cached),
     # the values are gathered into the packed order here, per call.
     ell = structure.sliced_ell

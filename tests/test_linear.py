@@ -323,3 +323,58 @@ def test_reference_self_check():
     x = rng.standard_normal((3, 10))
     np.testing.assert_allclose(sparse_linear_ref(x, w, None, None, None), (w.T @ x.T).T)
     assert sps.issparse(w)
+
+
+@pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
+@pytest.mark.parametrize(
+    "kernel, shape, activation, target",
+    [
+        ("footprint", (64, 64), "relu", "spdnn_sparse_dnn_footprint"),
+        ("footprint", (64, 48), "relu", "spdnn_sparse_linear_ell"),  # not square
+        ("footprint", (64, 64), None, "spdnn_sparse_linear_ell"),  # no ReLU
+        ("auto", (64, 64), "relu", "spdnn_sparse_linear_ell"),
+    ],
+)
+def test_cuda_kernel_choice_lowers(kernel, shape, activation, target, monkeypatch):
+    """SPDNN_LINEAR_KERNEL=footprint lowers square ReLU layers to the footprint kernel (a
+    one-layer network call) and everything else to the layer kernel, on any machine with
+    the CUDA kernels built."""
+    import re
+
+    monkeypatch.setenv("SPDNN_LINEAR_KERNEL", kernel)
+    W = sd.SparseMatrix.from_scipy(random_sparse(np.random.default_rng(0), *shape, 0.1))
+    x = jax.ShapeDtypeStruct((3, 5, shape[0]), jnp.float32)
+    f = jax.jit(lambda x: sd.sparse_linear(x, W, 0.1, activation=activation, clip=2.0))
+    text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert set(re.findall(r"custom_call @(\w+)", text)) == {target}
+
+
+def test_linear_kernel_option(monkeypatch):
+    monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="SPDNN_LINEAR_KERNEL"):
+        sd.linear.linear_kernel()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("lead", [(), (1,), (37,), (3, 70)])
+@pytest.mark.parametrize("bias, clip", [(None, None), (-0.2, 1.5), ("vector", None)])
+def test_footprint_route_equals_layer_kernel(lead, bias, clip, monkeypatch):
+    """sparse_linear through the footprint kernel gives the layer kernel's results bit for
+    bit (any leading shape, bias and clip), and its gradients."""
+    rng = np.random.default_rng(len(lead))
+    n = 700
+    W = sd.SparseMatrix.from_scipy(random_sparse(rng, n, n, 0.02, empty_rows=0.1), np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if bias == "vector" else bias
+    x = rng.standard_normal(lead + (n,)).astype(np.float32)
+    out = {}
+    with jax.default_device(jax.devices("cuda")[0]):
+        for kernel in ("layer", "footprint"):
+            monkeypatch.setenv("SPDNN_LINEAR_KERNEL", kernel)
+            f = jax.jit(lambda x, W: sd.sparse_linear(x, W, b, clip=clip))
+            g = jax.jit(jax.grad(lambda x, W: jnp.sum(sd.sparse_linear(x, W, b, clip=clip) ** 2)))
+            out[kernel] = (f(x, W), g(x, W))
+    np.testing.assert_array_equal(np.asarray(out["footprint"][0]), np.asarray(out["layer"][0]))
+    np.testing.assert_allclose(
+        np.asarray(out["footprint"][1]), np.asarray(out["layer"][1]), rtol=1e-6, atol=1e-6
+    )
