@@ -486,10 +486,10 @@ def _forward(
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):
         branches["cpu"] = lambda x: _fused_cpu(net, x, drop_dead)
-    groups = _resident_applies(net, x, kernel)
+    # The resident kernel's packing (bank-split offsets) is only made when it runs.
     if footprint_applies(net.n, kernel):
         branches["cuda"] = lambda x: _fused_cuda_fp(net, x, drop_dead)
-    elif groups is not None:
+    elif (groups := _resident_applies(net, x, kernel)) is not None:
         branches["cuda"] = lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
     elif _native.has_target(_CUDA_TARGET, "cuda"):
         branches["cuda"] = lambda x: _fused_cuda(net, x, drop_dead)
