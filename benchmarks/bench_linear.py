@@ -1,7 +1,10 @@
 """One challenge-sized sparse layer, side by side with what users would otherwise run.
 
 Layer: ``Y = min(max(X W + b, 0), 32)``, ``W`` N x N with 32 nonzeros per output
-(random, value 1/16), ``b = -0.3``, X dense float32 [batch, N].
+(value 1/16), ``b = -0.3``, X dense float32 [batch, N].  Two patterns: ``random`` (32
+random inputs per output, about 32 per input: no two outputs share much) and
+``radixnet`` (layer 13 of the generated Graph Challenge network, a permuted block:
+the structure the challenge's layers have).
 
 GPU peers: ``jax.experimental.sparse`` BCSR (cuSPARSE SpMM) + clamp, and dense
 XLA matmul (bfloat16; float32 at default precision).  CPU peer: scipy.sparse.
@@ -11,6 +14,7 @@ bandwidth floor (features read + written + weights read, over the measured
 device copy bandwidth).
 
     python benchmarks/bench_linear.py [--neurons 1024 4096 16384] [--batch 60000]
+        [--patterns random radixnet]
 """
 
 from __future__ import annotations
@@ -39,13 +43,24 @@ import jax_spdnn as sd  # noqa: E402
 BIAS, CLIP = -0.3, 32.0
 
 
-def gpu_rows(n, batch, bw, iters, ours_only=False):
+def layer_matrix(pattern, n):
+    """The benchmark layer as a ``scipy.sparse.csc_matrix`` [n_in, n_out]."""
+    if pattern == "random":
+        return random_regular_layer(n, seed=n)
+    if pattern == "radixnet":
+        from jax_spdnn import challenge as ch
+
+        return ch.radixnet_layer(n, 13, seed=0).to_scipy()
+    raise ValueError(f"unknown pattern {pattern!r} (random or radixnet)")
+
+
+def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random"):
     from jax.experimental import sparse as jsparse
 
     # Without this flag jax.experimental.sparse lowers to XLA gathers, not cuSPARSE.
     jax.config.update("jax_bcoo_cusparse_lowering", True)
 
-    w = random_regular_layer(n, seed=n)
+    w = layer_matrix(pattern, n)
     W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
     nnz = W.nnz
     key = jax.random.PRNGKey(0)
@@ -58,6 +73,7 @@ def gpu_rows(n, batch, bw, iters, ours_only=False):
         rows.append(
             {
                 "N": n,
+                "pattern": pattern,
                 "batch": batch,
                 "method": name,
                 "ms": seconds * 1e3,
@@ -121,8 +137,8 @@ def gpu_rows(n, batch, bw, iters, ours_only=False):
     return rows
 
 
-def cpu_rows(n, batch):
-    w = random_regular_layer(n, seed=n)
+def cpu_rows(n, batch, pattern="random"):
+    w = layer_matrix(pattern, n)
     W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
     rng = np.random.default_rng(0)
     x = rng.random((batch, n), dtype=np.float32)
@@ -135,6 +151,7 @@ def cpu_rows(n, batch):
     rows.append(
         {
             "N": n,
+            "pattern": pattern,
             "batch": batch,
             "method": "jax_spdnn sparse_linear (CPU)",
             "ms": t * 1e3,
@@ -156,6 +173,7 @@ def cpu_rows(n, batch):
     rows.append(
         {
             "N": n,
+            "pattern": pattern,
             "batch": batch,
             "method": "scipy.sparse + clip",
             "ms": t * 1e3,
@@ -171,12 +189,21 @@ def print_table(rows, env, bw=None):
     print(f"\n{e['device']} ({e['platform']}), jax {e['jax']}, jaxlib {e['jaxlib']}, {e['date']}")
     if bw:
         print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
-    print("| N | batch | method | ms | TE/s | % of floor | max |diff| vs ours |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N | pattern | batch | method | ms | TE/s | % of floor | max |diff| vs ours |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         pf = f"{r['pct_floor']:.1f}" if r.get("pct_floor") is not None else "-"
         d = f"{r['max_abs_diff']:.2g}" if r.get("max_abs_diff") is not None else "-"
-        cells = [r["N"], r["batch"], r["method"], f"{r['ms']:.3f}", f"{r['TE/s']:.3f}", pf, d]
+        cells = [
+            r["N"],
+            r.get("pattern", "random"),
+            r["batch"],
+            r["method"],
+            f"{r['ms']:.3f}",
+            f"{r['TE/s']:.3f}",
+            pf,
+            d,
+        ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
@@ -186,6 +213,9 @@ def main(argv=None):
     )
     p.add_argument("--neurons", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--batch", type=int, default=None, help="default 60000 on GPU, 4000 on CPU")
+    p.add_argument(
+        "--patterns", nargs="+", default=["random", "radixnet"], choices=["random", "radixnet"]
+    )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--ours-only", action="store_true", help="skip the peers (kernel tuning runs)")
@@ -195,11 +225,13 @@ def main(argv=None):
     bw = None
     if env["platform"] == "gpu" or env["platform"] == "cuda":
         bw = copy_bandwidth()
-        for n in args.neurons:
-            rows += gpu_rows(n, args.batch or 60000, bw, args.iters, args.ours_only)
+        for pattern in args.patterns:
+            for n in args.neurons:
+                rows += gpu_rows(n, args.batch or 60000, bw, args.iters, args.ours_only, pattern)
     else:
-        for n in args.neurons:
-            rows += cpu_rows(n, args.batch or 4000)
+        for pattern in args.patterns:
+            for n in args.neurons:
+                rows += cpu_rows(n, args.batch or 4000, pattern)
     print_table(rows, env, bw)
     if args.json:
         with open(args.json, "w") as f:
