@@ -84,28 +84,39 @@ def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random"):
             }
         )
 
-    ours = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
-    y_ours = jax.jit(ours)(x)
     tag = (
         f" [SPDNN_LINEAR_OUTS={os.environ['SPDNN_LINEAR_OUTS']}]"
         if "SPDNN_LINEAR_OUTS" in os.environ
         else ""
     )
-    record("jax_spdnn sparse_linear" + tag, time_iterated(ours, x, iters=iters))
-    if sd.linear.linear_kernel() != "footprint":
-        # The opt-in route through the footprint kernel (a one-layer network call), read
-        # when a call is lowered: a new function object is traced under the setting.
-        os.environ["SPDNN_LINEAR_KERNEL"] = "footprint"
-        try:
-            fp = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
-            y_fp = jax.jit(fp)(x)
+    # Both CUDA kernels (SPDNN_LINEAR_KERNEL is read when a call is lowered: a new function
+    # object is traced under each setting); the one auto picks is marked "default".
+    default = (
+        "footprint"
+        if sd.linear._footprint_applies(W.structure, sd.linear.ACTIVATIONS["relu"], x.dtype)
+        else "layer"
+    )
+    saved = os.environ.get("SPDNN_LINEAR_KERNEL")
+    y_ours = None
+    try:
+        for kernel in ("layer", "footprint"):
+            os.environ["SPDNN_LINEAR_KERNEL"] = kernel
+            f = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
+            y = jax.jit(f)(x)
+            diff = None if y_ours is None else float(jnp.max(jnp.abs(y - y_ours)))
+            y_ours = y if y_ours is None else y_ours
+            mark = ", default" if kernel == default else ""
             record(
-                "jax_spdnn sparse_linear (SPDNN_LINEAR_KERNEL=footprint)",
-                time_iterated(fp, x, iters=iters),
-                float(jnp.max(jnp.abs(y_fp - y_ours))),
+                f"jax_spdnn sparse_linear ({kernel} kernel{mark}){tag}",
+                time_iterated(f, x, iters=iters),
+                diff,
             )
-        finally:
-            del os.environ["SPDNN_LINEAR_KERNEL"]
+            del y
+    finally:
+        if saved is None:
+            os.environ.pop("SPDNN_LINEAR_KERNEL", None)
+        else:
+            os.environ["SPDNN_LINEAR_KERNEL"] = saved
     if ours_only:
         return rows
 

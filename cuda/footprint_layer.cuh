@@ -570,27 +570,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait_all();
 }
 
-// Lists the marked rows in order, in one block: next_src[s] = k and next_ids[s] =
-// ids_in[k] (k without ids_in) for the s-th k < m with alive[k] set (with drop off:
-// every k, at slot k), where m = *count_in (rows without count_in).  Writes the
-// number of marked rows to *active_out and the list's length to *list_count, and
-// clears the marks (and *reset).
+// Lists the marked rows in order: next_src[s] = k and next_ids[s] = ids_in[k] (k
+// without ids_in) for the s-th k < m with alive[k] set (with drop off: every k, at slot
+// k), where m = *count_in (rows without count_in).  Writes the number of marked rows
+// to *active_out and the list's length to *list_count, and clears the marks (and
+// *reset).
+//
+// Several blocks, each on a contiguous segment of whole tiles of kCompactTile marks
+// (four per thread, 16-byte loads): a block counts its marks, publishes the count,
+// adds up the counts of the segments before its own (the blocks are numbered by a
+// ticket taken when they start, so every segment it waits for belongs to a block that
+// is already running), then lists its rows tile by tile with a block-wide scan.  The
+// last block to finish resets the tickets and flags for the next launch.  The grid is
+// sized on the host for `rows` (at most kCompactMaxBlocks); blocks past *count_in find
+// empty segments.
 constexpr int kCompactThreads = 1024;
+constexpr int kCompactTile = 4 * kCompactThreads;
+constexpr int kCompactMaxBlocks = 128;
+// Integers of scratch compact_rows needs (zeroed before its first launch): ticket and
+// finished counters, then per-block counts and flags.
+constexpr int kCompactScratch = 2 + 2 * kCompactMaxBlocks;
 
-__global__ void __launch_bounds__(kCompactThreads)
-    compact_rows(const int32_t* count_in, int64_t rows, int32_t* __restrict__ alive,
-                 const int32_t* __restrict__ ids_in, bool drop, int32_t* __restrict__ next_src,
-                 int32_t* __restrict__ next_ids, int32_t* active_out, int32_t* list_count,
-                 int32_t* reset = nullptr) {
-  __shared__ int32_t warp_sums[kCompactThreads / 32];
-  const int64_t m = count_in ? static_cast<int64_t>(*count_in) : rows;
-  const int64_t per = (m + kCompactThreads - 1) / kCompactThreads;
-  const int64_t begin = min(m, threadIdx.x * per), end = min(m, begin + per);
-  int32_t local = 0;
-  for (int64_t k = begin; k < end; ++k) local += alive[k] != 0;
-  // Exclusive scan of the per-thread counts over the block.
+inline unsigned compact_grid(int64_t rows) {
+  const int64_t tiles = (rows + kCompactTile - 1) / kCompactTile;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, kCompactMaxBlocks)));
+}
+
+// Exclusive prefix of v over the block (blockDim.x == kCompactThreads); *total = sum.
+__device__ __forceinline__ int32_t block_exclusive_sum(int32_t v, int32_t* warp_sums,
+                                                       int32_t* total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int32_t incl = local;
+  int32_t incl = v;
 #pragma unroll
   for (int d = 1; d < 32; d *= 2) {
     const int32_t t = __shfl_up_sync(0xffffffffu, incl, d);
@@ -608,22 +618,105 @@ __global__ void __launch_bounds__(kCompactThreads)
     warp_sums[lane] = w;  // inclusive over warps
   }
   __syncthreads();
-  int32_t slot = incl - local + (warp > 0 ? warp_sums[warp - 1] : 0);
-  const int32_t total = warp_sums[kCompactThreads / 32 - 1];
-  for (int64_t k = begin; k < end; ++k) {
-    const bool live = alive[k] != 0;
-    if (live || !drop) {
-      const int64_t s = drop ? slot : k;
-      next_src[s] = static_cast<int32_t>(k);
-      next_ids[s] = ids_in ? ids_in[k] : static_cast<int32_t>(k);
+  const int32_t out = incl - v + (warp > 0 ? warp_sums[warp - 1] : 0);
+  *total = warp_sums[kCompactThreads / 32 - 1];
+  __syncthreads();  // warp_sums may be reused
+  return out;
+}
+
+// The four marks at k .. k + 3 (k a multiple of 4), zero past end.
+__device__ __forceinline__ int4 load_marks(const int32_t* alive, int64_t k, int64_t end) {
+  if (k + 4 <= end) return *reinterpret_cast<const int4*>(alive + k);
+  int4 a = make_int4(0, 0, 0, 0);
+  if (k < end) a.x = alive[k];
+  if (k + 1 < end) a.y = alive[k + 1];
+  if (k + 2 < end) a.z = alive[k + 2];
+  return a;
+}
+
+__global__ void __launch_bounds__(kCompactThreads)
+    compact_rows(const int32_t* count_in, int64_t rows, int32_t* __restrict__ alive,
+                 const int32_t* __restrict__ ids_in, bool drop, int32_t* __restrict__ next_src,
+                 int32_t* __restrict__ next_ids, int32_t* active_out, int32_t* list_count,
+                 int32_t* reset, int32_t* scratch) {
+  __shared__ int32_t warp_sums[kCompactThreads / 32];
+  __shared__ int32_t shared_int[2];
+  int32_t* ticket = scratch;
+  int32_t* finished = scratch + 1;
+  volatile int32_t* seg_count = scratch + 2;
+  volatile int32_t* seg_flag = scratch + 2 + kCompactMaxBlocks;
+  if (threadIdx.x == 0) shared_int[0] = atomicAdd(ticket, 1);
+  __syncthreads();
+  const int b = shared_int[0];
+  const int64_t m = count_in ? static_cast<int64_t>(*count_in) : rows;
+  const int64_t tiles = (m + kCompactTile - 1) / kCompactTile;
+  const int64_t per = (tiles + gridDim.x - 1) / gridDim.x * kCompactTile;
+  const int64_t begin = min(m, b * per), end = min(m, begin + per);
+
+  int32_t local = 0;
+  for (int64_t k = begin + 4 * threadIdx.x; k < end; k += kCompactTile) {
+    const int4 a = load_marks(alive, k, end);
+    local += (a.x != 0) + (a.y != 0) + (a.z != 0) + (a.w != 0);
+  }
+  int32_t mine = 0;
+  block_exclusive_sum(local, warp_sums, &mine);
+  if (threadIdx.x == 0) {
+    seg_count[b] = mine;
+    __threadfence();
+    seg_flag[b] = 1;
+  }
+  if (threadIdx.x < 32) {  // the rows listed by the segments before this one
+    int32_t before = 0;
+    for (int s = threadIdx.x; s < b; s += 32) {
+      while (seg_flag[s] == 0) {
+      }
+      __threadfence();
+      before += seg_count[s];
     }
-    slot += live;
-    alive[k] = 0;
+#pragma unroll
+    for (int d = 16; d > 0; d /= 2) before += __shfl_xor_sync(0xffffffffu, before, d);
+    if (threadIdx.x == 0) shared_int[1] = before;
+  }
+  __syncthreads();
+  int32_t slot = shared_int[1];
+
+  for (int64_t k0 = begin; k0 < end; k0 += kCompactTile) {
+    const int64_t k = k0 + 4 * threadIdx.x;
+    const int4 a = load_marks(alive, k, end);
+    const int32_t live[4] = {a.x != 0, a.y != 0, a.z != 0, a.w != 0};
+    int32_t tile_total = 0;
+    int32_t s = slot + block_exclusive_sum(live[0] + live[1] + live[2] + live[3], warp_sums,
+                                           &tile_total);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (k + j < end) {
+        if (live[j] || !drop) {
+          const int64_t at = drop ? s : k + j;
+          next_src[at] = static_cast<int32_t>(k + j);
+          next_ids[at] = ids_in ? ids_in[k + j] : static_cast<int32_t>(k + j);
+        }
+        s += live[j];
+      }
+    }
+    if (k + 4 <= end) {
+      *reinterpret_cast<int4*>(alive + k) = make_int4(0, 0, 0, 0);
+    } else {
+      for (int j = 0; j < 4 && k + j < end; ++j) alive[k + j] = 0;
+    }
+    slot += tile_total;
   }
   if (threadIdx.x == 0) {
-    *active_out = total;
-    *list_count = drop ? total : static_cast<int32_t>(m);
-    if (reset) *reset = 0;  // the next layer's work counter
+    if (b == static_cast<int>(gridDim.x) - 1) {  // its segment ends at m: slot = total
+      *active_out = slot;
+      *list_count = drop ? slot : static_cast<int32_t>(m);
+      if (reset) *reset = 0;  // the next layer's work counter
+    }
+    __threadfence();
+    if (atomicAdd(finished, 1) == static_cast<int>(gridDim.x) - 1) {  // the last block
+      for (int s = 0; s < static_cast<int>(gridDim.x); ++s) seg_flag[s] = 0;
+      *ticket = 0;
+      *finished = 0;
+    }
   }
 }
 

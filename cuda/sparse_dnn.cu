@@ -663,24 +663,28 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   const int n_groups = (n + kThreads * O - 1) / (kThreads * O);
   T* buf[2] = {work, work + rows32 * n};
   // Integer workspace: marks (zero between kernels), two row lists of positions and
-  // original ids, list lengths (ping-pong), a scratch count and the pipelined kernel's
-  // work counter.
+  // original ids, list lengths (ping-pong), a scratch count, the pipelined kernel's
+  // work counter and compact_rows' scratch.
   int32_t* alive = iwork;
   int32_t* src[2] = {iwork + rows, iwork + 2 * rows};
   int32_t* ids[2] = {iwork + 3 * rows, iwork + 4 * rows};
   int32_t* counts = iwork + 5 * rows;
+  int32_t* compact_scratch = counts + 4;
+  const unsigned compact_blocks = compact_grid(rows);
   cudaMemsetAsync(alive, 0, sizeof(int32_t) * rows, stream);
-  cudaMemsetAsync(counts, 0, sizeof(int32_t) * 4, stream);
+  cudaMemsetAsync(counts, 0, sizeof(int32_t) * (4 + kCompactScratch), stream);
   cudaMemsetAsync(active, 0, sizeof(int32_t) * n_layers, stream);
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
 
-  // The first list: rows of x with a nonzero feature, in order, interleaved into buf[0].
-  mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
-  compact_rows<<<1, kCompactThreads, 0, stream>>>(nullptr, rows, alive, nullptr, drop, src[0],
-                                                   ids[0], counts + 2, counts);
+  // The first list: rows of x with a nonzero feature (with drop off: every row), in
+  // order, interleaved into buf[0].
+  if (drop) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
+  compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
+      nullptr, rows, alive, nullptr, drop, src[0], ids[0], counts + 2, counts, nullptr,
+      compact_scratch);
   interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
@@ -722,13 +726,14 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     if (!launched) {
       if (auto err = launch_footprint_layer<T, A, R, O>(stream, args); err.failure()) return err;
     }
-    compact_rows<<<1, kCompactThreads, 0, stream>>>(counts + l % 2, rows, alive, ids[cur], drop,
-                                                     src[1 - cur], ids[1 - cur], active + l,
-                                                     counts + (l + 1) % 2, counts + 3);
+    compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
+        counts + l % 2, rows, alive, ids[cur], drop, src[1 - cur], ids[1 - cur], active + l,
+        counts + (l + 1) % 2, counts + 3, compact_scratch);
     cur = 1 - cur;
     list = src[cur];
   }
-  cudaMemsetAsync(y, 0, sizeof(T) * rows * n, stream);
+  // With drop off every row is listed and written; otherwise the dropped rows are zero.
+  if (drop) cudaMemsetAsync(y, 0, sizeof(T) * rows * n, stream);
   deinterleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(buf[n_layers % 2], list, ids[cur],
                                                  counts + n_layers % 2, n, y);
   return last_launch_error("sparse_dnn: footprint layers");
@@ -775,7 +780,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
       static_cast<int64_t>(fp_ptr.element_count()) != n_layers * (n_groups + 1) ||
       static_cast<int64_t>(fp_cols.element_count()) < fp_off[n_layers] ||
       static_cast<int64_t>(work->element_count()) != 2 * rows32 * n ||
-      static_cast<int64_t>(iwork->element_count()) != 5 * rows + 4) {
+      static_cast<int64_t>(iwork->element_count()) != 5 * rows + 4 + kCompactScratch) {
     return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
   }
   if (x.element_type() != y->element_type() || x.element_type() != work->element_type()) {

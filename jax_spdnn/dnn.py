@@ -30,7 +30,7 @@ from jax import lax
 
 from jax_spdnn import _native
 from jax_spdnn.linear import _acc_dtype, _check_features, _match_vma, _vma, sparse_linear
-from jax_spdnn.sparse import SparseMatrix, Structure, footprint_group
+from jax_spdnn.sparse import SparseMatrix, Structure, footprint_group, pack_values_many
 
 __all__ = ["DNNResult", "SparseDNN"]
 
@@ -320,6 +320,11 @@ def _call_cuda_ell(
     return y, active
 
 
+# Integers of scratch the footprint path's row compaction needs (kCompactScratch in
+# cuda/footprint_layer.cuh: two counters, then a count and a flag per block).
+_COMPACT_SCRATCH = 2 + 2 * 128
+
+
 def _call_cuda_fp(
     x,
     values,
@@ -345,7 +350,7 @@ def _call_cuda_fp(
         _like(x, x.shape, x.dtype),
         _like(x, (biases.shape[0],), jnp.int32),
         _like(x, (2 * batch32 * n,), x.dtype),  # ping-pong row-interleaved feature buffers
-        _like(x, (5 * batch + 4,), jnp.int32),  # marks, row lists, counts
+        _like(x, (5 * batch + 4 + _COMPACT_SCRATCH,), jnp.int32),  # marks, lists, counts
     )
     aliases = {0: 0} if alias else None
     y, active, _, _ = jax.ffi.ffi_call(_CUDA_FOOTPRINT_TARGET, out, input_output_aliases=aliases)(
@@ -380,9 +385,7 @@ def _fp_layout(fps):
 def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool):
     group, acc = footprint_group(), _acc_dtype(x.dtype)
     fps = [W.structure.footprint(group) for W in net.layers]
-    values = jnp.concatenate(
-        [fp.pack_values(jnp.asarray(W.values).astype(acc)) for fp, W in zip(fps, net.layers)]
-    )
+    values = pack_values_many(fps, [W.values for W in net.layers], acc)
     index, offsets = _fp_layout(fps)
     biases = net.biases.astype(acc)
     return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead, group)
@@ -416,10 +419,7 @@ def _ell_operands(layers, acc):
     sp_off = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]]).astype(np.int64)
     sp_off = sp_off[: len(ells)]
     ell_off = np.cumsum([0] + [e.total for e in ells]).astype(np.int64)
-    values = jnp.concatenate(
-        [e.pack_values(jnp.asarray(W.values).astype(acc)) for e, W in zip(ells, layers)]
-        or [jnp.zeros(0, acc)]
-    )
+    values = pack_values_many(ells, [W.values for W in layers], acc)
     return values, slice_ptr, indices, sp_off, ell_off
 
 
@@ -438,10 +438,7 @@ def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segmen
         [p.col_ptr + s for p, s in zip(packs, first)] or [np.zeros(0, np.int64)]
     ).astype(np.int32)
     offsets = np.concatenate([p.offsets for p in packs] or [np.zeros(0, np.int32)])
-    values = jnp.concatenate(
-        [p.pack_values(jnp.asarray(W.values).astype(jnp.float32)) for p, W in zip(packs, tail)]
-        or [jnp.zeros(0, jnp.float32)]
-    )
+    values = pack_values_many(packs, [W.values for W in tail], jnp.float32)
     # {offset, weight bits} pairs: one 16-byte vector holds two steps of a lane group.
     entries = jnp.stack(
         [jnp.asarray(offsets), lax.bitcast_convert_type(values, jnp.int32)], axis=1

@@ -38,9 +38,12 @@ LINEAR_KERNELS = ("auto", "layer", "footprint")
 
 def linear_kernel() -> str:
     """The CUDA kernel of ``sparse_linear`` (``SPDNN_LINEAR_KERNEL``, read when a call is
-    lowered): ``layer`` (and ``auto``, for now) the layer kernel; ``footprint`` runs square
-    ReLU layers through ``SparseDNN``'s footprint kernel as a one-layer network (the same
-    sums in the same order: bitwise equal results), other layers through the layer kernel."""
+    lowered): ``layer`` the layer kernel; ``footprint`` runs square ReLU layers through
+    ``SparseDNN``'s footprint kernel as a one-layer network (the same sums in the same
+    order: bitwise equal results), other layers through the layer kernel; ``auto`` (the
+    default) takes the footprint route for float32 square ReLU layers from
+    ``FOOTPRINT_MIN_N`` neurons on whose footprint packing stages at most half the input
+    columns the layer kernel stages (:func:`footprint_pays`), else the layer kernel."""
     kernel = os.environ.get("SPDNN_LINEAR_KERNEL", "auto")
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"SPDNN_LINEAR_KERNEL must be one of {LINEAR_KERNELS}, got {kernel!r}")
@@ -211,12 +214,41 @@ def _cpu_impl(x, values, bias, *, structure: Structure, activation: int, clip: f
     )
 
 
-def _footprint_applies(structure: Structure, activation: int) -> bool:
+# The layer kernel stages whole input rows once per this many outputs (a block's group).
+_LAYER_GROUP = 1024
+# Smallest layer auto sends through the footprint kernel: below it the route's row moves
+# (interleave in, de-interleave out) cost more than the staging it saves (H100: 1024
+# neurons, generated challenge layer, 1.02 ms layer kernel against 1.72 ms).
+FOOTPRINT_MIN_N = 4096
+
+
+def footprint_pays(structure: Structure) -> bool:
+    """Whether the footprint packing of this (square) layer stages at most half the input
+    columns per feature row that the layer kernel stages (``ceil(n_out / 1024) * n_in``).
+    Layers whose outputs share inputs (the Graph Challenge's, structured pruning) do;
+    random patterns do not (at 16384 neurons, 32 random inputs per output: 1.5x *more*).
+    Packs the footprint (cached on the structure)."""
+    from jax_spdnn.sparse import footprint_group
+
+    layer_cols = -(-structure.n_out // _LAYER_GROUP) * structure.n_in
+    return 2 * structure.footprint(footprint_group()).staged <= layer_cols
+
+
+def _footprint_applies(structure: Structure, activation: int, dtype) -> bool:
+    kernel = linear_kernel()
+    if (
+        kernel == "layer"
+        or activation != ACTIVATIONS["relu"]
+        or structure.n_in != structure.n_out
+        or not _native.has_target(_CUDA_FOOTPRINT_TARGET, "cuda")
+    ):
+        return False
+    if kernel == "footprint":
+        return True
     return (
-        linear_kernel() == "footprint"
-        and activation == ACTIVATIONS["relu"]
-        and structure.n_in == structure.n_out
-        and _native.has_target(_CUDA_FOOTPRINT_TARGET, "cuda")
+        np.dtype(dtype) == np.float32
+        and structure.n_out >= FOOTPRINT_MIN_N
+        and footprint_pays(structure)
     )
 
 
@@ -238,7 +270,7 @@ def _cuda_footprint(x, values, bias, structure: Structure, clip: float):
 
 
 def _cuda_impl(x, values, bias, *, structure: Structure, activation: int, clip: float):
-    if _footprint_applies(structure, activation):
+    if _footprint_applies(structure, activation, x.dtype):
         return _cuda_footprint(x, values, bias, structure, clip)
     # CUDA kernel reads warp-sliced ELL: the structure is packed once (cached),
     # the values are gathered into the packed order here, per call.

@@ -159,6 +159,24 @@ class _Packed:
         return jnp.take(padded, jnp.asarray(self.source), unique_indices=False)
 
 
+def pack_values_many(packs, values, dtype):
+    """The packed values of several layers, concatenated: one gather (one device kernel)
+    instead of one per layer.  ``packs[i].pack_values(values[i])`` for every ``i``, in
+    order, as ``dtype``."""
+    if not packs:
+        return jnp.zeros((0,), dtype)
+    starts = np.cumsum([0] + [p.nnz for p in packs])
+    index_dtype = np.int64 if starts[-1] >= 2**31 - 1 else np.int32
+    source = np.concatenate(
+        [
+            np.where(p.source == p.nnz, starts[-1], p.source.astype(np.int64) + s)
+            for p, s in zip(packs, starts[:-1])
+        ]
+    ).astype(index_dtype)
+    flat = jnp.concatenate([jnp.asarray(v).astype(dtype) for v in values] + [jnp.zeros(1, dtype)])
+    return jnp.take(flat, jnp.asarray(source), unique_indices=False)
+
+
 class EllPack(_Packed):
     """Warp-sliced ELL packing of a :class:`Structure` (the CUDA kernel's layout).
 

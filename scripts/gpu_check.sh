@@ -94,7 +94,7 @@ ki, vi = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
 out = []
 for r in rows[2:]:
     name = r[ki]
-    for key in ("resident", "fused_layer", "footprint_layer", "compact_rows", "interleave", "list_nonzero", "scatter"):
+    for key in ("resident", "fused_layer", "footprint_layer", "footprint_pipe", "compact_rows", "interleave", "list_nonzero", "scatter", "gather_fusion", "reduce_fusion"):
         if key in name:
             out.append(f"{key}:{float(r[vi].replace(',', '')) / 1000:.0f}")
 print(" ".join(out))

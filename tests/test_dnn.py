@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sps
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import random_sparse
 
 import jax_spdnn as sd
 from jax_spdnn.challenge import check_categories, radixnet, random_inputs, reference_inference
@@ -209,6 +210,48 @@ def test_pipelined_footprint_kernel(n, degree, batch, dtype, monkeypatch):
     assert np.asarray(out["1"].active_per_layer)[-1] == batch - len(range(0, batch, 3))
     check = check_categories(out["1"].categories(), ref.categories, ref.ambiguous)
     assert check.passed, check.summary()
+
+
+@pytest.mark.parametrize(
+    "platform",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize("batch", [4095, 4096, 4097, 50001])
+@pytest.mark.parametrize("bias", [-0.25, 0.05])  # rows dropped; rows kept (positive bias)
+def test_row_lists_across_blocks(platform, batch, bias, monkeypatch):
+    """Large batches with rows dying unevenly (whole stretches dead, single survivors at
+    the edges of the CUDA row compaction's 4096-row segments, which several blocks list
+    from 4096 rows on): features and active counts match the float64 reference, with
+    dead rows dropped and kept."""
+    rng = np.random.default_rng(batch)
+    n = 64
+    layers = [
+        sd.SparseMatrix.from_scipy(random_sparse(rng, n, n, 0.25, empty_rows=0.05))
+        for _ in range(4)
+    ]
+    x = (rng.random((batch, n)) < 0.3) * rng.uniform(0, 1, (batch, n))
+    x[: batch // 3] = 0  # a dead stretch longer than a block's segment
+    x[batch // 3 + 1 : batch // 2 : 2] = 0  # every other row dead
+    x[4095 : min(batch, 4097)] = rng.uniform(0.5, 1, (min(batch, 4097) - 4095, n))
+    x[-1] = rng.uniform(0.5, 1, n)  # the last row survives the input check
+    h, active = x, []
+    for W in layers:  # float64 reference
+        h = np.minimum(np.maximum(h @ W.to_scipy().toarray() + bias, 0), 32.0)
+        active.append(int(np.any(h != 0, axis=1).sum()))
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
+    with jax.default_device(jax.devices(platform)[0]):
+        out = sd.SparseDNN(layers, bias)(x.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(out.features), h, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(out.active_per_layer), active)
 
 
 def test_segment_ends_and_options(monkeypatch):

@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 from reference import assert_matches_ref, random_sparse, sparse_linear_ref
 
 import jax_spdnn as sd
+from jax_spdnn.challenge import radixnet_layer
 
 DTYPES = [np.float32, np.float64, jnp.bfloat16, jnp.float16]
 
@@ -332,18 +333,32 @@ def test_reference_self_check():
         ("footprint", (64, 64), "relu", "spdnn_sparse_dnn_footprint"),
         ("footprint", (64, 48), "relu", "spdnn_sparse_linear_ell"),  # not square
         ("footprint", (64, 64), None, "spdnn_sparse_linear_ell"),  # no ReLU
-        ("auto", (64, 64), "relu", "spdnn_sparse_linear_ell"),
+        ("auto", (64, 64), "relu", "spdnn_sparse_linear_ell"),  # below FOOTPRINT_MIN_N
+        ("layer", "radixnet", "relu", "spdnn_sparse_linear_ell"),
+        ("auto", "radixnet", "relu", "spdnn_sparse_dnn_footprint"),  # footprints pay
+        ("auto", "random", "relu", "spdnn_sparse_linear_ell"),  # footprints do not pay
+        ("auto", "radixnet", None, "spdnn_sparse_linear_ell"),
     ],
 )
 def test_cuda_kernel_choice_lowers(kernel, shape, activation, target, monkeypatch):
     """SPDNN_LINEAR_KERNEL=footprint lowers square ReLU layers to the footprint kernel (a
-    one-layer network call) and everything else to the layer kernel, on any machine with
-    the CUDA kernels built."""
+    one-layer network call) and everything else to the layer kernel; auto does so only
+    for large layers whose footprints pay; on any machine with the CUDA kernels built."""
     import re
 
     monkeypatch.setenv("SPDNN_LINEAR_KERNEL", kernel)
-    W = sd.SparseMatrix.from_scipy(random_sparse(np.random.default_rng(0), *shape, 0.1))
-    x = jax.ShapeDtypeStruct((3, 5, shape[0]), jnp.float32)
+    n = 4096  # FOOTPRINT_MIN_N
+    if shape == "radixnet":  # a generated challenge layer: groups of outputs share inputs
+        W = radixnet_layer(n, 13)
+    elif shape == "random":  # 32 random inputs per output: footprints as large as it gets
+        rng = np.random.default_rng(0)
+        rows, cols = rng.integers(0, n, n * 32), np.repeat(np.arange(n), 32)
+        W = sd.SparseMatrix.from_scipy(
+            sps.coo_matrix((np.ones(n * 32), (rows, cols)), (n, n)).tocsr()
+        )
+    else:
+        W = sd.SparseMatrix.from_scipy(random_sparse(np.random.default_rng(0), *shape, 0.1))
+    x = jax.ShapeDtypeStruct((3, 5, W.shape[0]), jnp.float32)
     f = jax.jit(lambda x: sd.sparse_linear(x, W, 0.1, activation=activation, clip=2.0))
     text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert set(re.findall(r"custom_call @(\w+)", text)) == {target}
@@ -364,7 +379,7 @@ def test_footprint_route_equals_layer_kernel(lead, bias, clip, monkeypatch):
     bit (any leading shape, bias and clip), and its gradients."""
     rng = np.random.default_rng(len(lead))
     n = 700
-    W = sd.SparseMatrix.from_scipy(random_sparse(rng, n, n, 0.02, empty_rows=0.1), np.float32)
+    W = sd.SparseMatrix.from_scipy(random_sparse(rng, n, n, 0.02, empty_rows=0.1), dtype=np.float32)
     b = rng.standard_normal(n).astype(np.float32) if bias == "vector" else bias
     x = rng.standard_normal(lead + (n,)).astype(np.float32)
     out = {}

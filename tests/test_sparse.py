@@ -345,3 +345,28 @@ def test_bank_split_layout_computes_the_product(n, groups, density, seed):
     with np.errstate(invalid="ignore"):
         want = np.stack([(x[r][:, None] * dense).sum(axis=0, where=dense != 0) for r in range(R)])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["sliced_ell", "footprint", "bank_split"])
+def test_pack_values_many_equals_per_layer(kind):
+    """One gather over several layers gives each layer's packed values, concatenated
+    (padding zero), for every packing; an empty layer list gives an empty array."""
+    from jax_spdnn.sparse import pack_values_many
+
+    rng = np.random.default_rng(7)
+    shapes = [(40, 70), (70, 33), (33, 33), (33, 1)]
+    mats = [
+        sd.SparseMatrix.from_scipy(random_sparse(rng, a, b, 0.15, empty_rows=0.2))
+        for a, b in shapes
+    ]
+    pack = {
+        "sliced_ell": lambda s: s.sliced_ell,
+        "footprint": lambda s: s.footprint(256),
+        "bank_split": lambda s: s.bank_split(2),
+    }[kind]
+    packs = [pack(W.structure) for W in mats]
+    got = pack_values_many(packs, [W.values for W in mats], jnp.float64)
+    want = np.concatenate([np.asarray(p.pack_values(W.values)) for p, W in zip(packs, mats)])
+    assert got.dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert pack_values_many([], [], jnp.float32).shape == (0,)
