@@ -328,18 +328,26 @@ struct PipeStage {
   int group = 0, c0 = 0, fp0 = 0, fp_n = 0, slot = 0;
 };
 
-template <typename A, int kRows>
-__global__ void __launch_bounds__(kThreads, 1)
+//
+// H threads share an output (H = 2: 512 threads, each with half the tile's rows): twice
+// the warps to hide the shared-memory and L2 latencies with, for a second read of each
+// weight.
+template <typename A, int kRows, int H>
+__global__ void __launch_bounds__(kThreads * H, 1)
     footprint_pipe_kernel(const FootprintArgs<A, A> args, int chunk, int wcap, int n_groups) {
   using V = Vec16<A>;
   using VT = typename V::type;
   using Stage = PipeStage<A, kRows>;
   constexpr int E = V::n;
   constexpr int Q = kRows / E;
-  constexpr int kCols = kThreads / kRows;
+  constexpr int QT = Q / H;      // 16-byte vectors of a staged column per thread
+  constexpr int RT = kRows / H;  // rows per thread
+  static_assert(Q % H == 0, "whole vectors per thread");
+  constexpr int NT = kThreads * H;
+  constexpr int kCols = NT / kRows;
   constexpr int kGroupSlices = kThreads / kSlice;
   constexpr int S = kSlice;
-  static_assert(kThreads % kRows == 0 && kThreads % kSlice == 0, "whole columns and slices");
+  static_assert(NT % kRows == 0 && kThreads % kSlice == 0, "whole columns and slices");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* wv = reinterpret_cast<A*>(smem_raw);                                       // [wcap]
@@ -391,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto issue_meta = [&](const Stage& k, int b) {
     if (k.run < 0) return;
     const int cn = min(chunk, k.fp_n - k.c0);
-    for (int c = threadIdx.x; c < cn; c += kThreads) {
+    for (int c = threadIdx.x; c < cn; c += NT) {
       cp_async4(cbuf + b * chunk + c, args.fp_cols + k.fp0 + k.c0 + c, true);
     }
     if (threadIdx.x < kRows) {
@@ -443,7 +451,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int pos0 = 0, end0 = 0, neuron = -1;
   A bias = A(0);
   int pos = 0, end = 0;
-  A acc[kRows];
+  const int tx = threadIdx.x % kThreads, half = threadIdx.x / kThreads;
+  A acc[RT];
   for (int s = 0; cur.run >= 0; ++s) {
     const int b = s & 1;
     __syncthreads();  // everyone is done with stage s - 1 (its buffers and the weights)
@@ -454,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t e0 = __ldg(args.slice_ptr + w0), e1 = __ldg(args.slice_ptr + w1);
       in_shared = e1 - e0 <= wcap;
       const int64_t w_base = in_shared ? e0 : 0;
-      const int j = cur.group * kThreads + threadIdx.x;
+      const int j = cur.group * kThreads + tx;
       neuron = -1;
       pos0 = end0 = 0;
       if (j < args.n_out) {
@@ -480,14 +489,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       pos = pos0;
       end = end0;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] = A(0);
+      for (int r = 0; r < RT; ++r) acc[r] = A(0);
     }
     const int c0 = cur.c0, c1 = c0 + min(chunk, cur.fp_n - cur.c0);
-    const A* xb = fbuf + b * chunk * P;  // slot i's column at xb + (i - c0) * P
+    // Slot i's column at xb + (i - c0) * P; this thread's rows start at vector half * QT.
+    const A* xb = fbuf + b * chunk * P + half * QT * E;
     auto apply = [&](A v, int i) {
       const VT* col = reinterpret_cast<const VT*>(xb + (i - c0) * P);
 #pragma unroll
-      for (int q = 0; q < Q; ++q) {
+      for (int q = 0; q < QT; ++q) {
         const VT f = col[q];
 #pragma unroll
         for (int k = 0; k < E; ++k) acc[q * E + k] = fma(v, V::get(f, k), acc[q * E + k]);
@@ -541,23 +551,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     if (c1 == cur.fp_n) {  // the item's last chunk: bias, ReLU, clamp, store, marks
-      const int64_t row0 = cur.tile * kRows;
-      const int valid = static_cast<int>(min(static_cast<int64_t>(kRows), rows - row0));
-      bool nonzero[kRows] = {};
+      const int64_t row0 = cur.tile * kRows + half * RT;  // this thread's first row
+      const int valid = static_cast<int>(min(static_cast<int64_t>(RT), rows - row0));
+      bool nonzero[RT] = {};
       if (neuron >= 0) {
-        A out[kRows];
+        A out[RT];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
+        for (int r = 0; r < RT; ++r) {
           A v = acc[r] + bias;
           if (args.relu && v < A(0)) v = A(0);
           if (v > args.clip) v = args.clip;
           out[r] = r < valid ? v : A(0);
           nonzero[r] = out[r] != A(0);
         }
-        store_rows<A, A, kRows>(args.y + interleaved<kRows>(row0, neuron, args.n_out), out);
+        store_rows<A, A, RT>(
+            args.y + interleaved<kRows>(cur.tile * kRows, neuron, args.n_out) + half * RT, out);
       }
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < RT; ++r) {
         if (__any_sync(0xffffffffu, nonzero[r]) && (threadIdx.x % 32) == 0 && r < valid) {
           args.alive[row0 + r] = 1;
         }
@@ -578,17 +589,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 //
 // Several blocks, each on a contiguous segment of whole tiles of kCompactTile marks
 // (four per thread, 16-byte loads): a block counts its marks, publishes the count,
-// adds up the counts of the segments before its own (the blocks are numbered by a
-// ticket taken when they start, so every segment it waits for belongs to a block that
-// is already running), then lists its rows tile by tile with a block-wide scan.  The
-// last block to finish resets the tickets and flags for the next launch.  The grid is
+// adds up the counts of the segments before its own, then lists its rows tile by tile
+// with a block-wide scan.  Blocks are numbered by a ticket taken when they start, so
+// every segment a block waits for belongs to a block already running.  The grid is
 // sized on the host for `rows` (at most kCompactMaxBlocks); blocks past *count_in find
-// empty segments.
+// empty segments and leave at once.  `epoch` numbers the launches of one call from 1
+// (scratch zeroed before the first): the tickets of launch e are (e - 1) * grid ..
+// e * grid - 1 and its published counts carry flag e, so nothing is reset in between.
 constexpr int kCompactThreads = 1024;
 constexpr int kCompactTile = 4 * kCompactThreads;
 constexpr int kCompactMaxBlocks = 128;
-// Integers of scratch compact_rows needs (zeroed before its first launch): ticket and
-// finished counters, then per-block counts and flags.
+// Integers of scratch compact_rows needs (zeroed before the first launch of a call):
+// the ticket counter, one spare, then per-block counts and flags.
 constexpr int kCompactScratch = 2 + 2 * kCompactMaxBlocks;
 
 inline unsigned compact_grid(int64_t rows) {
@@ -638,20 +650,24 @@ __global__ void __launch_bounds__(kCompactThreads)
     compact_rows(const int32_t* count_in, int64_t rows, int32_t* __restrict__ alive,
                  const int32_t* __restrict__ ids_in, bool drop, int32_t* __restrict__ next_src,
                  int32_t* __restrict__ next_ids, int32_t* active_out, int32_t* list_count,
-                 int32_t* reset, int32_t* scratch) {
+                 int32_t* reset, int32_t* scratch, int32_t epoch) {
   __shared__ int32_t warp_sums[kCompactThreads / 32];
   __shared__ int32_t shared_int[2];
   int32_t* ticket = scratch;
-  int32_t* finished = scratch + 1;
   volatile int32_t* seg_count = scratch + 2;
   volatile int32_t* seg_flag = scratch + 2 + kCompactMaxBlocks;
-  if (threadIdx.x == 0) shared_int[0] = atomicAdd(ticket, 1);
+  if (threadIdx.x == 0) {
+    shared_int[0] = atomicAdd(ticket, 1) - (epoch - 1) * static_cast<int32_t>(gridDim.x);
+  }
   __syncthreads();
   const int b = shared_int[0];
   const int64_t m = count_in ? static_cast<int64_t>(*count_in) : rows;
   const int64_t tiles = (m + kCompactTile - 1) / kCompactTile;
   const int64_t per = (tiles + gridDim.x - 1) / gridDim.x * kCompactTile;
   const int64_t begin = min(m, b * per), end = min(m, begin + per);
+  // The last block with rows writes the totals (block 0 when there are none).
+  const int64_t n_used = per > 0 ? (m + per - 1) / per : 1;
+  if (b >= n_used) return;
 
   int32_t local = 0;
   for (int64_t k = begin + 4 * threadIdx.x; k < end; k += kCompactTile) {
@@ -660,15 +676,15 @@ __global__ void __launch_bounds__(kCompactThreads)
   }
   int32_t mine = 0;
   block_exclusive_sum(local, warp_sums, &mine);
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && b + 1 < n_used) {  // a later segment waits for it
     seg_count[b] = mine;
     __threadfence();
-    seg_flag[b] = 1;
+    seg_flag[b] = epoch;
   }
   if (threadIdx.x < 32) {  // the rows listed by the segments before this one
     int32_t before = 0;
     for (int s = threadIdx.x; s < b; s += 32) {
-      while (seg_flag[s] == 0) {
+      while (seg_flag[s] != epoch) {
       }
       __threadfence();
       before += seg_count[s];
@@ -705,18 +721,10 @@ __global__ void __launch_bounds__(kCompactThreads)
     }
     slot += tile_total;
   }
-  if (threadIdx.x == 0) {
-    if (b == static_cast<int>(gridDim.x) - 1) {  // its segment ends at m: slot = total
-      *active_out = slot;
-      *list_count = drop ? slot : static_cast<int32_t>(m);
-      if (reset) *reset = 0;  // the next layer's work counter
-    }
-    __threadfence();
-    if (atomicAdd(finished, 1) == static_cast<int>(gridDim.x) - 1) {  // the last block
-      for (int s = 0; s < static_cast<int>(gridDim.x); ++s) seg_flag[s] = 0;
-      *ticket = 0;
-      *finished = 0;
-    }
+  if (threadIdx.x == 0 && b == n_used - 1) {  // its segment ends at m: slot = total
+    *active_out = slot;
+    *list_count = drop ? slot : static_cast<int32_t>(m);
+    if (reset) *reset = 0;  // the next layer's work counter
   }
 }
 
@@ -850,7 +858,7 @@ PipePlan pipe_plan(int optin_bytes) {
 
 // Launches the pipelined kernel; *launched is false (and nothing is launched) where
 // the device's shared memory is too small for it.
-template <typename A, int kRows>
+template <typename A, int kRows, int H>
 xla::ffi::Error launch_footprint_pipe(cudaStream_t stream, const FootprintArgs<A, A>& args,
                                       bool* launched) {
   *launched = false;
@@ -860,17 +868,18 @@ xla::ffi::Error launch_footprint_pipe(cudaStream_t stream, const FootprintArgs<A
   const PipePlan plan = pipe_plan<A, kRows>(optin);
   if (plan.smem == 0) return xla::ffi::Error::Success();
   const int n_groups = (args.n_out + kThreads - 1) / kThreads;
-  auto kernel = footprint_pipe_kernel<A, kRows>;
+  auto kernel = footprint_pipe_kernel<A, kRows, H>;
   int resident = 0;
-  if (auto err = resident_blocks(kernel, plan.smem, &resident, "footprint layer"); err.failure()) {
+  if (auto err = resident_blocks(kernel, plan.smem, &resident, "footprint layer", kThreads * H);
+      err.failure()) {
     return err;
   }
   const int64_t n_blocks =
       std::min<int64_t>((args.rows + kRows - 1) / kRows * n_groups, resident);
   *launched = true;
   if (n_blocks == 0) return xla::ffi::Error::Success();
-  kernel<<<static_cast<unsigned>(n_blocks), kThreads, plan.smem, stream>>>(args, plan.chunk,
-                                                                           plan.wcap, n_groups);
+  kernel<<<static_cast<unsigned>(n_blocks), kThreads * H, plan.smem, stream>>>(
+      args, plan.chunk, plan.wcap, n_groups);
   return last_launch_error("footprint layer");
 }
 

@@ -301,7 +301,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<kOuts, A>))
 // occupancy queries would otherwise cost more than a small layer.  Keys take few
 // values (a kernel, its shared-memory size, the device), so the cache stays tiny.
 template <typename Kernel>
-xla::ffi::Error resident_blocks(Kernel kernel, size_t smem, int* blocks, const char* what) {
+xla::ffi::Error resident_blocks(Kernel kernel, size_t smem, int* blocks, const char* what,
+                                int threads = kThreads) {
   struct Launch { const void* kernel; size_t smem; int device; int blocks; };
   static std::mutex mu;
   static std::vector<Launch> cache;
@@ -328,7 +329,7 @@ xla::ffi::Error resident_blocks(Kernel kernel, size_t smem, int* blocks, const c
   }
   int sms = 0, per_sm = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
                                                                   static_cast<int>(smem));
   if (err != cudaSuccess) {
     return xla::ffi::Error::Internal(std::string(what) + ": occupancy query: " +

@@ -652,6 +652,11 @@ ffi::Error sparse_dnn_resident_impl(
 // ---------------------------------------------------------------------------------------
 // The footprint path (cuda/footprint_layer.cuh): features row-interleaved in the two
 // work buffers, rows listed in order by compact_rows after every layer.
+// Threads per output of the pipelined footprint kernel for float (double keeps one:
+// half its 64 accumulators per thread would not leave registers for the rest) unless
+// SPDNN_FP_SPLIT says.
+constexpr int kFpSplit = 2;
+
 template <typename T, typename A, int R, int O>
 ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const A* bias,
                          const int32_t* slice_ptr, const int32_t* indices, const int32_t* perm,
@@ -684,15 +689,19 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   if (drop) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
   compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
       nullptr, rows, alive, nullptr, drop, src[0], ids[0], counts + 2, counts, nullptr,
-      compact_scratch);
+      compact_scratch, 1);
   interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
   // The pipelined kernel (weights and footprints in shared memory, copies in flight
   // while computing) for float and double storage; SPDNN_FP_PIPE=0 takes the plain one
-  // (read at every call, for tests and tuning).
+  // (read at every call, for tests and tuning).  SPDNN_FP_SPLIT=1 or 2: threads per
+  // output of the pipelined kernel (2: 512-thread blocks, each thread half the rows).
   const char* pipe_env = std::getenv("SPDNN_FP_PIPE");
   const bool pipe = !(pipe_env && std::string(pipe_env) == "0");
+  const char* split_env = std::getenv("SPDNN_FP_SPLIT");
+  const int split = split_env ? (std::string(split_env) == "1" ? 1 : 2)
+                              : (sizeof(A) == 4 ? kFpSplit : 1);
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
   int cur = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
@@ -718,9 +727,9 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     bool launched = false;
     if constexpr (std::is_same_v<T, A> && O == 1) {
       if (pipe) {
-        if (auto err = launch_footprint_pipe<A, R>(stream, args, &launched); err.failure()) {
-          return err;
-        }
+        auto err = split == 2 ? launch_footprint_pipe<A, R, 2>(stream, args, &launched)
+                              : launch_footprint_pipe<A, R, 1>(stream, args, &launched);
+        if (err.failure()) return err;
       }
     }
     if (!launched) {
@@ -728,7 +737,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     }
     compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
         counts + l % 2, rows, alive, ids[cur], drop, src[1 - cur], ids[1 - cur], active + l,
-        counts + (l + 1) % 2, counts + 3, compact_scratch);
+        counts + (l + 1) % 2, counts + 3, compact_scratch, static_cast<int32_t>(l + 2));
     cur = 1 - cur;
     list = src[cur];
   }

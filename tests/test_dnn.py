@@ -182,10 +182,13 @@ def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, 
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pipelined_footprint_kernel(n, degree, batch, dtype, monkeypatch):
+@pytest.mark.parametrize("split", ["1", "2"])
+def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch):
     """The pipelined footprint kernel's paths (weights in shared or global memory,
-    footprints in one or several chunks, runs of several row tiles or one) give the plain
-    footprint kernel's results bit for bit, in float32 and float64."""
+    footprints in one or several chunks, runs of several row tiles or one; one or two
+    threads per output) give the plain footprint kernel's results bit for bit, in float32
+    and float64."""
+    monkeypatch.setenv("SPDNN_FP_SPLIT", split)
     rng = np.random.default_rng(n + degree)
     layers = []
     for _ in range(3):
