@@ -42,7 +42,7 @@ def linear_kernel() -> str:
     ``SparseDNN``'s footprint kernel as a one-layer network (the same sums in the same
     order: bitwise equal results), other layers through the layer kernel; ``auto`` (the
     default) takes the footprint route for float32 square ReLU layers from
-    ``FOOTPRINT_MIN_N`` neurons on whose footprint packing stages at most half the input
+    ``LINEAR_FOOTPRINT_MIN_N`` neurons on whose footprint packing stages at most half the input
     columns the layer kernel stages (:func:`footprint_pays`), else the layer kernel."""
     kernel = os.environ.get("SPDNN_LINEAR_KERNEL", "auto")
     if kernel not in LINEAR_KERNELS:
@@ -219,7 +219,7 @@ _LAYER_GROUP = 1024
 # Smallest layer auto sends through the footprint kernel: below it the route's row moves
 # (interleave in, de-interleave out) cost more than the staging it saves (H100: 1024
 # neurons, generated challenge layer, 1.02 ms layer kernel against 1.72 ms).
-FOOTPRINT_MIN_N = 4096
+LINEAR_FOOTPRINT_MIN_N = 4096
 
 
 def footprint_pays(structure: Structure) -> bool:
@@ -247,7 +247,7 @@ def _footprint_applies(structure: Structure, activation: int, dtype) -> bool:
         return True
     return (
         np.dtype(dtype) == np.float32
-        and structure.n_out >= FOOTPRINT_MIN_N
+        and structure.n_out >= LINEAR_FOOTPRINT_MIN_N
         and footprint_pays(structure)
     )
 

@@ -333,7 +333,7 @@ def test_reference_self_check():
         ("footprint", (64, 64), "relu", "spdnn_sparse_dnn_footprint"),
         ("footprint", (64, 48), "relu", "spdnn_sparse_linear_ell"),  # not square
         ("footprint", (64, 64), None, "spdnn_sparse_linear_ell"),  # no ReLU
-        ("auto", (64, 64), "relu", "spdnn_sparse_linear_ell"),  # below FOOTPRINT_MIN_N
+        ("auto", (64, 64), "relu", "spdnn_sparse_linear_ell"),  # below LINEAR_FOOTPRINT_MIN_N
         ("layer", "radixnet", "relu", "spdnn_sparse_linear_ell"),
         ("auto", "radixnet", "relu", "spdnn_sparse_dnn_footprint"),  # footprints pay
         ("auto", "random", "relu", "spdnn_sparse_linear_ell"),  # footprints do not pay
@@ -347,7 +347,7 @@ def test_cuda_kernel_choice_lowers(kernel, shape, activation, target, monkeypatc
     import re
 
     monkeypatch.setenv("SPDNN_LINEAR_KERNEL", kernel)
-    n = 4096  # FOOTPRINT_MIN_N
+    n = sd.linear.LINEAR_FOOTPRINT_MIN_N
     if shape == "radixnet":  # a generated challenge layer: groups of outputs share inputs
         W = radixnet_layer(n, 13)
     elif shape == "random":  # 32 random inputs per output: footprints as large as it gets
