@@ -334,7 +334,8 @@ struct PipeStage {
 // weight.
 template <typename A, int kRows, int H>
 __global__ void __launch_bounds__(kThreads * H, 1)
-    footprint_pipe_kernel(const FootprintArgs<A, A> args, int chunk, int wcap, int n_groups) {
+    footprint_pipe_kernel(const FootprintArgs<A, A> args, int chunk, int wcap, int n_groups,
+                          bool lean) {
   using V = Vec16<A>;
   using VT = typename V::type;
   using Stage = PipeStage<A, kRows>;
@@ -412,10 +413,26 @@ __global__ void __launch_bounds__(kThreads * H, 1)
     }
   };
   // Stage k's footprint values -> feature buffer b (cp.async; its meta is in buffer b).
+  // When the tile's source rows are one whole tile of the input (every row kept since
+  // the last compaction, and always in the first layer), a staged column is one
+  // contiguous run of kRows values: 16-byte copies (lean).  Otherwise one copy per value.
   const int my_r = threadIdx.x % kRows, my_c = threadIdx.x / kRows;
   auto issue_features = [&](const Stage& k, int b) {
     if (k.run < 0) return;
     const int cn = min(chunk, k.fp_n - k.c0);
+    const int32_t p_first = rbuf[b * kRows], p_last = rbuf[b * kRows + kRows - 1];
+    if (lean && p_first >= 0 && p_first % kRows == 0 && p_last == p_first + kRows - 1) {
+      // The list is increasing, so first and last a tile apart means every row between.
+      const A* tile_x = args.x + interleaved<kRows>(p_first, 0, args.n_in);
+      A* dst = fbuf + b * chunk * P + (threadIdx.x % Q) * E;
+      const A* src = tile_x + (threadIdx.x % Q) * E;
+      const int32_t* cols = cbuf + b * chunk;
+#pragma unroll 4
+      for (int c = threadIdx.x / Q; c < cn; c += NT / Q) {
+        cp_async16(dst + c * P, src + static_cast<int64_t>(cols[c]) * kRows);
+      }
+      return;
+    }
     const int32_t p = rbuf[b * kRows + my_r];
     const A* my_x = p >= 0 ? args.x + interleaved<kRows>(p, 0, args.n_in) : args.x;
     A* dst = fbuf + b * chunk * P + my_r;
@@ -567,10 +584,19 @@ __global__ void __launch_bounds__(kThreads * H, 1)
         store_rows<A, A, RT>(
             args.y + interleaved<kRows>(cur.tile * kRows, neuron, args.n_out) + half * RT, out);
       }
+      if (lean) {  // the warp's rows with a nonzero output: one reduction, one store
+        uint32_t bits = 0;
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        if (__any_sync(0xffffffffu, nonzero[r]) && (threadIdx.x % 32) == 0 && r < valid) {
-          args.alive[row0 + r] = 1;
+        for (int r = 0; r < RT; ++r) bits |= nonzero[r] ? (1u << r) : 0u;
+        bits = __reduce_or_sync(0xffffffffu, bits);
+        const int lane = threadIdx.x % 32;
+        if (lane < RT && lane < valid && ((bits >> lane) & 1u)) args.alive[row0 + lane] = 1;
+      } else {
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          if (__any_sync(0xffffffffu, nonzero[r]) && (threadIdx.x % 32) == 0 && r < valid) {
+            args.alive[row0 + r] = 1;
+          }
         }
       }
     }
@@ -860,7 +886,7 @@ PipePlan pipe_plan(int optin_bytes) {
 // the device's shared memory is too small for it.
 template <typename A, int kRows, int H>
 xla::ffi::Error launch_footprint_pipe(cudaStream_t stream, const FootprintArgs<A, A>& args,
-                                      bool* launched) {
+                                      bool lean, bool* launched) {
   *launched = false;
   int device = 0, optin = 0;
   cudaGetDevice(&device);
@@ -879,7 +905,7 @@ xla::ffi::Error launch_footprint_pipe(cudaStream_t stream, const FootprintArgs<A
   *launched = true;
   if (n_blocks == 0) return xla::ffi::Error::Success();
   kernel<<<static_cast<unsigned>(n_blocks), kThreads * H, plan.smem, stream>>>(
-      args, plan.chunk, plan.wcap, n_groups);
+      args, plan.chunk, plan.wcap, n_groups, lean);
   return last_launch_error("footprint layer");
 }
 

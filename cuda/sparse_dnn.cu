@@ -701,6 +701,10 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   const char* pipe_env = std::getenv("SPDNN_FP_PIPE");
   const bool pipe = !(pipe_env && std::string(pipe_env) == "0");
   const char* split_env = std::getenv("SPDNN_FP_SPLIT");
+  // SPDNN_FP_LEAN=0: the pipelined kernel's first form of staging and row marks (one
+  // copy per staged value, one vote per row), for tests and A/B timing.
+  const char* lean_env = std::getenv("SPDNN_FP_LEAN");
+  const bool lean = !(lean_env && std::string(lean_env) == "0");
   const int split = split_env ? (std::string(split_env) == "1" ? 1 : 2)
                               : (sizeof(A) == 4 && n >= kFpSplitMinN ? 2 : 1);
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
@@ -728,8 +732,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     bool launched = false;
     if constexpr (std::is_same_v<T, A> && O == 1) {
       if (pipe) {
-        auto err = split == 2 ? launch_footprint_pipe<A, R, 2>(stream, args, &launched)
-                              : launch_footprint_pipe<A, R, 1>(stream, args, &launched);
+        auto err = split == 2 ? launch_footprint_pipe<A, R, 2>(stream, args, lean, &launched)
+                              : launch_footprint_pipe<A, R, 1>(stream, args, lean, &launched);
         if (err.failure()) return err;
       }
     }

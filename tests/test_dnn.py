@@ -186,8 +186,9 @@ def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, 
 def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch):
     """The pipelined footprint kernel's paths (weights in shared or global memory,
     footprints in one or several chunks, runs of several row tiles or one; one or two
-    threads per output) give the plain footprint kernel's results bit for bit, in float32
-    and float64."""
+    threads per output; staging by 16-byte runs where a tile's rows are whole and by value
+    elsewhere) give the plain footprint kernel's results bit for bit, in float32 and
+    float64."""
     monkeypatch.setenv("SPDNN_FP_SPLIT", split)
     rng = np.random.default_rng(n + degree)
     layers = []
@@ -202,13 +203,16 @@ def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch)
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
     out = {}
     with jax.default_device(jax.devices("cuda")[0]):
-        for pipe in ("0", "1"):
+        # plain kernel; pipelined; pipelined with one copy per staged value and per-row votes
+        for name, pipe, lean in (("0", "0", "1"), ("1", "1", "1"), ("1-first", "1", "0")):
             monkeypatch.setenv("SPDNN_FP_PIPE", pipe)
-            out[pipe] = net(x.astype(dtype))
-    np.testing.assert_array_equal(np.asarray(out["1"].features), np.asarray(out["0"].features))
-    np.testing.assert_array_equal(
-        np.asarray(out["1"].active_per_layer), np.asarray(out["0"].active_per_layer)
-    )
+            monkeypatch.setenv("SPDNN_FP_LEAN", lean)
+            out[name] = net(x.astype(dtype))
+    for name in ("1", "1-first"):
+        np.testing.assert_array_equal(np.asarray(out[name].features), np.asarray(out["0"].features))
+        np.testing.assert_array_equal(
+            np.asarray(out[name].active_per_layer), np.asarray(out["0"].active_per_layer)
+        )
     ref = reference_inference(layers, -0.2, x)
     assert np.asarray(out["1"].active_per_layer)[-1] == batch - len(range(0, batch, 3))
     check = check_categories(out["1"].categories(), ref.categories, ref.ambiguous)
