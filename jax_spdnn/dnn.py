@@ -321,7 +321,7 @@ def _call_cuda_ell(
 
 
 # Integers of scratch the footprint path's row compaction needs (kCompactScratch in
-# cuda/footprint_layer.cuh: two counters, then a count and a flag per block).
+# cuda/footprint_layer.cuh: a ticket counter, a spare, then a count and a flag per block).
 _COMPACT_SCRATCH = 2 + 2 * 128
 
 

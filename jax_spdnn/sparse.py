@@ -155,8 +155,8 @@ class _Packed:
 
     def pack_values(self, values):
         """``[nnz]`` CSR values -> ``[total]`` packed values (zeros in padding)."""
-        padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
-        return jnp.take(padded, jnp.asarray(self.source), unique_indices=False)
+        values = jnp.asarray(values)
+        return pack_values_many([self], [values], values.dtype)
 
 
 def pack_values_many(packs, values, dtype):
