@@ -89,17 +89,13 @@ def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random"):
         if "SPDNN_LINEAR_OUTS" in os.environ
         else ""
     )
-    # Both CUDA kernels (SPDNN_LINEAR_KERNEL is read when a call is lowered: a new function
+    # Every CUDA kernel (SPDNN_LINEAR_KERNEL is read when a call is lowered: a new function
     # object is traced under each setting); the one auto picks is marked "default".
-    default = (
-        "footprint"
-        if sd.linear._footprint_applies(W.structure, sd.linear.ACTIVATIONS["relu"], x.dtype)
-        else "layer"
-    )
+    default = sd.linear.cuda_route(W.structure, sd.linear.ACTIVATIONS["relu"], x.dtype)
     saved = os.environ.get("SPDNN_LINEAR_KERNEL")
     y_ours = None
     try:
-        for kernel in ("layer", "footprint"):
+        for kernel in ("layer", "footprint", "stationary"):
             os.environ["SPDNN_LINEAR_KERNEL"] = kernel
             f = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
             y = jax.jit(f)(x)

@@ -5,6 +5,7 @@
 #include "xla/ffi/api/c_api.h"
 
 extern "C" XLA_FFI_Error* SpdnnSparseLinearCuda(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* SpdnnSparseLinearStationaryCuda(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* SpdnnSparseDnnCuda(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* SpdnnSparseDnnResidentCuda(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* SpdnnSparseDnnFootprintCuda(XLA_FFI_CallFrame* call_frame);
@@ -21,6 +22,7 @@ NB_MODULE(_spdnn_cuda, m) {
   m.def("registrations", [] {
     nb::dict d;
     d["spdnn_sparse_linear_ell"] = encapsulate(SpdnnSparseLinearCuda);
+    d["spdnn_sparse_linear_stationary"] = encapsulate(SpdnnSparseLinearStationaryCuda);
     d["spdnn_sparse_dnn_ell"] = encapsulate(SpdnnSparseDnnCuda);
     d["spdnn_sparse_dnn_resident"] = encapsulate(SpdnnSparseDnnResidentCuda);
     d["spdnn_sparse_dnn_footprint"] = encapsulate(SpdnnSparseDnnFootprintCuda);

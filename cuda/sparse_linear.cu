@@ -1,7 +1,10 @@
-// XLA FFI handler of sparse_linear on CUDA: validates the buffers and launches
-// the fused layer kernel (cuda/fused_layer.cuh) on XLA's stream.
+// XLA FFI handlers of sparse_linear on CUDA: validate the buffers and launch, on XLA's
+// stream, the fused layer kernel (cuda/fused_layer.cuh) or the stationary-rows kernel below.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/fused_layer.cuh"
@@ -82,6 +85,205 @@ ffi::Error sparse_linear_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
   }
 }
 
+// -- the stationary-rows kernel ----------------------------------------------------------
+//
+// One block per tile of R feature rows: the whole rows sit in shared memory (input i of
+// row r at word i * R + r, R odd so that a row's word has the bank of its input), and
+// every warp walks slices of 32 outputs, one output per lane, R sums in registers.  Per
+// step a lane loads nothing from global memory but its weight (value and 16-bit index,
+// four steps per 16- and 8-byte load, reused by the R rows); the gathers are shared-memory
+// loads whose bank conflicts the host schedule (StationaryPack) keeps low.  Every feature
+// row is read from DRAM once and every output written once: the layer kernel instead
+// stages whole rows once per 1024 outputs, which costs most where a layer's outputs share
+// few inputs (random patterns).
+
+constexpr int kStatThreads = 1024;
+constexpr int kStatSlice = 32;
+
+struct StationaryArgs {
+  const float* x;           // [rows, n_in]
+  const float4* values;     // [total / 4]: slot (g * 32 + lane) * 4 + step % 4
+  const uint2* indices;     // [total / 4]: four 16-bit indices per lane and group
+  const int32_t* group_ptr; // [n_slices + 1]
+  const float* bias;        // [n_out]
+  float* y;                 // [rows, n_out]
+  int64_t rows;
+  int n_in, n_out, n_slices;
+  bool relu;
+  float clip;
+};
+
+template <int R>
+__device__ __forceinline__ void stationary_step(float (&acc)[R], const float* xs, unsigned i,
+                                                float v) {
+  const float* p = xs + i * R;
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = fmaf(v, p[r], acc[r]);
+}
+
+template <int R>
+__global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const StationaryArgs a) {
+  extern __shared__ __align__(16) float xs[];  // [(n_in + 1) * R]
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(R), a.rows - row0));
+  const int n_in = a.n_in;
+  // Stage the tile: coalesced reads of each row, strided (odd stride: conflict-free) stores.
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < nrows) {
+      const float* src = a.x + (row0 + r) * static_cast<int64_t>(n_in);
+#pragma unroll 4
+      for (int c = threadIdx.x; c < n_in; c += blockDim.x) xs[c * R + r] = __ldg(src + c);
+    } else {
+      for (int c = threadIdx.x; c < n_in; c += blockDim.x) xs[c * R + r] = 0.0f;
+    }
+  }
+  if (threadIdx.x < R) xs[n_in * R + threadIdx.x] = 0.0f;  // the padding column
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int n_warps = blockDim.x >> 5;
+  for (int s = threadIdx.x >> 5; s < a.n_slices; s += n_warps) {
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    const int g0 = __ldg(a.group_ptr + s), g1 = __ldg(a.group_ptr + s + 1);
+    const float4* vp = a.values + static_cast<int64_t>(g0) * kStatSlice + lane;
+    const uint2* ip = a.indices + static_cast<int64_t>(g0) * kStatSlice + lane;
+    if (g0 < g1) {
+      float4 v = __ldg(vp);
+      uint2 i = __ldg(ip);
+      for (int g = g0 + 1; g <= g1; ++g) {
+        // Prefetch the next group (the slice's last prefetch reads its own first group
+        // again: in bounds, and cached).
+        vp += kStatSlice;
+        ip += kStatSlice;
+        const bool more = g < g1;
+        const float4 vn = __ldg(more ? vp : vp - kStatSlice);
+        const uint2 in = __ldg(more ? ip : ip - kStatSlice);
+        stationary_step<R>(acc, xs, i.x & 0xffffu, v.x);
+        stationary_step<R>(acc, xs, i.x >> 16, v.y);
+        stationary_step<R>(acc, xs, i.y & 0xffffu, v.z);
+        stationary_step<R>(acc, xs, i.y >> 16, v.w);
+        v = vn;
+        i = in;
+      }
+    }
+    const int o = s * kStatSlice + lane;
+    if (o < a.n_out) {
+      const float b = __ldg(a.bias + o);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < nrows) {
+          float out = acc[r] + b;
+          if (a.relu && out < 0.0f) out = 0.0f;  // comparisons keep NaN, like jnp.maximum
+          if (out > a.clip) out = a.clip;
+          a.y[(row0 + r) * static_cast<int64_t>(a.n_out) + o] = out;
+        }
+      }
+    }
+  }
+}
+
+// The rows per tile the stationary kernel is built for (odd, so a row's word has its
+// input's bank).
+constexpr int kStatRows[] = {1, 3, 5, 7, 9, 11, 13, 15};
+
+template <int R>
+ffi::Error launch_stationary_r(cudaStream_t stream, const StationaryArgs& a, size_t smem) {
+  auto kernel = stationary_kernel<R>;
+  if (smem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (err != cudaSuccess) {
+      return ffi::Error::Internal(std::string("sparse_linear stationary: cudaFuncSetAttribute: ") +
+                                  cudaGetErrorString(err));
+    }
+  }
+  const int64_t blocks = (a.rows + R - 1) / R;
+  if (blocks > 0x7fffffff) {
+    return ffi::Error::InvalidArgument("sparse_linear stationary: batch too large for one launch");
+  }
+  const int threads = std::min(kStatThreads, a.n_slices * kStatSlice);
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(a);
+  return last_launch_error("sparse_linear stationary");
+}
+
+// Largest tile (rows) whose shared memory fits the device's per-block limit, capped by
+// SPDNN_STAT_ROWS (read per call; for tuning); 0 when not even one row fits.
+int stationary_rows(int n_in) {
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  int cap = 1 << 30;
+  if (const char* env = std::getenv("SPDNN_STAT_ROWS")) cap = std::max(1, std::atoi(env));
+  int best = 0;
+  for (int r : kStatRows) {
+    if (r <= cap && static_cast<int64_t>(n_in + 1) * r * 4 <= optin) best = r;
+  }
+  return best;
+}
+
+ffi::Error sparse_linear_stationary_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> x,
+                                         ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::F32> bias,
+                                         ffi::Buffer<ffi::S32> group_ptr,
+                                         ffi::Buffer<ffi::U16> indices,
+                                         ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t activation,
+                                         double clip) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() < 1 || yd.size() != xd.size()) {
+    return ffi::Error::InvalidArgument("sparse_linear: x and y must have the same rank >= 1");
+  }
+  const int64_t n_in = xd.back();
+  const int64_t n_out = yd.back();
+  if (n_in >= 0xffff || n_out > 0x7fffffff) {
+    return ffi::Error::InvalidArgument(
+        "sparse_linear stationary: n_in must be below 65535 (16-bit indices)");
+  }
+  const int64_t rows = n_out > 0 ? static_cast<int64_t>(y->element_count()) / n_out : 0;
+  const int64_t n_slices = (n_out + kStatSlice - 1) / kStatSlice;
+  if (group_ptr.element_count() != static_cast<size_t>(n_slices + 1) ||
+      bias.element_count() != static_cast<size_t>(n_out) ||
+      values.element_count() != indices.element_count() ||
+      indices.element_count() % (4 * kStatSlice) != 0) {
+    return ffi::Error::InvalidArgument(
+        "sparse_linear stationary: inconsistent sizes of group_ptr/bias/values/indices");
+  }
+  if (rows == 0 || n_out == 0) return ffi::Error::Success();
+  const int r = stationary_rows(static_cast<int>(n_in));
+  if (r == 0) {
+    return ffi::Error::InvalidArgument(
+        "sparse_linear stationary: one feature row of n_in = " + std::to_string(n_in) +
+        " does not fit the device's shared memory");
+  }
+  StationaryArgs a{};
+  a.x = x.typed_data();
+  a.values = reinterpret_cast<const float4*>(values.typed_data());
+  a.indices = reinterpret_cast<const uint2*>(indices.typed_data());
+  a.group_ptr = group_ptr.typed_data();
+  a.bias = bias.typed_data();
+  a.y = y->typed_data();
+  a.rows = rows;
+  a.n_in = static_cast<int>(n_in);
+  a.n_out = static_cast<int>(n_out);
+  a.n_slices = static_cast<int>(n_slices);
+  a.relu = activation == 1;
+  a.clip = static_cast<float>(clip);
+  const size_t smem = static_cast<size_t>(n_in + 1) * r * sizeof(float);
+  switch (r) {
+    case 1: return launch_stationary_r<1>(stream, a, smem);
+    case 3: return launch_stationary_r<3>(stream, a, smem);
+    case 5: return launch_stationary_r<5>(stream, a, smem);
+    case 7: return launch_stationary_r<7>(stream, a, smem);
+    case 9: return launch_stationary_r<9>(stream, a, smem);
+    case 11: return launch_stationary_r<11>(stream, a, smem);
+    case 13: return launch_stationary_r<13>(stream, a, smem);
+    default: return launch_stationary_r<15>(stream, a, smem);
+  }
+}
+
 }  // namespace
 }  // namespace spdnn::cuda
 
@@ -94,5 +296,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseLinearCuda, spdnn::cuda::sparse_linear_
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr [n_slices + 1]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indices [total], sliced ELL
                                   .Ret<ffi::AnyBuffer>()         // y [..., n_out]
+                                  .Attr<int32_t>("activation")   // 0 none, 1 relu
+                                  .Attr<double>("clip"));        // +inf for no clip
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseLinearStationaryCuda,
+                              spdnn::cuda::sparse_linear_stationary_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [..., n_in]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // values [total], stationary order
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [n_out]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // group_ptr [n_slices + 1]
+                                  .Arg<ffi::Buffer<ffi::U16>>()  // indices [total]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [..., n_out]
                                   .Attr<int32_t>("activation")   // 0 none, 1 relu
                                   .Attr<double>("clip"));        // +inf for no clip

@@ -26,11 +26,13 @@ from jax_spdnn.sparse import (
     EllPack,
     FootprintPack,
     SparseMatrix,
+    StationaryPack,
     Structure,
     footprint_order,
     pack_bank_split,
     pack_footprint,
     pack_sliced_ell,
+    pack_stationary,
 )
 from jax_spdnn.stream import stream_network
 
@@ -49,6 +51,8 @@ __all__ = [
     "pack_bank_split",
     "pack_footprint",
     "pack_sliced_ell",
+    "pack_stationary",
+    "StationaryPack",
     "SparseConvKernel",
     "SparseMatrix",
     "Structure",

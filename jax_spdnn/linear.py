@@ -33,17 +33,23 @@ _CUDA_TARGET = "spdnn_sparse_linear_ell"
 ACTIVATIONS = {None: 0, "none": 0, "linear": 0, "relu": 1}
 _FEATURE_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16))
 _CUDA_FOOTPRINT_TARGET = "spdnn_sparse_dnn_footprint"
-LINEAR_KERNELS = ("auto", "layer", "footprint")
+_CUDA_STATIONARY_TARGET = "spdnn_sparse_linear_stationary"
+LINEAR_KERNELS = ("auto", "layer", "footprint", "stationary")
 
 
 def linear_kernel() -> str:
     """The CUDA kernel of ``sparse_linear`` (``SPDNN_LINEAR_KERNEL``, read when a call is
-    lowered): ``layer`` the layer kernel; ``footprint`` runs square ReLU layers through
-    ``SparseDNN``'s footprint kernel as a one-layer network (the same sums in the same
-    order: bitwise equal results), other layers through the layer kernel; ``auto`` (the
-    default) takes the footprint route for float32 square ReLU layers from
-    ``LINEAR_FOOTPRINT_MIN_N`` neurons on whose footprint packing stages at most half the input
-    columns the layer kernel stages (:func:`footprint_pays`), else the layer kernel."""
+    lowered):
+
+    - ``layer``: the layer kernel (every dtype and shape);
+    - ``footprint``: square ReLU layers through ``SparseDNN``'s footprint kernel as a
+      one-layer network (the same sums in the same order: bitwise equal results to the
+      layer kernel), other layers through the layer kernel;
+    - ``stationary``: float32 layers with ``n_in <= STATIONARY_MAX_IN`` through the
+      stationary-rows kernel (whole feature rows in shared memory; sums in the order of a
+      bank schedule, so results differ from the layer kernel by rounding), others through
+      the layer kernel;
+    - ``auto`` (the default): see :func:`cuda_route`."""
     kernel = os.environ.get("SPDNN_LINEAR_KERNEL", "auto")
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"SPDNN_LINEAR_KERNEL must be one of {LINEAR_KERNELS}, got {kernel!r}")
@@ -234,21 +240,68 @@ def footprint_pays(structure: Structure) -> bool:
     return 2 * structure.footprint(footprint_group()).staged <= layer_cols
 
 
-def _footprint_applies(structure: Structure, activation: int, dtype) -> bool:
-    kernel = linear_kernel()
-    if (
-        kernel == "layer"
-        or activation != ACTIVATIONS["relu"]
-        or structure.n_in != structure.n_out
-        or not _native.has_target(_CUDA_FOOTPRINT_TARGET, "cuda")
-    ):
-        return False
-    if kernel == "footprint":
-        return True
+# Largest n_in auto sends through the stationary kernel: three feature rows per block in
+# shared memory (H100: 227 KB per block; fewer rows reload the weights too often).
+STATIONARY_AUTO_MAX_IN = 16384
+
+
+def _footprint_fits(structure: Structure, activation: int) -> bool:
+    return (
+        activation == ACTIVATIONS["relu"]
+        and structure.n_in == structure.n_out
+        and _native.has_target(_CUDA_FOOTPRINT_TARGET, "cuda")
+    )
+
+
+def _stationary_fits(structure: Structure, dtype) -> bool:
+    from jax_spdnn.sparse import STATIONARY_MAX_IN
+
     return (
         np.dtype(dtype) == np.float32
+        and structure.n_in <= STATIONARY_MAX_IN
+        and _native.has_target(_CUDA_STATIONARY_TARGET, "cuda")
+    )
+
+
+def cuda_route(structure: Structure, activation: int, dtype) -> str:
+    """The CUDA kernel a layer lowers to: ``"layer"``, ``"footprint"`` or ``"stationary"``.
+
+    Under ``SPDNN_LINEAR_KERNEL=auto`` (the default): float32 layers with at most
+    ``STATIONARY_AUTO_MAX_IN`` inputs take the stationary kernel; larger float32 square
+    ReLU layers from ``LINEAR_FOOTPRINT_MIN_N`` neurons take the footprint route where
+    :func:`footprint_pays`; everything else the layer kernel."""
+    kernel = linear_kernel()
+    if kernel == "stationary":
+        return "stationary" if _stationary_fits(structure, dtype) else "layer"
+    if kernel == "footprint":
+        return "footprint" if _footprint_fits(structure, activation) else "layer"
+    if kernel == "layer":
+        return "layer"
+    if _stationary_fits(structure, dtype) and structure.n_in <= STATIONARY_AUTO_MAX_IN:
+        return "stationary"
+    if (
+        _footprint_fits(structure, activation)
+        and np.dtype(dtype) == np.float32
         and structure.n_out >= LINEAR_FOOTPRINT_MIN_N
         and footprint_pays(structure)
+    ):
+        return "footprint"
+    return "layer"
+
+
+def _cuda_stationary(x, values, bias, structure: Structure, activation: int, clip: float):
+    # Packed once per structure (cached, bank-scheduled); values gathered per call.
+    pack = structure.stationary()
+    return _ffi(
+        _CUDA_STATIONARY_TARGET,
+        structure,
+        x,
+        pack.pack_values(values),
+        bias,
+        pack.group_ptr,
+        pack.indices,
+        activation,
+        clip,
     )
 
 
@@ -270,7 +323,10 @@ def _cuda_footprint(x, values, bias, structure: Structure, clip: float):
 
 
 def _cuda_impl(x, values, bias, *, structure: Structure, activation: int, clip: float):
-    if _footprint_applies(structure, activation, x.dtype):
+    route = cuda_route(structure, activation, x.dtype)
+    if route == "stationary":
+        return _cuda_stationary(x, values, bias, structure, activation, clip)
+    if route == "footprint":
         return _cuda_footprint(x, values, bias, structure, clip)
     # CUDA kernel reads warp-sliced ELL: the structure is packed once (cached),
     # the values are gathered into the packed order here, per call.

@@ -28,11 +28,13 @@ __all__ = [
     "EllPack",
     "FootprintPack",
     "SparseMatrix",
+    "StationaryPack",
     "Structure",
     "footprint_order",
     "pack_bank_split",
     "pack_footprint",
     "pack_sliced_ell",
+    "pack_stationary",
 ]
 
 ELL_SLICE = 32  # outputs per slice: one warp on the GPU
@@ -119,6 +121,13 @@ class Structure:
         if group not in cache:
             cache[group] = pack_footprint(self, group)
         return cache[group]
+
+    def stationary(self, schedule: bool = True) -> StationaryPack:
+        """The stationary-rows kernel's layout (see :func:`pack_stationary`), cached."""
+        cache = self.__dict__.setdefault("_stationary", {})
+        if schedule not in cache:
+            cache[schedule] = pack_stationary(self, schedule=schedule)
+        return cache[schedule]
 
     def bank_split(self, groups: int) -> BankSplitPack:
         """The whole-network GPU kernel's layout (see :func:`pack_bank_split`), cached."""
@@ -425,6 +434,146 @@ def pack_bank_split(structure: Structure, groups: int) -> BankSplitPack:
     for a in (col_ptr, offsets, source):
         a.flags.writeable = False
     return BankSplitPack(col_ptr, offsets, source, G, n_in, nnz)
+
+
+# Largest input count of the stationary layout: its 16-bit indices keep one value for padding.
+STATIONARY_MAX_IN = 0xFFFF - 1
+# Work bound of the bank schedule (slices x 32 x longest row^2 element operations), about a
+# second of host time once per structure; longer rows keep their CSR order.
+STATIONARY_SCHEDULE_WORK = 1 << 26
+
+
+class StationaryPack(_Packed):
+    """Packing of a :class:`Structure` for the stationary-rows ``sparse_linear`` kernel.
+
+    That kernel keeps a tile of whole feature rows in shared memory (input ``i`` of row
+    ``r`` at word ``i * R + r``, ``R`` odd) and gives each lane of a warp one output of a
+    slice of 32; the warp walks its outputs' nonzeros in steps, one per lane per step.
+    Lanes gather from random shared-memory words, so two lanes whose inputs fall in the
+    same bank (``i % 32``; ``R`` is odd, so the row does not change it) serialize.  With
+    ``schedule`` each lane's nonzeros are reordered on the host so that every step's 32
+    inputs spread over as many banks as a greedy pass finds (random layers: 1.9 accesses
+    per step instead of 3.5).  The order of each output's sum is that schedule's: fixed, so
+    results are deterministic, but not the CSR order of the other kernels.
+
+    Slice ``w`` takes ``4 * (group_ptr[w + 1] - group_ptr[w])`` steps (its longest row,
+    rounded up to four); step ``s`` of lane ``l`` is slot
+    ``(group_ptr[w] + s // 4) * 128 + l * 4 + s % 4``, so one 16-byte load gives a lane
+    four values and one 8-byte load four indices.  Padding slots point at input ``n_in``
+    (a zero column the kernel appends) with a zero value.
+
+    Attributes:
+      group_ptr: ``[n_slices + 1] int32``, first group of four steps of each slice.
+      indices: ``[total] uint16``, input neuron per slot (``n_in`` for padding).
+      source: ``[total] int32``, position of each slot's value in the CSR ``values``, or
+        ``nnz`` for padding.
+      scheduled: whether the bank schedule was applied.
+      conflicts: mean shared-memory accesses per warp step of row 0 (1.0 is conflict-free).
+    """
+
+    __slots__ = ("group_ptr", "indices", "source", "nnz", "scheduled", "conflicts")
+
+    def __init__(self, group_ptr, indices, source, nnz, scheduled, conflicts):
+        self.group_ptr, self.indices, self.source = group_ptr, indices, source
+        self.nnz, self.scheduled, self.conflicts = nnz, scheduled, conflicts
+
+
+def _bank_schedule(entry: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """Step of every entry of a ``[slices, 32 lanes, L]`` table (``entry`` -1 where a lane
+    has fewer than ``L`` nonzeros; ``bank`` each entry's bank): greedy, vectorized over
+    slices.  At each step every lane with nonzeros left takes the one whose bank is least
+    used so far in this step, ties to the bank with most nonzeros left in the slice; lanes
+    go in a rotating order.  Returns ``steps[slices, 32, L]`` (-1 where no entry)."""
+    n_slices, lanes, length = entry.shape
+    ar = np.arange(n_slices)
+    rem = entry >= 0
+    demand = np.zeros((n_slices, 32), np.int64)
+    np.add.at(demand, (np.broadcast_to(ar[:, None, None], bank.shape)[rem], bank[rem]), 1)
+    steps = np.full(entry.shape, -1, np.int64)
+    big = 4 * (length + 1) * lanes
+    for s in range(length):
+        used = np.zeros((n_slices, 32), np.int64)
+        for k in range(lanes):
+            lane = (7 * k + s) % lanes
+            b = bank[:, lane, :]
+            cost = used[ar[:, None], b] * big - demand[ar[:, None], b]
+            cost = np.where(rem[:, lane, :], cost, np.iinfo(np.int64).max)
+            j = cost.argmin(axis=1)
+            take = rem[ar, lane, j]
+            w, j = ar[take], j[take]
+            bb = b[w, j]
+            rem[w, lane, j] = False
+            steps[w, lane, j] = s
+            used[w, bb] += 1
+            demand[w, bb] -= 1
+    return steps
+
+
+def pack_stationary(structure: Structure, *, schedule: bool = True) -> StationaryPack:
+    """Packs a CSR-of-``W^T`` structure for the stationary-rows kernel (see
+    :class:`StationaryPack`).  Host-side, vectorized over slices; done once per structure
+    (cached by :meth:`Structure.stationary`)."""
+    n_in, n_out, nnz = structure.n_in, structure.n_out, structure.nnz
+    if n_in > STATIONARY_MAX_IN:
+        raise ValueError(
+            f"pack_stationary: n_in {n_in} exceeds {STATIONARY_MAX_IN} (16-bit input indices)"
+        )
+    n_slices = -(-n_out // ELL_SLICE)
+    counts = np.zeros(n_slices * ELL_SLICE, np.int64)
+    counts[:n_out] = np.diff(structure.indptr)
+    longest = counts.reshape(n_slices, ELL_SLICE).max(axis=1) if n_slices else counts[:0]
+    groups = -(-longest // 4)
+    group_ptr = np.concatenate([[0], np.cumsum(groups)])
+    total = int(group_ptr[-1]) * 4 * ELL_SLICE
+    if total >= 2**31:
+        raise ValueError(f"pack_stationary: {total} slots, more than 2^31 - 1")
+    rows = structure.row_ids.astype(np.int64)
+    step = np.arange(nnz, dtype=np.int64) - structure.indptr[rows]  # CSR order
+    length = int(longest.max()) if n_slices else 0
+    scheduled = bool(
+        schedule and nnz and n_slices * ELL_SLICE * length * length <= STATIONARY_SCHEDULE_WORK
+    )
+    if scheduled:
+        entry = np.full((n_slices * ELL_SLICE, length), -1, np.int64)
+        entry[rows, step] = np.arange(nnz)
+        entry = entry.reshape(n_slices, ELL_SLICE, length)
+        bank = np.where(entry >= 0, structure.indices[np.maximum(entry, 0)] % 32, 0)
+        steps = _bank_schedule(entry, bank)
+        step = np.empty(nnz, np.int64)
+        step[entry[entry >= 0]] = steps[entry >= 0]
+    slice_, lane = rows // ELL_SLICE, rows % ELL_SLICE
+    dest = (group_ptr[slice_] + step // 4) * (4 * ELL_SLICE) + lane * 4 + step % 4
+    indices = np.full(total, n_in, np.uint16)
+    indices[dest] = structure.indices
+    source = np.full(total, nnz, np.int32)
+    source[dest] = np.arange(nnz, dtype=np.int32)
+    conflicts = _step_conflicts(indices, source, nnz, total)
+    group_ptr = group_ptr.astype(np.int32)
+    for a in (group_ptr, indices, source):
+        a.flags.writeable = False
+    return StationaryPack(group_ptr, indices, source, nnz, scheduled, conflicts)
+
+
+def _step_conflicts(indices, source, nnz, total) -> float:
+    """Mean over warp steps of the largest number of distinct inputs in one bank (padding
+    excluded): shared-memory accesses per step of the stationary kernel."""
+    if total == 0 or nnz == 0:
+        return 1.0
+    steps = total // 32
+    idx = indices.reshape(-1, ELL_SLICE, 4).transpose(0, 2, 1).reshape(steps, ELL_SLICE)
+    real = source.reshape(-1, ELL_SLICE, 4).transpose(0, 2, 1).reshape(steps, ELL_SLICE) < nnz
+    live = real.any(axis=1)
+    idx, real = idx[live].astype(np.int64), real[live]
+    # Lanes reading the same word are served together: count distinct words per bank.
+    key = np.where(real, idx, -1)
+    key = np.sort(key, axis=1)
+    first = np.ones_like(key, bool)
+    first[:, 1:] = key[:, 1:] != key[:, :-1]
+    first &= key >= 0
+    per_bank = np.zeros((key.shape[0], 32), np.int64)
+    r = np.broadcast_to(np.arange(key.shape[0])[:, None], key.shape)
+    np.add.at(per_bank, (r[first], key[first] % 32), 1)
+    return float(per_bank.max(axis=1).mean())
 
 
 def _check_structure(indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, int]) -> None:

@@ -328,25 +328,37 @@ def test_reference_self_check():
 
 @pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
 @pytest.mark.parametrize(
-    "kernel, shape, activation, target",
+    "kernel, shape, activation, dtype, stationary_max, target",
     [
-        ("footprint", (64, 64), "relu", "spdnn_sparse_dnn_footprint"),
-        ("footprint", (64, 48), "relu", "spdnn_sparse_linear_ell"),  # not square
-        ("footprint", (64, 64), None, "spdnn_sparse_linear_ell"),  # no ReLU
-        ("auto", (64, 64), "relu", "spdnn_sparse_linear_ell"),  # below LINEAR_FOOTPRINT_MIN_N
-        ("layer", "radixnet", "relu", "spdnn_sparse_linear_ell"),
-        ("auto", "radixnet", "relu", "spdnn_sparse_dnn_footprint"),  # footprints pay
-        ("auto", "random", "relu", "spdnn_sparse_linear_ell"),  # footprints do not pay
-        ("auto", "radixnet", None, "spdnn_sparse_linear_ell"),
+        ("footprint", (64, 64), "relu", "f32", None, "spdnn_sparse_dnn_footprint"),
+        ("footprint", (64, 48), "relu", "f32", None, "spdnn_sparse_linear_ell"),  # not square
+        ("footprint", (64, 64), None, "f32", None, "spdnn_sparse_linear_ell"),  # no ReLU
+        ("stationary", (64, 48), None, "f32", None, "spdnn_sparse_linear_stationary"),
+        ("stationary", (64, 48), None, "f64", None, "spdnn_sparse_linear_ell"),  # float32 only
+        ("auto", (64, 64), "relu", "f32", None, "spdnn_sparse_linear_stationary"),
+        ("auto", (64, 64), "relu", "bf16", None, "spdnn_sparse_linear_ell"),
+        ("auto", "radixnet", "relu", "f32", None, "spdnn_sparse_linear_stationary"),
+        ("layer", "radixnet", "relu", "f32", None, "spdnn_sparse_linear_ell"),
+        # Beyond STATIONARY_AUTO_MAX_IN inputs:
+        ("auto", (64, 64), "relu", "f32", 32, "spdnn_sparse_linear_ell"),  # below footprint N
+        ("auto", "radixnet", "relu", "f32", 32, "spdnn_sparse_dnn_footprint"),  # footprints pay
+        ("auto", "random", "relu", "f32", 32, "spdnn_sparse_linear_ell"),  # footprints do not
+        ("auto", "radixnet", None, "f32", 32, "spdnn_sparse_linear_ell"),
     ],
 )
-def test_cuda_kernel_choice_lowers(kernel, shape, activation, target, monkeypatch):
+def test_cuda_kernel_choice_lowers(
+    kernel, shape, activation, dtype, stationary_max, target, monkeypatch
+):
     """SPDNN_LINEAR_KERNEL=footprint lowers square ReLU layers to the footprint kernel (a
-    one-layer network call) and everything else to the layer kernel; auto does so only
-    for large layers whose footprints pay; on any machine with the CUDA kernels built."""
+    one-layer network call), =stationary float32 layers to the stationary-rows kernel, and
+    everything else to the layer kernel; auto takes the stationary kernel up to
+    STATIONARY_AUTO_MAX_IN inputs and beyond it the footprint route for large layers whose
+    footprints pay; on any machine with the CUDA kernels built."""
     import re
 
     monkeypatch.setenv("SPDNN_LINEAR_KERNEL", kernel)
+    if stationary_max is not None:
+        monkeypatch.setattr(sd.linear, "STATIONARY_AUTO_MAX_IN", stationary_max)
     n = sd.linear.LINEAR_FOOTPRINT_MIN_N
     if shape == "radixnet":  # a generated challenge layer: groups of outputs share inputs
         W = radixnet_layer(n, 13)
@@ -358,10 +370,68 @@ def test_cuda_kernel_choice_lowers(kernel, shape, activation, target, monkeypatc
         )
     else:
         W = sd.SparseMatrix.from_scipy(random_sparse(np.random.default_rng(0), *shape, 0.1))
-    x = jax.ShapeDtypeStruct((3, 5, W.shape[0]), jnp.float32)
+    dt = {"f32": jnp.float32, "f64": jnp.float64, "bf16": jnp.bfloat16}[dtype]
+    x = jax.ShapeDtypeStruct((3, 5, W.shape[0]), dt)
     f = jax.jit(lambda x: sd.sparse_linear(x, W, 0.1, activation=activation, clip=2.0))
-    text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    with jax.enable_x64(dtype == "f64"):
+        text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert set(re.findall(r"custom_call @(\w+)", text)) == {target}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("kernel", ["layer", "stationary"])
+@given(case=layer_cases())
+def test_cuda_kernels_match_reference(kernel, case):
+    """Each float32 CUDA kernel on its own, on the random cases of test_matches_reference."""
+    import os
+
+    n_in, n_out, batch, density, empty_rows, bias_kind, activation, clip, seed = case
+    rng = np.random.default_rng(seed)
+    w = random_sparse(rng, n_in, n_out, density, empty_rows=empty_rows)
+    W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32) if bias_kind == "vector" else None
+    saved = os.environ.get("SPDNN_LINEAR_KERNEL")
+    os.environ["SPDNN_LINEAR_KERNEL"] = kernel
+    try:
+        with jax.default_device(jax.devices("cuda")[0]):
+            y = jax.jit(lambda x, W: sd.sparse_linear(x, W, bias, activation=activation, clip=clip))(
+                x, W
+            )
+    finally:
+        if saved is None:
+            os.environ.pop("SPDNN_LINEAR_KERNEL")
+        else:
+            os.environ["SPDNN_LINEAR_KERNEL"] = saved
+    assert_matches_ref(y, x, W.to_scipy().astype(np.float64), bias, activation, clip)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("rows_cap", ["1", "3", "15"])
+@pytest.mark.parametrize("n", [31, 1000, 4097, 16384])
+def test_stationary_tiles(n, rows_cap, monkeypatch):
+    """The stationary kernel at every tile height it is built for (SPDNN_STAT_ROWS caps
+    it), with batches that leave a partial last tile, inputs beyond 4096 (several output
+    slices per warp) and infinite features that padding must not turn into NaN."""
+    monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "stationary")
+    monkeypatch.setenv("SPDNN_STAT_ROWS", rows_cap)
+    rng = np.random.default_rng(n)
+    n_out = n + 5
+    w = random_sparse(rng, n, n_out, min(1.0, 24 / n), empty_rows=0.1)
+    W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
+    x = rng.standard_normal((23, n)).astype(np.float32)
+    x[0, : n // 3] = np.inf  # row 0: some outputs infinite, never NaN from padding
+    b = rng.standard_normal(n_out).astype(np.float32)
+    with jax.default_device(jax.devices("cuda")[0]):
+        y = np.asarray(jax.jit(lambda x, W: sd.sparse_linear(x, W, b, clip=3.0))(x, W))
+    with np.errstate(invalid="ignore"):
+        ref0 = sparse_linear_ref(x[:1], w, b, "relu", 3.0)[0]
+    np.testing.assert_array_equal(np.isnan(y[0]), np.isnan(ref0))
+    ok = ~np.isnan(ref0)
+    np.testing.assert_allclose(y[0][ok], ref0[ok], rtol=1e-4, atol=1e-4)
+    assert_matches_ref(y[1:], x[1:], W.to_scipy().astype(np.float64), b, "relu", 3.0)
 
 
 def test_linear_kernel_option(monkeypatch):
