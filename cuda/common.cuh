@@ -56,6 +56,29 @@ template <> struct Vec16<double> {
   __device__ __forceinline__ static double2 make(const double* e) { return make_double2(e[0], e[1]); }
 };
 
+// cp.async (sm_80+): copies global -> shared without holding registers, so a block
+// can have its next stage's whole footprint in flight while it computes.
+// Copies one B-byte element (B = 4 or 8); valid = false zero-fills dst without reading src.
+template <int B = 4>
+__device__ __forceinline__ void cp_async_elem(void* dst, const void* src, bool valid) {
+  static_assert(B == 4 || B == 8, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? B : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(B),
+               "r"(bytes));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  cp_async_elem<4>(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
 inline xla::ffi::Error last_launch_error(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {

@@ -127,18 +127,18 @@ __global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const Stati
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
   const int nrows = static_cast<int>(min(static_cast<int64_t>(R), a.rows - row0));
   const int n_in = a.n_in;
-  // Stage the tile: coalesced reads of each row, strided (odd stride: conflict-free) stores.
+  // Stage the tile with cp.async: every copy in flight at once (coalesced reads of each
+  // row; strided stores, conflict-free with the odd stride); rows past the batch are
+  // zero-filled.
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    if (r < nrows) {
-      const float* src = a.x + (row0 + r) * static_cast<int64_t>(n_in);
-#pragma unroll 4
-      for (int c = threadIdx.x; c < n_in; c += blockDim.x) xs[c * R + r] = __ldg(src + c);
-    } else {
-      for (int c = threadIdx.x; c < n_in; c += blockDim.x) xs[c * R + r] = 0.0f;
-    }
+    const bool valid = r < nrows;
+    const float* src = a.x + (valid ? (row0 + r) * static_cast<int64_t>(n_in) : 0);
+    for (int c = threadIdx.x; c < n_in; c += blockDim.x) cp_async4(xs + c * R + r, src + c, valid);
   }
+  cp_async_commit();
   if (threadIdx.x < R) xs[n_in * R + threadIdx.x] = 0.0f;  // the padding column
+  cp_async_wait_all();
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
@@ -205,7 +205,16 @@ ffi::Error launch_stationary_r(cudaStream_t stream, const StationaryArgs& a, siz
   if (blocks > 0x7fffffff) {
     return ffi::Error::InvalidArgument("sparse_linear stationary: batch too large for one launch");
   }
-  const int threads = std::min(kStatThreads, a.n_slices * kStatSlice);
+  // 1024 threads, or 512 where two blocks fit an SM's shared memory (the kernel's 64
+  // registers allow either); SPDNN_STAT_THREADS (read per call) forces one, for tuning.
+  int device = 0, per_sm = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  int threads = 2 * (smem + 1024) <= static_cast<size_t>(per_sm) ? 512 : kStatThreads;
+  if (const char* env = std::getenv("SPDNN_STAT_THREADS")) {
+    threads = std::atoi(env) == 512 ? 512 : kStatThreads;
+  }
+  threads = std::min(threads, a.n_slices * kStatSlice);
   kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(a);
   return last_launch_error("sparse_linear stationary");
 }
