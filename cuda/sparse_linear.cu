@@ -205,12 +205,11 @@ ffi::Error launch_stationary_r(cudaStream_t stream, const StationaryArgs& a, siz
   if (blocks > 0x7fffffff) {
     return ffi::Error::InvalidArgument("sparse_linear stationary: batch too large for one launch");
   }
-  // 1024 threads, or 512 where two blocks fit an SM's shared memory (the kernel's 64
-  // registers allow either); SPDNN_STAT_THREADS (read per call) forces one, for tuning.
-  int device = 0, per_sm = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  int threads = 2 * (smem + 1024) <= static_cast<size_t>(per_sm) ? 512 : kStatThreads;
+  // 512 threads up to 8192 inputs, 1024 beyond (one block per SM there: more warps to
+  // hide its latencies).  H100, random layers, batch 60000: 4096 inputs 3.20 ms against
+  // 3.38, 1024 inputs 0.83 against 0.89, 16384 inputs 15.6 against 20.2
+  // (benchmarks/RESULTS.md).  SPDNN_STAT_THREADS (read per call) forces one, for tuning.
+  int threads = a.n_in > 8192 ? kStatThreads : 512;
   if (const char* env = std::getenv("SPDNN_STAT_THREADS")) {
     threads = std::atoi(env) == 512 ? 512 : kStatThreads;
   }
