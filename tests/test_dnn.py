@@ -44,8 +44,10 @@ def test_matches_sparse_linear_chain(device, kernel, monkeypatch):
     """The fused network equals the chain of sparse_linear layers: bit for bit where both
     sum every output in input order (CPU; CUDA 'layer' and 'footprint'), to rounding with
     the hybrid path's resident kernel ('auto' at this width, 'resident'; same products,
-    another order)."""
+    another order).  The chain runs on sparse_linear's layer kernel (input order; its
+    default float32 kernel on CUDA, the stationary one, sums in a bank schedule's order)."""
     monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
+    monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "layer")
     layers = radixnet(256, 12, seed=5)
     x = random_inputs(256, 203, seed=1)  # not a multiple of the row tile
     net = sd.SparseDNN(layers, -0.35)
