@@ -54,7 +54,7 @@ def layer_matrix(pattern, n):
     raise ValueError(f"unknown pattern {pattern!r} (random or radixnet)")
 
 
-def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random"):
+def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random", dtype="float32"):
     from jax.experimental import sparse as jsparse
 
     # Without this flag jax.experimental.sparse lowers to XLA gathers, not cuSPARSE.
@@ -64,9 +64,9 @@ def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random"):
     W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
     nnz = W.nnz
     key = jax.random.PRNGKey(0)
-    x = jax.random.uniform(key, (batch, n), jnp.float32)
+    x = jax.random.uniform(key, (batch, n), jnp.float32).astype(dtype)
     edges = batch * nnz
-    floor_s = (2 * batch * n * 4 + nnz * 8) / bw
+    floor_s = (2 * batch * n * x.dtype.itemsize + nnz * 8) / bw
     rows = []
 
     def record(name, seconds, check=None):
@@ -75,7 +75,7 @@ def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random"):
                 "N": n,
                 "pattern": pattern,
                 "batch": batch,
-                "method": name,
+                "method": name if dtype == "float32" else f"{name} [{dtype} features]",
                 "ms": seconds * 1e3,
                 "TE/s": edges / seconds / 1e12,
                 "floor_ms": floor_s * 1e3,
@@ -113,7 +113,7 @@ def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random"):
             os.environ.pop("SPDNN_LINEAR_KERNEL", None)
         else:
             os.environ["SPDNN_LINEAR_KERNEL"] = saved
-    if ours_only:
+    if ours_only or dtype != "float32":  # the peers are float32 products
         return rows
 
     wt = jsparse.BCSR.from_scipy_sparse(w.T.tocsr().astype(np.float32))
@@ -224,6 +224,12 @@ def main(argv=None):
         "--patterns", nargs="+", default=["random", "radixnet"], choices=["random", "radixnet"]
     )
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="feature dtype (GPU; peers only with float32)",
+    )
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--ours-only", action="store_true", help="skip the peers (kernel tuning runs)")
     args = p.parse_args(argv)
@@ -234,7 +240,9 @@ def main(argv=None):
         bw = copy_bandwidth()
         for pattern in args.patterns:
             for n in args.neurons:
-                rows += gpu_rows(n, args.batch or 60000, bw, args.iters, args.ours_only, pattern)
+                rows += gpu_rows(
+                    n, args.batch or 60000, bw, args.iters, args.ours_only, pattern, args.dtype
+                )
     else:
         for pattern in args.patterns:
             for n in args.neurons:

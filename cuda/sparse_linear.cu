@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/fused_layer.cuh"
@@ -100,13 +101,14 @@ ffi::Error sparse_linear_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
 constexpr int kStatThreads = 1024;
 constexpr int kStatSlice = 32;
 
+template <typename T>
 struct StationaryArgs {
-  const float* x;           // [rows, n_in]
+  const T* x;               // [rows, n_in]
   const float4* values;     // [total / 4]: slot (g * 32 + lane) * 4 + step % 4
   const uint2* indices;     // [total / 4]: four 16-bit indices per lane and group
   const int32_t* group_ptr; // [n_slices + 1]
   const float* bias;        // [n_out]
-  float* y;                 // [rows, n_out]
+  T* y;                     // [rows, n_out]
   int64_t rows;
   int n_in, n_out, n_slices;
   bool relu;
@@ -121,20 +123,39 @@ __device__ __forceinline__ void stationary_step(float (&acc)[R], const float* xs
   for (int r = 0; r < R; ++r) acc[r] = fmaf(v, p[r], acc[r]);
 }
 
-template <int R>
-__global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const StationaryArgs a) {
+template <typename T, int R>
+__global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const StationaryArgs<T> a) {
   extern __shared__ __align__(16) float xs[];  // [(n_in + 1) * R]
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
   const int nrows = static_cast<int>(min(static_cast<int64_t>(R), a.rows - row0));
   const int n_in = a.n_in;
-  // Stage the tile with cp.async: every copy in flight at once (coalesced reads of each
-  // row; strided stores, conflict-free with the odd stride); rows past the batch are
-  // zero-filled.
+  // Stage the tile, rows past the batch as zeros; coalesced reads of each row, strided
+  // stores (conflict-free with the odd stride).  float32: cp.async, every copy in flight at
+  // once.  Half-precision storage: eight loads in flight per thread, widened to float32.
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const bool valid = r < nrows;
-    const float* src = a.x + (valid ? (row0 + r) * static_cast<int64_t>(n_in) : 0);
-    for (int c = threadIdx.x; c < n_in; c += blockDim.x) cp_async4(xs + c * R + r, src + c, valid);
+    const T* src = a.x + (valid ? (row0 + r) * static_cast<int64_t>(n_in) : 0);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int c = threadIdx.x; c < n_in; c += blockDim.x) {
+        cp_async4(xs + c * R + r, src + c, valid);
+      }
+    } else {
+      constexpr int kBatch = 8;
+      for (int c0 = threadIdx.x; c0 < n_in; c0 += kBatch * blockDim.x) {
+        float v[kBatch];
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          const int c = c0 + k * blockDim.x;
+          v[k] = valid && c < n_in ? load_acc<float>(src + c) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          const int c = c0 + k * blockDim.x;
+          if (c < n_in) xs[c * R + r] = v[k];
+        }
+      }
+    }
   }
   cp_async_commit();
   if (threadIdx.x < R) xs[n_in * R + threadIdx.x] = 0.0f;  // the padding column
@@ -178,7 +199,7 @@ __global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const Stati
           float out = acc[r] + b;
           if (a.relu && out < 0.0f) out = 0.0f;  // comparisons keep NaN, like jnp.maximum
           if (out > a.clip) out = a.clip;
-          a.y[(row0 + r) * static_cast<int64_t>(a.n_out) + o] = out;
+          store_from(a.y + (row0 + r) * static_cast<int64_t>(a.n_out) + o, out);
         }
       }
     }
@@ -189,9 +210,9 @@ __global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const Stati
 // input's bank).
 constexpr int kStatRows[] = {1, 3, 5, 7, 9, 11, 13, 15};
 
-template <int R>
-ffi::Error launch_stationary_r(cudaStream_t stream, const StationaryArgs& a, size_t smem) {
-  auto kernel = stationary_kernel<R>;
+template <typename T, int R>
+ffi::Error launch_stationary_r(cudaStream_t stream, const StationaryArgs<T>& a, size_t smem) {
+  auto kernel = stationary_kernel<T, R>;
   if (smem > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -233,16 +254,51 @@ int stationary_rows(int n_in) {
   return best;
 }
 
-ffi::Error sparse_linear_stationary_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> x,
+template <typename T>
+ffi::Error launch_stationary(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> values,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> group_ptr,
+                             ffi::Buffer<ffi::U16> indices, ffi::Result<ffi::AnyBuffer> y,
+                             int64_t rows, int n_in, int n_out, int n_slices, int r, bool relu,
+                             double clip) {
+  StationaryArgs<T> a{};
+  a.x = reinterpret_cast<const T*>(x.untyped_data());
+  a.values = reinterpret_cast<const float4*>(values.typed_data());
+  a.indices = reinterpret_cast<const uint2*>(indices.typed_data());
+  a.group_ptr = group_ptr.typed_data();
+  a.bias = bias.typed_data();
+  a.y = reinterpret_cast<T*>(y->untyped_data());
+  a.rows = rows;
+  a.n_in = n_in;
+  a.n_out = n_out;
+  a.n_slices = n_slices;
+  a.relu = relu;
+  a.clip = static_cast<float>(clip);
+  const size_t smem = static_cast<size_t>(n_in + 1) * r * sizeof(float);
+  switch (r) {
+    case 1: return launch_stationary_r<T, 1>(stream, a, smem);
+    case 3: return launch_stationary_r<T, 3>(stream, a, smem);
+    case 5: return launch_stationary_r<T, 5>(stream, a, smem);
+    case 7: return launch_stationary_r<T, 7>(stream, a, smem);
+    case 9: return launch_stationary_r<T, 9>(stream, a, smem);
+    case 11: return launch_stationary_r<T, 11>(stream, a, smem);
+    case 13: return launch_stationary_r<T, 13>(stream, a, smem);
+    default: return launch_stationary_r<T, 15>(stream, a, smem);
+  }
+}
+
+ffi::Error sparse_linear_stationary_impl(cudaStream_t stream, ffi::AnyBuffer x,
                                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::F32> bias,
                                          ffi::Buffer<ffi::S32> group_ptr,
                                          ffi::Buffer<ffi::U16> indices,
-                                         ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t activation,
+                                         ffi::Result<ffi::AnyBuffer> y, int32_t activation,
                                          double clip) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() < 1 || yd.size() != xd.size()) {
     return ffi::Error::InvalidArgument("sparse_linear: x and y must have the same rank >= 1");
+  }
+  if (x.element_type() != y->element_type()) {
+    return ffi::Error::InvalidArgument("sparse_linear: x and y must have the same dtype");
   }
   const int64_t n_in = xd.back();
   const int64_t n_out = yd.back();
@@ -266,29 +322,22 @@ ffi::Error sparse_linear_stationary_impl(cudaStream_t stream, ffi::Buffer<ffi::F
         "sparse_linear stationary: one feature row of n_in = " + std::to_string(n_in) +
         " does not fit the device's shared memory");
   }
-  StationaryArgs a{};
-  a.x = x.typed_data();
-  a.values = reinterpret_cast<const float4*>(values.typed_data());
-  a.indices = reinterpret_cast<const uint2*>(indices.typed_data());
-  a.group_ptr = group_ptr.typed_data();
-  a.bias = bias.typed_data();
-  a.y = y->typed_data();
-  a.rows = rows;
-  a.n_in = static_cast<int>(n_in);
-  a.n_out = static_cast<int>(n_out);
-  a.n_slices = static_cast<int>(n_slices);
-  a.relu = activation == 1;
-  a.clip = static_cast<float>(clip);
-  const size_t smem = static_cast<size_t>(n_in + 1) * r * sizeof(float);
-  switch (r) {
-    case 1: return launch_stationary_r<1>(stream, a, smem);
-    case 3: return launch_stationary_r<3>(stream, a, smem);
-    case 5: return launch_stationary_r<5>(stream, a, smem);
-    case 7: return launch_stationary_r<7>(stream, a, smem);
-    case 9: return launch_stationary_r<9>(stream, a, smem);
-    case 11: return launch_stationary_r<11>(stream, a, smem);
-    case 13: return launch_stationary_r<13>(stream, a, smem);
-    default: return launch_stationary_r<15>(stream, a, smem);
+  const int ni = static_cast<int>(n_in), no = static_cast<int>(n_out);
+  const int ns = static_cast<int>(n_slices);
+  const bool relu = activation == 1;
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      return launch_stationary<float>(stream, x, values, bias, group_ptr, indices, y, rows, ni,
+                                      no, ns, r, relu, clip);
+    case ffi::DataType::BF16:
+      return launch_stationary<__nv_bfloat16>(stream, x, values, bias, group_ptr, indices, y,
+                                              rows, ni, no, ns, r, relu, clip);
+    case ffi::DataType::F16:
+      return launch_stationary<__half>(stream, x, values, bias, group_ptr, indices, y, rows, ni,
+                                       no, ns, r, relu, clip);
+    default:
+      return ffi::Error::InvalidArgument(
+          "sparse_linear stationary: features must be float32, bfloat16 or float16");
   }
 }
 
@@ -311,11 +360,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseLinearStationaryCuda,
                               spdnn::cuda::sparse_linear_stationary_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [..., n_in]
+                                  .Arg<ffi::AnyBuffer>()         // x [..., n_in] (f32|bf16|f16)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // values [total], stationary order
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [n_out]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_ptr [n_slices + 1]
                                   .Arg<ffi::Buffer<ffi::U16>>()  // indices [total]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [..., n_out]
+                                  .Ret<ffi::AnyBuffer>()         // y [..., n_out], x's dtype
                                   .Attr<int32_t>("activation")   // 0 none, 1 relu
                                   .Attr<double>("clip"));        // +inf for no clip

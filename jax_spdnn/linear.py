@@ -45,8 +45,8 @@ def linear_kernel() -> str:
     - ``footprint``: square ReLU layers through ``SparseDNN``'s footprint kernel as a
       one-layer network (the same sums in the same order: bitwise equal results to the
       layer kernel), other layers through the layer kernel;
-    - ``stationary``: float32 layers with ``n_in <= STATIONARY_MAX_IN`` through the
-      stationary-rows kernel (whole feature rows in shared memory; sums in the order of a
+    - ``stationary``: float32, bfloat16 and float16 features with
+      ``n_in <= STATIONARY_MAX_IN`` through the stationary-rows kernel (whole feature rows in shared memory; sums in the order of a
       bank schedule, so results differ from the layer kernel by rounding), others through
       the layer kernel;
     - ``auto`` (the default): see :func:`cuda_route`."""
@@ -240,6 +240,8 @@ def footprint_pays(structure: Structure) -> bool:
     return 2 * structure.footprint(footprint_group()).staged <= layer_cols
 
 
+# Feature dtypes of the stationary kernel (half precision staged as float32).
+_STATIONARY_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 # Largest n_in auto sends through the stationary kernel: three feature rows per block in
 # shared memory (H100: 227 KB per block; fewer rows reload the weights too often).
 STATIONARY_AUTO_MAX_IN = 16384
@@ -257,7 +259,7 @@ def _stationary_fits(structure: Structure, dtype) -> bool:
     from jax_spdnn.sparse import STATIONARY_MAX_IN
 
     return (
-        np.dtype(dtype) == np.float32
+        np.dtype(dtype) in _STATIONARY_DTYPES
         and structure.n_in <= STATIONARY_MAX_IN
         and _native.has_target(_CUDA_STATIONARY_TARGET, "cuda")
     )
@@ -266,8 +268,9 @@ def _stationary_fits(structure: Structure, dtype) -> bool:
 def cuda_route(structure: Structure, activation: int, dtype) -> str:
     """The CUDA kernel a layer lowers to: ``"layer"``, ``"footprint"`` or ``"stationary"``.
 
-    Under ``SPDNN_LINEAR_KERNEL=auto`` (the default): float32 layers with at most
-    ``STATIONARY_AUTO_MAX_IN`` inputs take the stationary kernel; larger float32 square
+    Under ``SPDNN_LINEAR_KERNEL=auto`` (the default): layers with float32, bfloat16 or
+    float16 features and at most ``STATIONARY_AUTO_MAX_IN`` inputs take the stationary
+    kernel; larger float32 square
     ReLU layers from ``LINEAR_FOOTPRINT_MIN_N`` neurons take the footprint route where
     :func:`footprint_pays`; everything else the layer kernel."""
     kernel = linear_kernel()

@@ -336,7 +336,8 @@ def test_reference_self_check():
         ("stationary", (64, 48), None, "f32", None, "spdnn_sparse_linear_stationary"),
         ("stationary", (64, 48), None, "f64", None, "spdnn_sparse_linear_ell"),  # float32 only
         ("auto", (64, 64), "relu", "f32", None, "spdnn_sparse_linear_stationary"),
-        ("auto", (64, 64), "relu", "bf16", None, "spdnn_sparse_linear_ell"),
+        ("auto", (64, 64), "relu", "bf16", None, "spdnn_sparse_linear_stationary"),
+        ("auto", (64, 64), "relu", "f64", None, "spdnn_sparse_linear_ell"),
         ("auto", "radixnet", "relu", "f32", None, "spdnn_sparse_linear_stationary"),
         ("layer", "radixnet", "relu", "f32", None, "spdnn_sparse_linear_ell"),
         # Beyond STATIONARY_AUTO_MAX_IN inputs:
@@ -381,16 +382,17 @@ def test_cuda_kernel_choice_lowers(
 @pytest.mark.gpu
 @pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize("kernel", ["layer", "stationary"])
-@given(case=layer_cases())
-def test_cuda_kernels_match_reference(kernel, case):
-    """Each float32 CUDA kernel on its own, on the random cases of test_matches_reference."""
+@given(case=layer_cases(), dtype=st.sampled_from([np.float32, jnp.bfloat16, jnp.float16]))
+def test_cuda_kernels_match_reference(kernel, case, dtype):
+    """Each CUDA kernel on its own, on the random cases of test_matches_reference, with
+    single- and half-precision features."""
     import os
 
     n_in, n_out, batch, density, empty_rows, bias_kind, activation, clip, seed = case
     rng = np.random.default_rng(seed)
     w = random_sparse(rng, n_in, n_out, density, empty_rows=empty_rows)
     W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
-    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    x = rng.standard_normal((batch, n_in)).astype(dtype)
     bias = rng.standard_normal(n_out).astype(np.float32) if bias_kind == "vector" else None
     saved = os.environ.get("SPDNN_LINEAR_KERNEL")
     os.environ["SPDNN_LINEAR_KERNEL"] = kernel
@@ -410,17 +412,19 @@ def test_cuda_kernels_match_reference(kernel, case):
 @pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize("rows_cap", ["1", "3", "15"])
 @pytest.mark.parametrize("n", [31, 1000, 4097, 16384])
-def test_stationary_tiles(n, rows_cap, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_stationary_tiles(n, rows_cap, dtype, monkeypatch):
     """The stationary kernel at every tile height it is built for (SPDNN_STAT_ROWS caps
     it), with batches that leave a partial last tile, inputs beyond 4096 (several output
-    slices per warp) and infinite features that padding must not turn into NaN."""
+    slices per warp), both staging forms (float32 copies, half precision widened) and
+    infinite features that padding must not turn into NaN."""
     monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "stationary")
     monkeypatch.setenv("SPDNN_STAT_ROWS", rows_cap)
     rng = np.random.default_rng(n)
     n_out = n + 5
     w = random_sparse(rng, n, n_out, min(1.0, 24 / n), empty_rows=0.1)
     W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
-    x = rng.standard_normal((23, n)).astype(np.float32)
+    x = rng.standard_normal((23, n)).astype(dtype)
     x[0, : n // 3] = np.inf  # row 0: some outputs infinite, never NaN from padding
     b = rng.standard_normal(n_out).astype(np.float32)
     with jax.default_device(jax.devices("cuda")[0]):
@@ -429,9 +433,11 @@ def test_stationary_tiles(n, rows_cap, monkeypatch):
         z = w.T.tocsr().astype(np.float64) @ x[0].astype(np.float64) + b
         ref0 = np.where(z < 0, 0.0, z)  # comparisons keep NaN, like the kernels
         ref0 = np.where(ref0 > 3.0, 3.0, ref0)
-    np.testing.assert_array_equal(np.isnan(y[0]), np.isnan(ref0))
+    y0 = y[0].astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(y0), np.isnan(ref0))
     ok = ~np.isnan(ref0)
-    np.testing.assert_allclose(y[0][ok], ref0[ok], rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(y0[ok], ref0[ok], rtol=tol, atol=tol)
     assert_matches_ref(y[1:], x[1:], W.to_scipy().astype(np.float64), b, "relu", 3.0)
 
 
