@@ -46,9 +46,9 @@ def linear_kernel() -> str:
       one-layer network (the same sums in the same order: bitwise equal results to the
       layer kernel), other layers through the layer kernel;
     - ``stationary``: float32, bfloat16 and float16 features with
-      ``n_in <= STATIONARY_MAX_IN`` through the stationary-rows kernel (whole feature rows in shared memory; sums in the order of a
-      bank schedule, so results differ from the layer kernel by rounding), others through
-      the layer kernel;
+      ``n_in <= STATIONARY_MAX_IN`` through the stationary-rows kernel (whole feature rows
+      in shared memory; sums in the order of a bank schedule, so results differ from the
+      layer kernel by rounding), others through the layer kernel;
     - ``auto`` (the default): see :func:`cuda_route`."""
     kernel = os.environ.get("SPDNN_LINEAR_KERNEL", "auto")
     if kernel not in LINEAR_KERNELS:
