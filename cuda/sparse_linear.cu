@@ -115,14 +115,9 @@ struct StationaryArgs {
   float clip;
 };
 
-constexpr unsigned kStatPad = 0xffffu;  // index of a padding slot (sparse.STATIONARY_PAD)
-
-// One step of a lane: its weight times its input in each of the R rows; a padding slot
-// (the schedule idles lanes to keep a step's banks apart) reads nothing.
 template <int R>
 __device__ __forceinline__ void stationary_step(float (&acc)[R], const float* xs, unsigned i,
                                                 float v) {
-  if (i == kStatPad) return;
   const float* p = xs + i * R;
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = fmaf(v, p[r], acc[r]);
@@ -130,7 +125,7 @@ __device__ __forceinline__ void stationary_step(float (&acc)[R], const float* xs
 
 template <typename T, int R>
 __global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const StationaryArgs<T> a) {
-  extern __shared__ __align__(16) float xs[];  // [n_in * R]
+  extern __shared__ __align__(16) float xs[];  // [(n_in + 1) * R]
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
   const int nrows = static_cast<int>(min(static_cast<int64_t>(R), a.rows - row0));
   const int n_in = a.n_in;
@@ -163,6 +158,7 @@ __global__ void __launch_bounds__(kStatThreads, 1) stationary_kernel(const Stati
     }
   }
   cp_async_commit();
+  if (threadIdx.x < R) xs[n_in * R + threadIdx.x] = 0.0f;  // the padding column
   cp_async_wait_all();
   __syncthreads();
 
@@ -253,7 +249,7 @@ int stationary_rows(int n_in) {
   if (const char* env = std::getenv("SPDNN_STAT_ROWS")) cap = std::max(1, std::atoi(env));
   int best = 0;
   for (int r : kStatRows) {
-    if (r <= cap && static_cast<int64_t>(n_in) * r * 4 <= optin) best = r;
+    if (r <= cap && static_cast<int64_t>(n_in + 1) * r * 4 <= optin) best = r;
   }
   return best;
 }
@@ -277,7 +273,7 @@ ffi::Error launch_stationary(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   a.n_slices = n_slices;
   a.relu = relu;
   a.clip = static_cast<float>(clip);
-  const size_t smem = std::max<size_t>(static_cast<size_t>(n_in) * r * sizeof(float), 16);
+  const size_t smem = static_cast<size_t>(n_in + 1) * r * sizeof(float);
   switch (r) {
     case 1: return launch_stationary_r<T, 1>(stream, a, smem);
     case 3: return launch_stationary_r<T, 3>(stream, a, smem);

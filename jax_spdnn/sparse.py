@@ -438,13 +438,9 @@ def pack_bank_split(structure: Structure, groups: int) -> BankSplitPack:
 
 # Largest input count of the stationary layout: its 16-bit indices keep one value for padding.
 STATIONARY_MAX_IN = 0xFFFF - 1
-STATIONARY_PAD = 0xFFFF  # index of a padding slot: the kernel skips it
 # Work bound of the bank schedule (slices x 32 x longest row^2 element operations), about a
 # second of host time once per structure; longer rows keep their CSR order.
 STATIONARY_SCHEDULE_WORK = 1 << 26
-# Cost model of a slice for choosing its schedule: per step, ``_MODEL_ROWS`` gathers of the
-# step's largest bank load plus the weight loads (1.5 shared-memory wavefronts a step).
-_MODEL_ROWS, _MODEL_WEIGHTS = 5, 1.5
 
 
 class StationaryPack(_Packed):
@@ -452,30 +448,27 @@ class StationaryPack(_Packed):
 
     That kernel keeps a tile of whole feature rows in shared memory (input ``i`` of row
     ``r`` at word ``i * R + r``, ``R`` odd) and gives each lane of a warp one output of a
-    slice of 32; the warp walks its outputs' nonzeros in steps, at most one per lane per
-    step.  Lanes gather from random shared-memory words, so two lanes whose inputs fall in
-    the same bank (``i % 32``; ``R`` is odd, so the row does not change it) serialize.  With
-    ``schedule`` each lane's nonzeros are placed in steps on the host so that a step's
-    inputs spread over the banks (see :func:`_bank_schedule`): on random layers 1.0
-    accesses per step over about 44 steps per 32 nonzeros, instead of 3.5 over 32 in CSR
-    order.  The order of each output's sum is that schedule's: fixed, so results are
-    deterministic, but not the CSR order of the other kernels.
+    slice of 32; the warp walks its outputs' nonzeros in steps, one per lane per step.
+    Lanes gather from random shared-memory words, so two lanes whose inputs fall in the
+    same bank (``i % 32``; ``R`` is odd, so the row does not change it) serialize.  With
+    ``schedule`` each lane's nonzeros are reordered on the host so that every step's 32
+    inputs spread over as many banks as a greedy pass finds (random layers: 1.9 accesses
+    per step instead of 3.5).  The order of each output's sum is that schedule's: fixed, so
+    results are deterministic, but not the CSR order of the other kernels.
 
-    Slice ``w`` takes ``4 * (group_ptr[w + 1] - group_ptr[w])`` steps; step ``s`` of lane
-    ``l`` is slot ``(group_ptr[w] + s // 4) * 128 + l * 4 + s % 4``, so one 16-byte load
-    gives a lane four values and one 8-byte load four indices.  A lane idle in a step (and
-    every slot past a lane's nonzeros) holds ``STATIONARY_PAD``, which the kernel skips,
-    with a zero value.
+    Slice ``w`` takes ``4 * (group_ptr[w + 1] - group_ptr[w])`` steps (its longest row,
+    rounded up to four); step ``s`` of lane ``l`` is slot
+    ``(group_ptr[w] + s // 4) * 128 + l * 4 + s % 4``, so one 16-byte load gives a lane
+    four values and one 8-byte load four indices.  Padding slots point at input ``n_in``
+    (a zero column the kernel appends) with a zero value.
 
     Attributes:
       group_ptr: ``[n_slices + 1] int32``, first group of four steps of each slice.
-      indices: ``[total] uint16``, input neuron per slot (``STATIONARY_PAD`` for padding).
+      indices: ``[total] uint16``, input neuron per slot (``n_in`` for padding).
       source: ``[total] int32``, position of each slot's value in the CSR ``values``, or
         ``nnz`` for padding.
       scheduled: whether the bank schedule was applied.
-      conflicts: mean over warp steps of the most distinct inputs one bank serves (the
-        shared-memory accesses of one row's gather; 1.0 is conflict-free).
-      steps: warp steps of the whole layer (``total / 32``).
+      conflicts: mean shared-memory accesses per warp step of row 0 (1.0 is conflict-free).
     """
 
     __slots__ = ("group_ptr", "indices", "source", "nnz", "scheduled", "conflicts")
@@ -484,75 +477,36 @@ class StationaryPack(_Packed):
         self.group_ptr, self.indices, self.source = group_ptr, indices, source
         self.nnz, self.scheduled, self.conflicts = nnz, scheduled, conflicts
 
-    @property
-    def steps(self) -> int:
-        return self.total // ELL_SLICE
 
-
-def _greedy_steps(entry: np.ndarray, bank: np.ndarray, strict: bool) -> np.ndarray:
-    """One greedy schedule of a ``[slices, 32 lanes, L]`` table (``entry`` -1 where a lane
-    has fewer than ``L`` nonzeros; ``bank`` each entry's bank), vectorized over slices.
-    Step by step, lanes in a rotating order each take the nonzero whose bank is least used
-    in the step so far, ties to the bank with most nonzeros left in the slice.  ``strict``:
-    a lane whose banks are all taken idles for the step (no conflicts, more steps); else
-    it takes a conflict (a lane's nonzeros fill its first steps).  Returns the step of
-    every entry (-1 where none)."""
-    n_slices, lanes, _ = entry.shape
+def _bank_schedule(entry: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """Step of every entry of a ``[slices, 32 lanes, L]`` table (``entry`` -1 where a lane
+    has fewer than ``L`` nonzeros; ``bank`` each entry's bank): greedy, vectorized over
+    slices.  At each step every lane with nonzeros left takes the one whose bank is least
+    used so far in this step, ties to the bank with most nonzeros left in the slice; lanes
+    go in a rotating order.  Returns ``steps[slices, 32, L]`` (-1 where no entry)."""
+    n_slices, lanes, length = entry.shape
     ar = np.arange(n_slices)
     rem = entry >= 0
     demand = np.zeros((n_slices, 32), np.int64)
     np.add.at(demand, (np.broadcast_to(ar[:, None, None], bank.shape)[rem], bank[rem]), 1)
     steps = np.full(entry.shape, -1, np.int64)
-    big = 4 * (entry.shape[2] + 1) * lanes
-    s = 0
-    while rem.any():
+    big = 4 * (length + 1) * lanes
+    for s in range(length):
         used = np.zeros((n_slices, 32), np.int64)
         for k in range(lanes):
             lane = (7 * k + s) % lanes
             b = bank[:, lane, :]
-            u = used[ar[:, None], b]
-            cost = np.where(
-                rem[:, lane, :], u * big - demand[ar[:, None], b], np.iinfo(np.int64).max
-            )
+            cost = used[ar[:, None], b] * big - demand[ar[:, None], b]
+            cost = np.where(rem[:, lane, :], cost, np.iinfo(np.int64).max)
             j = cost.argmin(axis=1)
             take = rem[ar, lane, j]
-            if strict:
-                take &= u[ar, j] == 0
             w, j = ar[take], j[take]
             bb = b[w, j]
             rem[w, lane, j] = False
             steps[w, lane, j] = s
             used[w, bb] += 1
             demand[w, bb] -= 1
-        s += 1
     return steps
-
-
-def _schedule_cost(steps: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """Modelled shared-memory wavefronts of each slice under a schedule: per step
-    ``_MODEL_ROWS`` times its largest bank load, plus the weight loads of its steps
-    (rounded up to the kernel's groups of four)."""
-    n_slices = steps.shape[0]
-    real = steps >= 0
-    n_steps = np.where(real, steps, -1).reshape(n_slices, -1).max(axis=1) + 1
-    span = int(n_steps.max()) if n_slices else 0
-    w = np.broadcast_to(np.arange(n_slices)[:, None, None], steps.shape)[real]
-    load = np.bincount(
-        (w * max(span, 1) + steps[real]) * 32 + bank[real], minlength=n_slices * max(span, 1) * 32
-    ).reshape(n_slices, max(span, 1), 32)
-    return _MODEL_ROWS * load.max(axis=2).sum(axis=1) + _MODEL_WEIGHTS * 4 * (-(-n_steps // 4))
-
-
-def _bank_schedule(entry: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """Steps of every entry of a ``[slices, 32 lanes, L]`` table (see :func:`_greedy_steps`):
-    per slice the strict (conflict-free) or the packed greedy schedule, whichever the cost
-    model finds cheaper.  On random layers strict wins: about 44 steps per 32 nonzeros a
-    lane (the slice's largest bank load, the least any schedule can take) against 32 steps
-    at 1.9 accesses each; a slice whose inputs crowd a few banks takes the packed one."""
-    strict = _greedy_steps(entry, bank, True)
-    packed = _greedy_steps(entry, bank, False)
-    pick = _schedule_cost(strict, bank) <= _schedule_cost(packed, bank)
-    return np.where(pick[:, None, None], strict, packed)
 
 
 def pack_stationary(structure: Structure, *, schedule: bool = True) -> StationaryPack:
@@ -567,9 +521,14 @@ def pack_stationary(structure: Structure, *, schedule: bool = True) -> Stationar
     n_slices = -(-n_out // ELL_SLICE)
     counts = np.zeros(n_slices * ELL_SLICE, np.int64)
     counts[:n_out] = np.diff(structure.indptr)
+    longest = counts.reshape(n_slices, ELL_SLICE).max(axis=1) if n_slices else counts[:0]
+    groups = -(-longest // 4)
+    group_ptr = np.concatenate([[0], np.cumsum(groups)])
+    total = int(group_ptr[-1]) * 4 * ELL_SLICE
+    if total >= 2**31:
+        raise ValueError(f"pack_stationary: {total} slots, more than 2^31 - 1")
     rows = structure.row_ids.astype(np.int64)
     step = np.arange(nnz, dtype=np.int64) - structure.indptr[rows]  # CSR order
-    longest = counts.reshape(n_slices, ELL_SLICE).max(axis=1) if n_slices else counts[:0]
     length = int(longest.max()) if n_slices else 0
     scheduled = bool(
         schedule and nnz and n_slices * ELL_SLICE * length * length <= STATIONARY_SCHEDULE_WORK
@@ -582,16 +541,9 @@ def pack_stationary(structure: Structure, *, schedule: bool = True) -> Stationar
         steps = _bank_schedule(entry, bank)
         step = np.empty(nnz, np.int64)
         step[entry[entry >= 0]] = steps[entry >= 0]
-        longest = np.zeros(n_slices, np.int64)
-        np.maximum.at(longest, rows // ELL_SLICE, step + 1)
-    groups = -(-longest // 4)
-    group_ptr = np.concatenate([[0], np.cumsum(groups)]).astype(np.int64)
-    total = int(group_ptr[-1]) * 4 * ELL_SLICE
-    if total >= 2**31:
-        raise ValueError(f"pack_stationary: {total} slots, more than 2^31 - 1")
     slice_, lane = rows // ELL_SLICE, rows % ELL_SLICE
     dest = (group_ptr[slice_] + step // 4) * (4 * ELL_SLICE) + lane * 4 + step % 4
-    indices = np.full(total, STATIONARY_PAD, np.uint16)
+    indices = np.full(total, n_in, np.uint16)
     indices[dest] = structure.indices
     source = np.full(total, nnz, np.int32)
     source[dest] = np.arange(nnz, dtype=np.int32)
