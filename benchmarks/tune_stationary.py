@@ -37,7 +37,22 @@ def main(argv=None):
     print(f"{env['device']}, jax {env['jax']}, {env['date']}")
     print("| N | pattern | schedule | rows cap | threads | ms | TE/s |")
     print("|---|---|---|---|---|---|---|")
+    saved = {
+        k: os.environ.get(k)
+        for k in ("SPDNN_LINEAR_KERNEL", "SPDNN_STAT_ROWS", "SPDNN_STAT_THREADS")
+    }
     os.environ["SPDNN_LINEAR_KERNEL"] = "stationary"
+    try:
+        run(args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(args):
     for pattern in args.patterns:
         for n in args.neurons:
             W = sd.SparseMatrix.from_scipy(layer_matrix(pattern, n), dtype=np.float32)

@@ -1,0 +1,64 @@
+"""Smoke runs of the benchmark and tuning scripts at tiny sizes, on whatever device JAX has
+(CPU in CI): their arguments parse, every method runs and agrees with the others, and the
+JSON they write has the documented rows."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+
+def test_bench_linear(tmp_path, capsys):
+    import bench_linear
+
+    out = tmp_path / "linear.json"
+    bench_linear.main(
+        ["--neurons", "64", "--batch", "16", "--patterns", "random", "radixnet", "--json", str(out)]
+    )
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["pattern"] for r in rows} == {"random", "radixnet"}
+    assert all(r["ms"] > 0 and r["TE/s"] > 0 for r in rows)
+    exact = ("jax_spdnn", "scipy", "cuSPARSE")  # float32 sums (dense peers round: bf16, TF32)
+    diffs = [
+        r["max_abs_diff"]
+        for r in rows
+        if r.get("max_abs_diff") is not None and any(k in r["method"] for k in exact)
+    ]
+    assert diffs and max(diffs) < 1e-4
+    assert "| 64 | random | 16 |" in capsys.readouterr().out
+
+
+def test_bench_dnn(tmp_path):
+    import bench_dnn
+
+    out = tmp_path / "dnn.json"
+    bench_dnn.main(["--problems", "1024-4", "--batch", "300", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    ours = [r for r in rows if r["method"].startswith("jax_spdnn")]
+    assert ours and all(r["check"].startswith("PASSED") for r in ours)
+    assert all(r["survivors"] > 0 for r in ours)
+
+
+def test_tuning_and_profile_scripts(monkeypatch, capsys):
+    import profile_linear
+    import tune_stationary
+
+    for var in ("SPDNN_LINEAR_KERNEL", "SPDNN_STAT_ROWS", "SPDNN_STAT_THREADS"):
+        monkeypatch.setenv(var, "")  # recorded: restored (unset) after the test
+        monkeypatch.delenv(var)
+    tune_stationary.main(
+        ["--neurons", "64", "--batch", "16", "--rows", "3", "--threads", "512", "--iters", "1"]
+    )
+    table = capsys.readouterr().out
+    assert table.count("| 64 | random |") == 2  # scheduled and CSR order
+    monkeypatch.setattr(sys, "argv", ["profile_linear.py", "--neurons", "64", "--batch", "16"])
+    profile_linear.main()
+    assert "bfloat16 run 1" in capsys.readouterr().out
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
