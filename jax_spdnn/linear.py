@@ -245,6 +245,22 @@ _STATIONARY_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.
 # Largest n_in auto sends through the stationary kernel: three feature rows per block in
 # shared memory (H100: 227 KB per block; fewer rows reload the weights too often).
 STATIONARY_AUTO_MAX_IN = 16384
+STATIONARY_AUTO_MIN_ROWS = 3
+# Per-block shared memory (opt-in limit, bytes) by compute capability, for devices whose limit
+# is below Hopper's: the stationary kernel fits fewer rows there.
+_SMEM_OPTIN = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024}
+_SMEM_OPTIN_DEFAULT = 227 * 1024  # sm_90 and sm_100
+
+
+def _smem_optin() -> int:
+    """The first CUDA device's per-block shared-memory limit (Hopper's where JAX sees no CUDA
+    device, e.g. when lowering for CUDA on a CPU-only machine)."""
+    try:
+        cc = jax.devices("cuda")[0].compute_capability
+        major, minor = (int(v) for v in str(cc).split(".")[:2])
+    except Exception:  # no CUDA device or no capability attribute
+        return _SMEM_OPTIN_DEFAULT
+    return _SMEM_OPTIN.get((major, minor), _SMEM_OPTIN_DEFAULT)
 
 
 def _footprint_fits(structure: Structure, activation: int) -> bool:
@@ -270,7 +286,8 @@ def cuda_route(structure: Structure, activation: int, dtype) -> str:
 
     Under ``SPDNN_LINEAR_KERNEL=auto`` (the default): layers with float32, bfloat16 or
     float16 features and at most ``STATIONARY_AUTO_MAX_IN`` inputs take the stationary
-    kernel; larger float32 square
+    kernel where ``STATIONARY_AUTO_MIN_ROWS`` feature rows fit the device's shared memory
+    (all of them on Hopper; up to 13900 inputs on an A100); larger float32 square
     ReLU layers from ``LINEAR_FOOTPRINT_MIN_N`` neurons take the footprint route where
     :func:`footprint_pays`; everything else the layer kernel."""
     kernel = linear_kernel()
@@ -280,7 +297,11 @@ def cuda_route(structure: Structure, activation: int, dtype) -> str:
         return "footprint" if _footprint_fits(structure, activation) else "layer"
     if kernel == "layer":
         return "layer"
-    if _stationary_fits(structure, dtype) and structure.n_in <= STATIONARY_AUTO_MAX_IN:
+    if (
+        _stationary_fits(structure, dtype)
+        and structure.n_in <= STATIONARY_AUTO_MAX_IN
+        and STATIONARY_AUTO_MIN_ROWS * structure.n_in * 4 <= _smem_optin()
+    ):
         return "stationary"
     if (
         _footprint_fits(structure, activation)

@@ -441,6 +441,35 @@ def test_stationary_tiles(n, rows_cap, dtype, monkeypatch):
     assert_matches_ref(y[1:], x[1:], W.to_scipy().astype(np.float64), b, "relu", 3.0)
 
 
+@pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
+@pytest.mark.parametrize(
+    "optin, n, route",
+    [
+        (227 * 1024, 16384, "stationary"),
+        (163 * 1024, 8192, "stationary"),
+        (163 * 1024, 16384, "layer"),
+        (99 * 1024, 8192, "stationary"),
+        (99 * 1024, 12288, "layer"),
+    ],
+)
+def test_stationary_needs_three_rows(optin, n, route, monkeypatch):
+    """auto takes the stationary kernel only where three feature rows fit the device's
+    per-block shared memory (A100: 163 KB; consumer GPUs: 99 KB)."""
+    monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "auto")
+    monkeypatch.setattr(sd.linear, "_smem_optin", lambda: optin)
+    rng = np.random.default_rng(0)
+    W = sd.SparseMatrix.from_scipy(random_sparse(rng, n, 64, 4 / n))
+    assert sd.linear.cuda_route(W.structure, 1, np.float32) == route
+
+
+def test_smem_optin_default():
+    """Without a CUDA device the limit is Hopper's (lowering for CUDA on a CPU machine)."""
+    if not sd.cuda_available():
+        assert sd.linear._smem_optin() == 227 * 1024
+    else:
+        assert sd.linear._smem_optin() >= 99 * 1024
+
+
 def test_linear_kernel_option(monkeypatch):
     monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "fastest")
     with pytest.raises(ValueError, match="SPDNN_LINEAR_KERNEL"):
