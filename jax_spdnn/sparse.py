@@ -211,23 +211,31 @@ class EllPack(_Packed):
         self.slice, self.nnz = slice_, nnz
 
 
+def _slices(structure: Structure, slice_: int = ELL_SLICE):
+    """What the warp-sliced layouts share: the longest row of each slice of ``slice_``
+    consecutive outputs, and each nonzero's output and position in its row (int64)."""
+    n_out, nnz = structure.n_out, structure.nnz
+    n_slices = -(-n_out // slice_)
+    counts = np.zeros(n_slices * slice_, np.int64)
+    counts[:n_out] = np.diff(structure.indptr)
+    longest = counts.reshape(n_slices, slice_).max(axis=1) if n_slices else counts[:0]
+    rows = structure.row_ids.astype(np.int64)
+    pos = np.arange(nnz, dtype=np.int64) - structure.indptr[rows]
+    return longest, rows, pos
+
+
 def pack_sliced_ell(structure: Structure, slice_: int = ELL_SLICE) -> EllPack:
     """Packs a CSR-of-``W^T`` structure into warp-sliced ELL (host, vectorized).
 
     Done once per structure (cached on :attr:`Structure.sliced_ell`); only the
     values are re-gathered per call, with :meth:`EllPack.pack_values`.
     """
-    n_out, nnz = structure.n_out, structure.nnz
-    n_slices = -(-n_out // slice_)
-    counts = np.zeros(n_slices * slice_, np.int64)
-    counts[:n_out] = np.diff(structure.indptr)
-    slice_len = counts.reshape(n_slices, slice_).max(axis=1) if n_slices else np.zeros(0, np.int64)
+    nnz = structure.nnz
+    slice_len, rows, pos = _slices(structure, slice_)
     slice_ptr = np.concatenate([[0], np.cumsum(slice_len * slice_)])
     total = int(slice_ptr[-1])
     if total >= 2**31:
         raise ValueError(f"sliced ELL packing needs {total} slots, more than 2^31 - 1")
-    rows = structure.row_ids.astype(np.int64)
-    pos = np.arange(nnz, dtype=np.int64) - structure.indptr[rows]
     dest = slice_ptr[rows // slice_] + pos * slice_ + rows % slice_
     indices = np.full(total, ELL_PAD_INDEX, np.int32)
     indices[dest] = structure.indices
@@ -513,22 +521,18 @@ def pack_stationary(structure: Structure, *, schedule: bool = True) -> Stationar
     """Packs a CSR-of-``W^T`` structure for the stationary-rows kernel (see
     :class:`StationaryPack`).  Host-side, vectorized over slices; done once per structure
     (cached by :meth:`Structure.stationary`)."""
-    n_in, n_out, nnz = structure.n_in, structure.n_out, structure.nnz
+    n_in, nnz = structure.n_in, structure.nnz
     if n_in > STATIONARY_MAX_IN:
         raise ValueError(
             f"pack_stationary: n_in {n_in} exceeds {STATIONARY_MAX_IN} (16-bit input indices)"
         )
-    n_slices = -(-n_out // ELL_SLICE)
-    counts = np.zeros(n_slices * ELL_SLICE, np.int64)
-    counts[:n_out] = np.diff(structure.indptr)
-    longest = counts.reshape(n_slices, ELL_SLICE).max(axis=1) if n_slices else counts[:0]
+    longest, rows, step = _slices(structure)  # step: CSR order
+    n_slices = longest.shape[0]
     groups = -(-longest // 4)
     group_ptr = np.concatenate([[0], np.cumsum(groups)])
     total = int(group_ptr[-1]) * 4 * ELL_SLICE
     if total >= 2**31:
         raise ValueError(f"pack_stationary: {total} slots, more than 2^31 - 1")
-    rows = structure.row_ids.astype(np.int64)
-    step = np.arange(nnz, dtype=np.int64) - structure.indptr[rows]  # CSR order
     length = int(longest.max()) if n_slices else 0
     scheduled = bool(
         schedule and nnz and n_slices * ELL_SLICE * length * length <= STATIONARY_SCHEDULE_WORK
