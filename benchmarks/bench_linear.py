@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +93,9 @@ def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random", dtype="floa
     # Every CUDA kernel (SPDNN_LINEAR_KERNEL is read when a call is lowered: a new function
     # object is traced under each setting); the one auto picks is marked "default".
     default = sd.linear.cuda_route(W.structure, sd.linear.ACTIVATIONS["relu"], x.dtype)
-    saved = os.environ.get("SPDNN_LINEAR_KERNEL")
     y_ours = None
-    try:
-        for kernel in ("layer", "footprint", "stationary"):
-            os.environ["SPDNN_LINEAR_KERNEL"] = kernel
+    for kernel in ("layer", "footprint", "stationary"):
+        with mock.patch.dict(os.environ, {"SPDNN_LINEAR_KERNEL": kernel}):
             f = lambda h: sd.sparse_linear(h, W, BIAS, clip=CLIP)  # noqa: E731
             y = jax.jit(f)(x)
             diff = None if y_ours is None else float(jnp.max(jnp.abs(y - y_ours)))
@@ -108,11 +107,6 @@ def gpu_rows(n, batch, bw, iters, ours_only=False, pattern="random", dtype="floa
                 diff,
             )
             del y
-    finally:
-        if saved is None:
-            os.environ.pop("SPDNN_LINEAR_KERNEL", None)
-        else:
-            os.environ["SPDNN_LINEAR_KERNEL"] = saved
     if ours_only or dtype != "float32":  # the peers are float32 products
         return rows
 

@@ -1,7 +1,6 @@
 """Tuning run of the stationary-rows ``sparse_linear`` kernel: rows per tile
-(``SPDNN_STAT_ROWS``), threads per block (``SPDNN_STAT_THREADS``) and the bank schedule,
-on the benchmark layer of ``bench_linear.py``, all in one process (the kernel reads both
-variables at every call, so one compiled loop serves every setting).
+(``SPDNN_STAT_ROWS``), threads per block (``SPDNN_STAT_THREADS``) and the bank schedule
+(``SPDNN_STAT_SCHEDULE``), on the benchmark layer of ``bench_linear.py``, all in one process.
 
     python benchmarks/tune_stationary.py [--neurons 1024 4096 16384] [--patterns random]
         [--rows 3 5 13 15] [--threads 512 1024]
@@ -12,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -37,49 +37,31 @@ def main(argv=None):
     print(f"{env['device']}, jax {env['jax']}, {env['date']}")
     print("| N | pattern | schedule | rows cap | threads | ms | TE/s |")
     print("|---|---|---|---|---|---|---|")
-    saved = {
-        k: os.environ.get(k)
-        for k in ("SPDNN_LINEAR_KERNEL", "SPDNN_STAT_ROWS", "SPDNN_STAT_THREADS")
-    }
-    os.environ["SPDNN_LINEAR_KERNEL"] = "stationary"
-    try:
-        run(args)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def run(args):
-    for pattern in args.patterns:
-        for n in args.neurons:
-            W = sd.SparseMatrix.from_scipy(layer_matrix(pattern, n), dtype=np.float32)
-            x = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, n), jnp.float32)
-            for schedule in (True, False):
-                # The route packs through the cached Structure.stationary(); point it at the
-                # requested packing for this trace.
-                pack = W.structure.stationary(schedule)
-                W.structure.__dict__["stationary"] = lambda schedule=True, pack=pack: pack
-                try:
+    with mock.patch.dict(os.environ, {"SPDNN_LINEAR_KERNEL": "stationary"}):
+        for pattern in args.patterns:
+            for n in args.neurons:
+                W = sd.SparseMatrix.from_scipy(layer_matrix(pattern, n), dtype=np.float32)
+                x = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, n), jnp.float32)
+                for schedule in ("1", "0"):  # read when a call is lowered: traced per setting
 
                     def f(h, W=W):
                         return sd.sparse_linear(h, W, BIAS, clip=CLIP)
 
                     for rows in args.rows:
                         for threads in args.threads:
-                            os.environ["SPDNN_STAT_ROWS"] = str(rows)
-                            os.environ["SPDNN_STAT_THREADS"] = str(threads)
-                            t = time_iterated(f, x, iters=args.iters, trials=3)
+                            env = {
+                                "SPDNN_STAT_SCHEDULE": schedule,
+                                "SPDNN_STAT_ROWS": str(rows),
+                                "SPDNN_STAT_THREADS": str(threads),
+                            }
+                            with mock.patch.dict(os.environ, env):
+                                t = time_iterated(f, x, iters=args.iters, trials=3)
                             te = args.batch * W.nnz / t / 1e12
                             print(
-                                f"| {n} | {pattern} | {schedule} | {rows} | {threads} | "
+                                f"| {n} | {pattern} | {schedule == '1'} | {rows} | {threads} | "
                                 f"{t * 1e3:.3f} | {te:.3f} |",
                                 flush=True,
                             )
-                finally:
-                    W.structure.__dict__.pop("stationary", None)
 
 
 if __name__ == "__main__":

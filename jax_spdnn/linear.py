@@ -313,9 +313,18 @@ def cuda_route(structure: Structure, activation: int, dtype) -> str:
     return "layer"
 
 
+def stationary_schedule() -> bool:
+    """Whether the stationary kernel's packing is bank-scheduled (``SPDNN_STAT_SCHEDULE``,
+    read when a call is lowered: ``1``, the default, or ``0`` for CSR order, for A/B runs)."""
+    value = os.environ.get("SPDNN_STAT_SCHEDULE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"SPDNN_STAT_SCHEDULE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def _cuda_stationary(x, values, bias, structure: Structure, activation: int, clip: float):
-    # Packed once per structure (cached, bank-scheduled); values gathered per call.
-    pack = structure.stationary()
+    # Packed once per structure (cached per schedule); values gathered per call.
+    pack = structure.stationary(stationary_schedule())
     return _ffi(
         _CUDA_STATIONARY_TARGET,
         structure,

@@ -2,6 +2,8 @@
 random shapes and sparsity, dtypes, jit/vmap/grad, and every argument error."""
 
 import math
+import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -386,25 +388,17 @@ def test_cuda_kernel_choice_lowers(
 def test_cuda_kernels_match_reference(kernel, case, dtype):
     """Each CUDA kernel on its own, on the random cases of test_matches_reference, with
     single- and half-precision features."""
-    import os
-
     n_in, n_out, batch, density, empty_rows, bias_kind, activation, clip, seed = case
     rng = np.random.default_rng(seed)
     w = random_sparse(rng, n_in, n_out, density, empty_rows=empty_rows)
     W = sd.SparseMatrix.from_scipy(w, dtype=np.float32)
     x = rng.standard_normal((batch, n_in)).astype(dtype)
     bias = rng.standard_normal(n_out).astype(np.float32) if bias_kind == "vector" else None
-    saved = os.environ.get("SPDNN_LINEAR_KERNEL")
-    os.environ["SPDNN_LINEAR_KERNEL"] = kernel
-    try:
+    # hypothesis runs many cases per test call: patch the environment per case.
+    with mock.patch.dict(os.environ, {"SPDNN_LINEAR_KERNEL": kernel}):
         with jax.default_device(jax.devices("cuda")[0]):
             f = jax.jit(lambda x, W: sd.sparse_linear(x, W, bias, activation=activation, clip=clip))
             y = f(x, W)
-    finally:
-        if saved is None:
-            os.environ.pop("SPDNN_LINEAR_KERNEL")
-        else:
-            os.environ["SPDNN_LINEAR_KERNEL"] = saved
     assert_matches_ref(y, x, W.to_scipy().astype(np.float64), bias, activation, clip)
 
 
@@ -468,6 +462,28 @@ def test_smem_optin_default():
         assert sd.linear._smem_optin() == 227 * 1024
     else:
         assert sd.linear._smem_optin() >= 99 * 1024
+
+
+@pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
+def test_stationary_schedule_option(monkeypatch):
+    """SPDNN_STAT_SCHEDULE=0 lowers the stationary kernel with the CSR-order packing (a
+    different index constant), 1 (the default) with the bank-scheduled one; anything else
+    is an error naming the variable."""
+    rng = np.random.default_rng(3)
+    W = sd.SparseMatrix.from_scipy(random_sparse(rng, 256, 64, 0.1))
+    monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "stationary")
+    x = jax.ShapeDtypeStruct((4, 256), jnp.float32)
+    texts = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv("SPDNN_STAT_SCHEDULE", value)
+        f = jax.jit(lambda x: sd.sparse_linear(x, W))
+        texts[value] = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+        assert sd.linear.stationary_schedule() is (value == "1")
+    assert texts["0"] != texts["1"]
+    assert not W.structure.stationary(False).scheduled and W.structure.stationary(True).scheduled
+    monkeypatch.setenv("SPDNN_STAT_SCHEDULE", "yes")
+    with pytest.raises(ValueError, match="SPDNN_STAT_SCHEDULE"):
+        sd.linear.stationary_schedule()
 
 
 def test_linear_kernel_option(monkeypatch):
