@@ -1,15 +1,20 @@
 """Run one generated Graph Challenge problem through SparseDNN a few times, for a profiler.
 
     python benchmarks/profile_dnn.py [--problem 1024-120] [--batch 60000] [--runs 2]
+        [--tails off 8,32 4,16]
 
 Prints the wall time of each run and the active rows after each layer, so a kernel
 profile (e.g. Nsight Compute's per-launch durations) can be lined up with the layers.
+With --tails, times each setting of SPDNN_FP_TAIL (the footprint path's stationary tail)
+in the same process, in rounds, and checks that every setting gives the same features.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +30,8 @@ def main():
     p.add_argument("--batch", type=int, default=60000)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--calls", type=int, default=10, help="back-to-back calls timed (0: none)")
+    p.add_argument("--tails", nargs="*", default=[], help="SPDNN_FP_TAIL settings to compare")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over --tails")
     a = p.parse_args()
     n, n_layers = (int(v) for v in a.problem.split("-"))
     layers = ch.radixnet(n, n_layers, seed=0)
@@ -33,6 +40,9 @@ def main():
     net = sd.SparseDNN(layers, bias, clip=32.0)
     xd = jnp.asarray(x.toarray(), jnp.float32)
     f = jax.jit(lambda net, x: net(x))
+    if a.tails:
+        compare_tails(f, net, xd, a.tails, a.calls, a.rounds)
+        return
     for k in range(a.runs):
         t0 = time.perf_counter()
         r = jax.block_until_ready(f(net, xd))
@@ -47,6 +57,33 @@ def main():
             f"{k} calls back to back: {(time.perf_counter() - t0) / k:.6f} s per call", flush=True
         )
     print("active per layer:", np.asarray(r.active_per_layer).tolist())
+
+
+def compare_tails(f, net, xd, tails, calls, rounds):
+    first = {}
+    times = {t: [] for t in tails}
+    for _ in range(rounds):
+        for t in tails:
+            with mock.patch.dict(os.environ, {"SPDNN_FP_TAIL": t}):
+                r = jax.block_until_ready(f(net, xd))  # compiles on first use
+                if t not in first:
+                    first[t] = r
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    r = f(net, xd)
+                jax.block_until_ready(r)
+                times[t].append((time.perf_counter() - t0) / calls)
+    base = first[tails[0]]
+    for t in tails:
+        same = bool(jnp.array_equal(first[t].features, base.features)) and bool(
+            jnp.array_equal(first[t].active_per_layer, base.active_per_layer)
+        )
+        ms = " / ".join(f"{v * 1e3:.3f}" for v in times[t])
+        print(
+            f"SPDNN_FP_TAIL={t:>8}: {ms} ms per call; survivors "
+            f"{int(first[t].active_per_layer[-1])}; same as {tails[0]}: {same}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

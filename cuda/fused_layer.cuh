@@ -310,16 +310,18 @@ xla::ffi::Error resident_blocks(Kernel kernel, size_t smem, int* blocks, const c
   cudaGetDevice(&device);
   const void* key = reinterpret_cast<const void*>(kernel);
   std::lock_guard<std::mutex> lock(mu);
+  size_t largest = kMaxSharedBytes;  // the largest size a cached launch of it uses
   for (const Launch& c : cache) {
     if (c.kernel == key && c.smem == smem && c.device == device) {
       *blocks = c.blocks;
       return xla::ffi::Error::Success();
     }
+    if (c.kernel == key && c.device == device) largest = std::max(largest, c.smem);
   }
   if (smem > 48 * 1024) {
     // The limit is the kernel's, not the launch's: raise it to the largest size any launch
     // uses (setting this launch's size could lower it below a cached larger one).
-    const int limit = static_cast<int>(std::max<size_t>(smem, kMaxSharedBytes));
+    const int limit = static_cast<int>(std::max(smem, largest));
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
     if (err != cudaSuccess) {

@@ -24,6 +24,7 @@
 #include "cuda/common.cuh"
 #include "cuda/footprint_layer.cuh"
 #include "cuda/fused_layer.cuh"
+#include "cuda/stationary_layers.cuh"
 
 namespace ffi = xla::ffi;
 
@@ -664,7 +665,9 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
                          const int32_t* fp_ptr, const int32_t* fp_cols, T* y, int32_t* active,
                          T* work, int32_t* iwork, int64_t rows, int n, int64_t n_layers,
                          double clip, bool drop, ffi::Span<const int64_t> sp_off,
-                         ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off) {
+                         ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off,
+                         const StatNetArgs& tail, int64_t tail0,
+                         ffi::Span<const int64_t> tail_ends) {
   const int64_t rows32 = (rows + 31) / 32 * 32;  // the workspace fits any tile height
   const int n_groups = (n + kThreads * O - 1) / (kThreads * O);
   T* buf[2] = {work, work + rows32 * n};
@@ -707,11 +710,31 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   const bool lean = !(lean_env && std::string(lean_env) == "0");
   const int split = split_env ? (std::string(split_env) == "1" ? 1 : 2)
                               : (sizeof(A) == 4 && n >= kFpSplitMinN ? 2 : 1);
+  // The tail (layers tail0 .. L - 1) runs on the stationary network kernel in launches
+  // ending at tail_ends, where it applies: float32 storage and tiles that fit in shared
+  // memory (otherwise the footprint kernel runs every layer: the same results).
+  bool use_tail = false;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    use_tail = tail_ends.size() > 0 && tail0 < n_layers && tail.values != nullptr &&
+               stat_net_fits(n, stat_net_rows(n), device);
+  }
+  const int64_t head = use_tail ? tail0 : n_layers;
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
-  int cur = 0;
-  for (int64_t l = 0; l < n_layers; ++l) {
+  int cur = 0;     // the row list (src[cur], ids[cur]) and the buffer holding its rows
+  int b = 0;       // buf[b]: the current rows
+  int c = 0;       // counts[c]: the current list's length
+  int32_t epoch = 1;
+  auto compact = [&](int64_t last_layer) {
+    compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
+        counts + c, rows, alive, ids[cur], drop, src[1 - cur], ids[1 - cur],
+        active + last_layer, counts + 1 - c, counts + 3, compact_scratch, ++epoch);
+    cur = 1 - cur;
+    c = 1 - c;
+    list = src[cur];
+  };
+  for (int64_t l = 0; l < head; ++l) {
     FootprintArgs<T, A> args{};
-    args.x = buf[l % 2];
+    args.x = buf[b];
     args.values = values + ell_off[l];
     args.bias = bias + l * n;
     args.slice_ptr = slice_ptr + sp_off[l];
@@ -719,8 +742,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.perm = perm + l * n;
     args.fp_ptr = fp_ptr + l * (n_groups + 1);
     args.fp_cols = fp_cols + fp_off[l];
-    args.y = buf[1 - l % 2];
-    args.count = counts + l % 2;
+    args.y = buf[1 - b];
+    args.count = counts + c;
     args.src = list;
     args.alive = alive;
     args.next_run = counts + 3;  // zeroed above, then by each compaction
@@ -740,16 +763,37 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     if (!launched) {
       if (auto err = launch_footprint_layer<T, A, R, O>(stream, args); err.failure()) return err;
     }
-    compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
-        counts + l % 2, rows, alive, ids[cur], drop, src[1 - cur], ids[1 - cur], active + l,
-        counts + (l + 1) % 2, counts + 3, compact_scratch, static_cast<int32_t>(l + 2));
-    cur = 1 - cur;
-    list = src[cur];
+    b = 1 - b;
+    compact(l);
+  }
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    int64_t first = head;
+    for (int64_t end : tail_ends) {
+      if (!use_tail || end <= first) continue;
+      StatNetArgs a = tail;
+      a.x = buf[b];
+      a.y = buf[1 - b];
+      a.src = list;
+      a.count = counts + c;
+      a.alive = alive;
+      a.active = active;
+      a.bias = bias;
+      a.first = static_cast<int>(first);
+      a.last = static_cast<int>(std::min(end, n_layers));
+      a.tail0 = static_cast<int>(tail0);
+      a.n = n;
+      a.clip = static_cast<float>(clip);
+      a.drop = drop;
+      if (auto err = launch_stat_net<R>(stream, a, rows); err.failure()) return err;
+      b = 1 - b;
+      compact(a.last - 1);
+      first = a.last;
+    }
   }
   // With drop off every row is listed and written; otherwise the dropped rows are zero.
   if (drop) cudaMemsetAsync(y, 0, sizeof(T) * rows * n, stream);
-  deinterleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(buf[n_layers % 2], list, ids[cur],
-                                                 counts + n_layers % 2, n, y);
+  deinterleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(buf[b], list, ids[cur],
+                                                 counts + c, n, y);
   return last_launch_error("sparse_dnn: footprint layers");
 }
 
@@ -757,12 +801,15 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
                               ffi::AnyBuffer bias, ffi::Buffer<ffi::S32> slice_ptr,
                               ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> perm,
                               ffi::Buffer<ffi::S32> fp_ptr, ffi::Buffer<ffi::S32> fp_cols,
+                              ffi::Buffer<ffi::F32> t_values, ffi::Buffer<ffi::U16> t_indices,
+                              ffi::Buffer<ffi::S32> t_group_ptr, ffi::Buffer<ffi::S32> t_perm,
                               ffi::Result<ffi::AnyBuffer> y,
                               ffi::Result<ffi::Buffer<ffi::S32>> active,
                               ffi::Result<ffi::AnyBuffer> work,
                               ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip,
                               bool drop_dead, int64_t group, ffi::Span<const int64_t> sp_off,
-                              ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off) {
+                              ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off,
+                              int64_t tail0, ffi::Span<const int64_t> tail_ends) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("sparse_dnn: x must be [batch, n]");
   const int64_t rows = xd[0], n = xd[1];
@@ -800,6 +847,27 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
   if (x.element_type() != y->element_type() || x.element_type() != work->element_type()) {
     return ffi::Error::InvalidArgument("sparse_dnn: x, y and the workspace must share a dtype");
   }
+  // The stationary tail: layers tail0 .. L - 1 in launches ending at tail_ends (none: no
+  // tail), with their weights in the stationary layout.
+  StatNetArgs tail{};
+  if (tail_ends.size() > 0) {
+    const int64_t n_tail = n_layers - tail0;
+    bool ok = tail0 >= 0 && n_tail > 0 && n <= 65534 && tail_ends.back() == n_layers &&
+              tail_ends.front() > tail0 &&
+              static_cast<int64_t>(t_group_ptr.element_count()) == n_tail * (n_slices + 1) &&
+              static_cast<int64_t>(t_perm.element_count()) == n_tail * n &&
+              t_values.element_count() == t_indices.element_count() &&
+              t_values.element_count() % 128 == 0;
+    for (size_t k = 1; ok && k < tail_ends.size(); ++k) ok = tail_ends[k] > tail_ends[k - 1];
+    if (!ok) {
+      return ffi::Error::InvalidArgument(
+          "sparse_dnn: inconsistent stationary tail (tail_start, tail_ends or its operands)");
+    }
+    tail.values = t_values.typed_data();
+    tail.indices = t_indices.typed_data();
+    tail.group_ptr = t_group_ptr.typed_data();
+    tail.perm = t_perm.typed_data();
+  }
   if (rows == 0 || n_layers == 0) {
     cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
     return last_launch_error("sparse_dnn");
@@ -820,7 +888,8 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
         indices.typed_data(), perm.typed_data(), fp_ptr.typed_data(), fp_cols.typed_data(),
         reinterpret_cast<T*>(y->untyped_data()), active->typed_data(),
         reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows,
-        static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off);
+        static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off, tail, tail0,
+        tail_ends);
     };
     using R16 = std::integral_constant<int, 16>;
     using R32 = std::integral_constant<int, 32>;
@@ -895,6 +964,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_d
                                   .Arg<ffi::Buffer<ffi::S32>>()  // perm [L, n]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // fp_ptr [L, groups + 1]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // fp_cols, all layers
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tail: stationary values
+                                  .Arg<ffi::Buffer<ffi::U16>>()  // tail: input per slot
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tail: group_ptr [L - t0, s + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tail: perm [L - t0, n]
                                   .Ret<ffi::AnyBuffer>()         // y [batch, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
                                   .Ret<ffi::AnyBuffer>()         // workspace [2, batch32, n]
@@ -904,4 +977,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_d
                                   .Attr<int64_t>("group")  // outputs per footprint group
                                   .Attr<ffi::Span<const int64_t>>("slice_offsets")  // [L]
                                   .Attr<ffi::Span<const int64_t>>("ell_offsets")    // [L + 1]
-                                  .Attr<ffi::Span<const int64_t>>("fp_offsets"));   // [L + 1]
+                                  .Attr<ffi::Span<const int64_t>>("fp_offsets")    // [L + 1]
+                                  .Attr<int64_t>("tail_start")
+                                  .Attr<ffi::Span<const int64_t>>("tail_ends"));

@@ -53,6 +53,13 @@ SINGLE_LAYERS = 8
 MAX_SEGMENT = 32
 KERNELS = ("auto", "footprint", "layer", "resident")
 FOOTPRINT_MIN_N = 1024  # auto: the footprint kernel from this width on (timed faster at 1024+)
+# The footprint path's tail: from layer TAIL_HEAD on, the stationary network kernel runs the
+# remaining layers in launches of 2, 4, 8, ... layers, at most TAIL_MAX each, rows kept in
+# shared memory (cuda/stationary_layers.cuh), for float32 features up to TAIL_MAX_N wide.
+# SPDNN_FP_TAIL="head,max" overrides both, "off" runs the footprint kernel throughout.
+TAIL_HEAD = 8
+TAIL_MAX = 32
+TAIL_MAX_N = 4096
 
 
 def footprint_applies(n: int, kernel: str) -> bool:
@@ -88,6 +95,39 @@ def _cuda_options() -> tuple[str, tuple[int, int]]:
     else:
         singles, max_segment = SINGLE_LAYERS, MAX_SEGMENT
     return kernel, (singles, max_segment)
+
+
+def tail_options() -> tuple[int, int] | None:
+    """The footprint path's stationary tail as ``(head, max_segment)``, or None (off):
+    ``(TAIL_HEAD, TAIL_MAX)`` unless ``SPDNN_FP_TAIL`` says otherwise (read at trace time)."""
+    value = os.environ.get("SPDNN_FP_TAIL")
+    if value is None:
+        return TAIL_HEAD, TAIL_MAX
+    if value == "off":
+        return None
+    try:
+        head, max_segment = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"SPDNN_FP_TAIL must be 'off' or 'head,max', got {value!r}") from None
+    if head < 0 or max_segment < 1:
+        raise ValueError(f"SPDNN_FP_TAIL: head must be >= 0 and max >= 1, got {value!r}")
+    return head, max_segment
+
+
+def tail_schedule(n: int, n_layers: int, dtype, options) -> tuple[int, tuple[int, ...]]:
+    """``(tail_start, ends)``: the layers the stationary network kernel runs on the footprint
+    path (``tail_start .. n_layers - 1``, launches ending at ``ends``) for ``options`` as
+    :func:`tail_options` gives them, or ``(n_layers, ())`` where it does not apply (width
+    above ``TAIL_MAX_N``, storage other than float32, or ``options`` None).  The kernel
+    itself falls back to the footprint kernel where a tile does not fit the device's
+    shared memory: the same results."""
+    if options is None or n > TAIL_MAX_N or np.dtype(dtype) != np.float32:
+        return n_layers, ()
+    head, max_segment = options
+    if head >= n_layers:
+        return n_layers, ()
+    ends = tuple(e for e in segment_ends(n_layers, head, max_segment) if e > head)
+    return head, ends
 
 
 def resident_groups(n: int) -> int | None:
@@ -209,7 +249,14 @@ class SparseDNN:
         if drop_dead_rows is None:
             drop_dead_rows = self.can_drop_dead_rows()
         kernel, segments = _cuda_options()
-        return _forward(self, x, drop_dead=bool(drop_dead_rows), kernel=kernel, segments=segments)
+        return _forward(
+            self,
+            x,
+            drop_dead=bool(drop_dead_rows),
+            kernel=kernel,
+            segments=segments,
+            tail=tail_options(),
+        )
 
     def profile_layers(self, x, *, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """Per-layer active rows and seconds, for profiling (host-synchronized).
@@ -341,9 +388,21 @@ def _call_cuda_fp(
     drop_dead: bool,
     group: int,
     alias=False,
+    tail=None,
 ):
     """The CUDA footprint-kernel network call on explicit operands (see
-    :func:`_fp_operands`; ``alias`` as in :func:`_call_cuda_ell`)."""
+    :func:`_fp_operands`; ``alias`` as in :func:`_call_cuda_ell`; ``tail``: the stationary
+    tail as ``(values, indices, group_ptr, perm, tail_start, ends)``, see
+    :func:`_tail_operands`)."""
+    if tail is None:
+        tail = (
+            np.zeros(0, np.float32),
+            np.zeros(0, np.uint16),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int32),
+            biases.shape[0],
+            (),
+        )
     batch, n = x.shape
     batch32 = -(-batch // 32) * 32  # any tile height fits
     out = (
@@ -355,13 +414,15 @@ def _call_cuda_fp(
     aliases = {0: 0} if alias else None
     y, active, _, _ = jax.ffi.ffi_call(_CUDA_FOOTPRINT_TARGET, out, input_output_aliases=aliases)(
         x,
-        *_operands(x, values, biases, slice_ptr, indices, perm, fp_ptr, fp_cols),
+        *_operands(x, values, biases, slice_ptr, indices, perm, fp_ptr, fp_cols, *tail[:4]),
         clip=_clip_attr(clip),
         drop_dead=drop_dead,
         group=np.int64(group),
         slice_offsets=np.asarray(sp_off, np.int64),
         ell_offsets=np.asarray(ell_off, np.int64),
         fp_offsets=np.asarray(fp_off, np.int64),
+        tail_start=np.int64(tail[4]),
+        tail_ends=np.asarray(tail[5], np.int64),
     )
     return y, active
 
@@ -382,13 +443,31 @@ def _fp_layout(fps):
     return index, tuple(tuple(int(v) for v in off) for off in offsets)
 
 
-def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool):
+def _tail_operands(layers, tail_start: int, ends: tuple[int, ...]):
+    """The stationary tail's operands for ``layers[tail_start:]``: values (float32),
+    16-bit input indices, group_ptr made global over the layers, perm ``[layers, n]``."""
+    packs = [W.structure.stationary(schedule=False, reorder=True) for W in layers[tail_start:]]
+    values = pack_values_many(packs, [W.values for W in layers[tail_start:]], jnp.float32)
+    base = np.cumsum([0] + [p.total // 128 for p in packs[:-1]])
+    group_ptr = np.concatenate([p.group_ptr + b for p, b in zip(packs, base)])
+    if group_ptr[-1] * 128 >= 2**31:
+        raise ValueError("SparseDNN: the stationary tail needs more than 2^31 slots")
+    indices = np.concatenate([p.indices for p in packs])
+    perm = np.concatenate([p.perm for p in packs])
+    return values, indices, group_ptr.astype(np.int32), perm, tail_start, ends
+
+
+def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool, tail_opts):
     group, acc = footprint_group(), _acc_dtype(x.dtype)
+    start, ends = tail_schedule(net.n, net.n_layers, x.dtype, tail_opts)
+    # Layers the tail runs still get footprint operands: where a tile does not fit the
+    # device's shared memory the kernel runs them with the footprint kernel.
     fps = [W.structure.footprint(group) for W in net.layers]
     values = pack_values_many(fps, [W.values for W in net.layers], acc)
     index, offsets = _fp_layout(fps)
     biases = net.biases.astype(acc)
-    return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead, group)
+    tail = _tail_operands(net.layers, start, ends) if ends else None
+    return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead, group, tail=tail)
 
 
 def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
@@ -471,7 +550,7 @@ def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segmen
     return y, active
 
 
-@partial(jax.jit, static_argnames=("drop_dead", "kernel", "segments"))
+@partial(jax.jit, static_argnames=("drop_dead", "kernel", "segments", "tail"))
 def _forward(
     net: SparseDNN,
     x,
@@ -479,13 +558,14 @@ def _forward(
     drop_dead: bool,
     kernel: str = "auto",
     segments=(SINGLE_LAYERS, MAX_SEGMENT),
+    tail=(TAIL_HEAD, TAIL_MAX),
 ) -> DNNResult:
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):
         branches["cpu"] = lambda x: _fused_cpu(net, x, drop_dead)
     # The resident kernel's packing (bank-split offsets) is only made when it runs.
     if footprint_applies(net.n, kernel):
-        branches["cuda"] = lambda x: _fused_cuda_fp(net, x, drop_dead)
+        branches["cuda"] = lambda x: _fused_cuda_fp(net, x, drop_dead, tail)
     elif (groups := _resident_applies(net, x, kernel)) is not None:
         branches["cuda"] = lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
     elif _native.has_target(_CUDA_TARGET, "cuda"):

@@ -122,12 +122,13 @@ class Structure:
             cache[group] = pack_footprint(self, group)
         return cache[group]
 
-    def stationary(self, schedule: bool = True) -> StationaryPack:
-        """The stationary-rows kernel's layout (see :func:`pack_stationary`), cached."""
+    def stationary(self, schedule: bool = True, reorder: bool = False) -> StationaryPack:
+        """The stationary-rows kernels' layout (see :func:`pack_stationary`), cached."""
         cache = self.__dict__.setdefault("_stationary", {})
-        if schedule not in cache:
-            cache[schedule] = pack_stationary(self, schedule=schedule)
-        return cache[schedule]
+        key = (schedule, reorder)
+        if key not in cache:
+            cache[key] = pack_stationary(self, schedule=schedule, reorder=reorder)
+        return cache[key]
 
     def bank_split(self, groups: int) -> BankSplitPack:
         """The whole-network GPU kernel's layout (see :func:`pack_bank_split`), cached."""
@@ -325,6 +326,18 @@ class FootprintPack(_Packed):
         return int(self.fp_ptr[-1])
 
 
+def _reorder_outputs(structure: Structure, perm: np.ndarray) -> tuple[Structure, np.ndarray]:
+    """The structure with its outputs in the order ``perm`` (new position -> output), and
+    the position in the original CSR of each of its nonzeros (int64)."""
+    indptr = structure.indptr.astype(np.int64)
+    counts = np.diff(indptr)[perm]
+    new_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    moved = np.repeat(indptr[:-1][perm] - new_ptr[:-1], counts) + np.arange(
+        structure.nnz, dtype=np.int64
+    )
+    return Structure(new_ptr, structure.indices[moved], structure.shape), moved
+
+
 def pack_footprint(structure: Structure, group: int = FOOTPRINT_GROUP) -> FootprintPack:
     """Packs a CSR-of-``W^T`` structure for the footprint kernel (host, vectorized).
 
@@ -335,12 +348,7 @@ def pack_footprint(structure: Structure, group: int = FOOTPRINT_GROUP) -> Footpr
         raise ValueError(f"pack_footprint: group must be a multiple of {ELL_SLICE}, got {group}")
     n_in, n_out, nnz = structure.n_in, structure.n_out, structure.nnz
     perm = footprint_order(structure)
-    indptr = structure.indptr.astype(np.int64)
-    counts = np.diff(indptr)[perm]
-    new_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    # Position in the original CSR of each nonzero of the reordered structure.
-    moved = np.repeat(indptr[:-1][perm] - new_ptr[:-1], counts) + np.arange(nnz, dtype=np.int64)
-    reordered = Structure(new_ptr, structure.indices[moved], structure.shape)
+    reordered, moved = _reorder_outputs(structure, perm)
     ell = pack_sliced_ell(reordered)
     padded = ell.source == nnz
     source = np.append(moved, nnz)[ell.source]  # padding keeps nnz (the appended zero)
@@ -470,20 +478,27 @@ class StationaryPack(_Packed):
     four values and one 8-byte load four indices.  Padding slots point at input ``n_in``
     (a zero column the kernel appends) with a zero value.
 
+    With ``perm`` the outputs are taken in that order (slice ``w``, lane ``l`` is output
+    ``perm[32 w + l]``): the whole-network stationary kernel of ``SparseDNN`` takes them in
+    :func:`footprint_order`, so that outputs with equal input sets share a warp and read
+    the same shared-memory words at the same step.
+
     Attributes:
       group_ptr: ``[n_slices + 1] int32``, first group of four steps of each slice.
       indices: ``[total] uint16``, input neuron per slot (``n_in`` for padding).
       source: ``[total] int32``, position of each slot's value in the CSR ``values``, or
         ``nnz`` for padding.
+      perm: ``[n_out] int32``, the output at each position, or None (natural order).
       scheduled: whether the bank schedule was applied.
       conflicts: mean shared-memory accesses per warp step of row 0 (1.0 is conflict-free).
     """
 
-    __slots__ = ("group_ptr", "indices", "source", "nnz", "scheduled", "conflicts")
+    __slots__ = ("group_ptr", "indices", "source", "nnz", "scheduled", "conflicts", "perm")
 
-    def __init__(self, group_ptr, indices, source, nnz, scheduled, conflicts):
+    def __init__(self, group_ptr, indices, source, nnz, scheduled, conflicts, perm=None):
         self.group_ptr, self.indices, self.source = group_ptr, indices, source
         self.nnz, self.scheduled, self.conflicts = nnz, scheduled, conflicts
+        self.perm = perm
 
 
 def _bank_schedule(entry: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -517,14 +532,27 @@ def _bank_schedule(entry: np.ndarray, bank: np.ndarray) -> np.ndarray:
     return steps
 
 
-def pack_stationary(structure: Structure, *, schedule: bool = True) -> StationaryPack:
-    """Packs a CSR-of-``W^T`` structure for the stationary-rows kernel (see
-    :class:`StationaryPack`).  Host-side, vectorized over slices; done once per structure
-    (cached by :meth:`Structure.stationary`)."""
+def pack_stationary(
+    structure: Structure, *, schedule: bool = True, reorder: bool = False
+) -> StationaryPack:
+    """Packs a CSR-of-``W^T`` structure for the stationary-rows kernels (see
+    :class:`StationaryPack`; ``reorder``: outputs in :func:`footprint_order`).  Host-side,
+    vectorized over slices; done once per structure (cached by
+    :meth:`Structure.stationary`)."""
     n_in, nnz = structure.n_in, structure.nnz
     if n_in > STATIONARY_MAX_IN:
         raise ValueError(
             f"pack_stationary: n_in {n_in} exceeds {STATIONARY_MAX_IN} (16-bit input indices)"
+        )
+    if reorder:
+        perm = footprint_order(structure)
+        reordered, moved = _reorder_outputs(structure, perm)
+        pack = pack_stationary(reordered, schedule=schedule)
+        source = np.append(moved, nnz)[pack.source].astype(np.int32)  # padding keeps nnz
+        for a in (source, perm):
+            a.flags.writeable = False
+        return StationaryPack(
+            pack.group_ptr, pack.indices, source, nnz, pack.scheduled, pack.conflicts, perm
         )
     longest, rows, step = _slices(structure)  # step: CSR order
     n_slices = longest.shape[0]

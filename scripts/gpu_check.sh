@@ -81,7 +81,7 @@ if [[ " $steps " == *" profile "* ]]; then
   echo "== profile (per-launch kernel durations of SparseDNN runs)"
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   for kernel in ${PROFILE_KERNELS:-auto}; do
-    SPDNN_DNN_KERNEL=$kernel ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+    SPDNN_DNN_KERNEL=$kernel ncu --clock-control none ${NCU_FLAGS:-} --metrics gpu__time_duration.sum --csv --page raw \
       $PY benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-1024-120} --runs 1 --calls 0 \
       >"$OUT/profile_$kernel.csv" 2>"$OUT/profile_$kernel.err"
     echo "-- $kernel kernel: per-launch durations (kernel name, us)"

@@ -157,15 +157,22 @@ def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, 
     net = sd.SparseDNN(layers, -0.1)
     results = {}
     with jax.default_device(jax.devices("cuda")[0]):
-        for kernel, pipe in (("layer", "1"), ("footprint", "1"), ("footprint", "0")):
-            os.environ.update(SPDNN_DNN_KERNEL=kernel, SPDNN_FP_GROUP=group, SPDNN_FP_PIPE=pipe)
+        for kernel, pipe, tail in (
+            ("layer", "1", "off"),
+            ("footprint", "1", "off"),
+            ("footprint", "0", "off"),
+            ("footprint", "1", "1,2"),  # the stationary tail from layer 2 on
+        ):
+            env = dict(SPDNN_FP_GROUP=group, SPDNN_FP_PIPE=pipe, SPDNN_FP_TAIL=tail)
+            os.environ.update(SPDNN_DNN_KERNEL=kernel, **env)
             try:
-                results[kernel, pipe] = net(x.astype(np.float32), drop_dead_rows=drop)
+                results[kernel, pipe, tail] = net(x.astype(np.float32), drop_dead_rows=drop)
             finally:
-                for k in ("SPDNN_DNN_KERNEL", "SPDNN_FP_GROUP", "SPDNN_FP_PIPE"):
+                for k in ("SPDNN_DNN_KERNEL", "SPDNN_FP_GROUP", "SPDNN_FP_PIPE", "SPDNN_FP_TAIL"):
                     del os.environ[k]
-    a = results["layer", "1"]
-    for b in (results["footprint", "1"], results["footprint", "0"]):
+    a = results["layer", "1", "off"]
+    for key in (("footprint", "1", "off"), ("footprint", "0", "off"), ("footprint", "1", "1,2")):
+        b = results[key]
         np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
         np.testing.assert_array_equal(
             np.asarray(b.active_per_layer), np.asarray(a.active_per_layer)
@@ -219,6 +226,56 @@ def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch)
     assert np.asarray(out["1"].active_per_layer)[-1] == batch - len(range(0, batch, 3))
     check = check_categories(out["1"].categories(), ref.categories, ref.ambiguous)
     assert check.passed, check.summary()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize(
+    "n, degree, batch",
+    [
+        (1024, 32, 1000),  # 16-row tiles, one output per thread
+        (100, 7, 37),  # one partial slice of outputs, a partial tile
+        (1500, 20, 70),  # two outputs per thread, the second partly idle
+        (3000, 12, 45),  # 8-row tiles, four outputs per thread
+        (4096, 32, 300),  # the widest tail
+    ],
+)
+@pytest.mark.parametrize("bias", [-0.2, 0.05])  # rows dropped; kept (positive bias)
+def test_stationary_tail(n, degree, batch, bias, monkeypatch):
+    """The stationary network kernel (every split of the layers into launches, from the
+    first layer on or after footprint layers) gives the footprint kernel's features bit
+    for bit, and its active counts; outputs share input sets, some have none, rows die at
+    the start, on the way and never."""
+    rng = np.random.default_rng(n + batch)
+    layers = []
+    for _ in range(5):
+        base = np.stack([rng.choice(n, degree, replace=False) for _ in range(-(-n // 4))])
+        inputs = np.repeat(base, 4, axis=0)[rng.permutation(n)]  # sets shared by 4 outputs
+        keep = rng.random(n) > 0.05  # outputs with no inputs
+        rows = inputs[keep].reshape(-1)
+        cols = np.repeat(np.arange(n)[keep], degree)
+        vals = rng.uniform(0.5, 1.5, rows.size) * 3 / degree
+        layers.append(sd.SparseMatrix.from_scipy(sps.csc_matrix((vals, (rows, cols)), (n, n))))
+    x = (rng.random((batch, n)) < 0.2) * rng.uniform(0, 1, (batch, n))
+    x[::4] = 0  # dead from the start
+    x[1::7] *= 0.05  # die on the way
+    x[2] = 0.9  # survives everything
+    net = sd.SparseDNN(layers, bias, clip=2.0)
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
+    out = {}
+    with jax.default_device(jax.devices("cuda")[0]):
+        for tail in ("off", "0,1", "0,64", "0,2", "2,1", "3,64"):
+            monkeypatch.setenv("SPDNN_FP_TAIL", tail)
+            out[tail] = net(x.astype(np.float32))
+    base = out.pop("off")
+    for tail, r in out.items():
+        np.testing.assert_array_equal(
+            np.asarray(r.features), np.asarray(base.features), err_msg=f"SPDNN_FP_TAIL={tail}"
+        )
+        np.testing.assert_array_equal(
+            np.asarray(r.active_per_layer), np.asarray(base.active_per_layer), err_msg=tail
+        )
+    assert 0 < np.asarray(base.active_per_layer)[-1] < batch or bias > 0
 
 
 @pytest.mark.parametrize(
@@ -287,6 +344,27 @@ def test_segment_ends_and_options(monkeypatch):
     monkeypatch.setenv("SPDNN_DNN_SEGMENTS", "8")
     with pytest.raises(ValueError, match="SPDNN_DNN_SEGMENTS"):
         net(np.zeros((2, 64), np.float32))
+
+
+def test_tail_schedule_and_options(monkeypatch):
+    from jax_spdnn.dnn import TAIL_HEAD, TAIL_MAX, tail_options, tail_schedule
+
+    assert tail_options() == (TAIL_HEAD, TAIL_MAX)
+    assert tail_schedule(1024, 20, np.float32, (8, 32)) == (8, (10, 14, 20))
+    assert tail_schedule(1024, 5, np.float32, (0, 1)) == (0, (1, 2, 3, 4, 5))
+    assert tail_schedule(1024, 120, np.float32, (0, 200)) == (0, (2, 6, 14, 30, 62, 120))
+    assert tail_schedule(1024, 8, np.float32, (8, 32)) == (8, ())  # nothing left for it
+    assert tail_schedule(4097, 20, np.float32, (0, 4)) == (20, ())  # too wide
+    for dtype in (np.float64, jnp.bfloat16, np.float16):  # float32 storage only
+        assert tail_schedule(1024, 20, dtype, (0, 4)) == (20, ())
+    monkeypatch.setenv("SPDNN_FP_TAIL", "off")
+    assert tail_options() is None and tail_schedule(1024, 20, np.float32, None) == (20, ())
+    monkeypatch.setenv("SPDNN_FP_TAIL", "3,4")
+    assert tail_options() == (3, 4)
+    for bad in ("3", "a,b", "-1,4", "2,0"):
+        monkeypatch.setenv("SPDNN_FP_TAIL", bad)
+        with pytest.raises(ValueError, match="SPDNN_FP_TAIL"):
+            tail_options()
 
 
 @pytest.mark.parametrize("kernel", ["auto", "footprint"])
@@ -406,3 +484,30 @@ def test_cuda_lowering_without_a_gpu(kernel, n, target, monkeypatch):
         jax.jit(lambda net, x: net(x)).trace(net, x).lower(lowering_platforms=("cuda",)).as_text()
     )
     assert set(re.findall(r"custom_call @(\w+)", text)) == {target}
+    if target == "spdnn_sparse_dnn_footprint":  # the stationary tail from layer 8 on
+        assert "tail_start = 8" in text and "tail_ends = dense<10> : tensor<1xi64>" in text
+
+
+@pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
+def test_cuda_lowering_of_the_tail(monkeypatch):
+    """The tail's attributes and operands as lowered: its layers' weights in 16-bit
+    indices, nothing for it when turned off or with bfloat16 storage."""
+    import re
+
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
+    net = sd.SparseDNN(radixnet(1024, 12, seed=0), -0.3)
+
+    def lower(dtype):
+        x = jax.ShapeDtypeStruct((37, 1024), dtype)
+        return jax.jit(lambda net, x: net(x)).trace(net, x).lower(lowering_platforms=("cuda",))
+
+    monkeypatch.setenv("SPDNN_FP_TAIL", "2,4")
+    text = lower(jnp.float32).as_text()
+    assert "tail_start = 2" in text and "tail_ends = dense<[4, 8, 12]>" in text
+    assert re.search(r"tensor<327680xui16>", text)  # 10 layers x 32 slices x 8 groups x 128
+    monkeypatch.setenv("SPDNN_FP_TAIL", "off")
+    text = lower(jnp.float32).as_text()
+    assert "tail_start = 12" in text and "tail_ends = dense<> : tensor<0xi64>" in text
+    monkeypatch.delenv("SPDNN_FP_TAIL")
+    text = lower(jnp.bfloat16).as_text()
+    assert "tail_start = 12" in text

@@ -361,30 +361,45 @@ def _stationary_slots(p):
     n_out=st.integers(0, 140),
     density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
     schedule=st.booleans(),
+    reorder=st.booleans(),
+    dup=st.integers(1, 3),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_pack_stationary(n_in, n_out, density, schedule, seed):
-    """Every nonzero sits in exactly one slot, in its output's lane and slice, at a step
-    below the slice's length; padding points at the zero column ``n_in`` with the appended
-    zero value; with features emulated as the kernel stores them (infinite ones too, which
-    padding must never touch) the packed layout computes ``x @ W``."""
+def test_pack_stationary(n_in, n_out, density, schedule, reorder, dup, seed):
+    """Every nonzero sits in exactly one slot, in its output's lane and slice (through
+    ``perm`` with ``reorder``), at a step below the slice's length; without the schedule
+    the steps keep the CSR order (increasing inputs); with ``reorder`` the outputs are in
+    footprint order (equal input sets adjacent); padding points at the zero column
+    ``n_in`` with the appended zero value; with features emulated as the kernel stores
+    them (infinite ones too, which padding must never touch) the packed layout computes
+    ``x @ W``."""
     rng = np.random.default_rng(seed)
-    w = random_sparse(rng, n_in, n_out, density, empty_rows=0.2)
+    w = random_sparse(rng, n_in, -(-n_out // dup), density, empty_rows=0.2)
+    w = sps.hstack([w] * dup, format="csc")[:, rng.permutation(w.shape[1] * dup)[:n_out]]
+    w = sps.csc_matrix(w, shape=(n_in, n_out))
     m = sd.SparseMatrix.from_scipy(w)
     s = m.structure
-    p = sd.pack_stationary(s, schedule=schedule)
+    p = sd.pack_stationary(s, schedule=schedule, reorder=reorder)
     assert p.indices.dtype == np.uint16 and p.total % 128 == 0
     assert len(p.group_ptr) == -(-n_out // 32) + 1
+    if reorder:
+        assert np.array_equal(p.perm, sd.sparse.footprint_order(s))
+    else:
+        assert p.perm is None
     real = p.source < s.nnz
     assert np.array_equal(np.sort(p.source[real]), np.arange(s.nnz))
     assert np.all(p.indices[~real] == n_in)
     assert np.array_equal(p.indices[real], s.indices[p.source[real]])
     slice_, step, lane = _stationary_slots(p)
-    assert np.array_equal((slice_ * 32 + lane)[real], s.row_ids[p.source[real]])
+    position = slice_ * 32 + lane
+    output = p.perm[np.minimum(position, max(n_out - 1, 0))] if reorder else position
+    assert np.array_equal(output[real], s.row_ids[p.source[real]])
     counts = np.diff(s.indptr)
     for o in range(n_out):  # a lane's nonzeros take its first steps, one each
-        mine = real & (slice_ * 32 + lane == o)
+        mine = real & (output == o)
         assert np.array_equal(np.sort(step[mine]), np.arange(counts[o]))
+        if not p.scheduled:
+            assert np.array_equal(p.source[mine][np.argsort(step[mine])], np.sort(p.source[mine]))
     R = 3
     x = rng.standard_normal((R, n_in))
     x[rng.random((R, n_in)) < 0.05] = np.inf
@@ -395,7 +410,7 @@ def test_pack_stationary(n_in, n_out, density, schedule, seed):
     got = np.zeros((R, max(n_out, 1)))
     with np.errstate(invalid="ignore"):
         for r in range(R):
-            np.add.at(got[r], (slice_ * 32 + lane)[real], (vals * smem[p.indices * R + r])[real])
+            np.add.at(got[r], output[real], (vals * smem[p.indices * R + r])[real])
             assert np.all(vals[~real] * smem[p.indices[~real].astype(int) * R + r] == 0)
         dense = w.toarray()
         want = np.stack([(x[r][:, None] * dense).sum(axis=0, where=dense != 0) for r in range(R)])
