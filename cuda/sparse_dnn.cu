@@ -719,6 +719,10 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
                stat_net_fits(n, stat_net_rows(n), device);
   }
   const int64_t head = use_tail ? tail0 : n_layers;
+  // SPDNN_STAT_PREFETCH=0: no L1 prefetch of the tail's weights (read at every call, for
+  // A/B timing).
+  const char* prefetch_env = std::getenv("SPDNN_STAT_PREFETCH");
+  const bool stat_prefetch = !(prefetch_env && std::string(prefetch_env) == "0");
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
   int cur = 0;     // the row list (src[cur], ids[cur]) and the buffer holding its rows
   int b = 0;       // buf[b]: the current rows
@@ -784,6 +788,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
       a.n = n;
       a.clip = static_cast<float>(clip);
       a.drop = drop;
+      a.prefetch = stat_prefetch;
       if (auto err = launch_stat_net<R>(stream, a, rows); err.failure()) return err;
       b = 1 - b;
       compact(a.last - 1);

@@ -62,7 +62,14 @@ struct StatNetArgs {
   int n;
   float clip;
   bool drop;
+  bool prefetch;  // prefetch each warp's weights two groups ahead into L1
 };
+
+// Asks for the 16 bytes of values and 8 bytes of indices of a lane's group in L1.
+__device__ __forceinline__ void prefetch_l1(const float4* v, const uint2* i) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(v));
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(i));
+}
 
 // Shared-memory bytes of a tile of R rows of width n (plus the zero column).
 template <int R>
@@ -124,8 +131,15 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
         };
         const float4* vp = reinterpret_cast<const float4*>(a.values) + lane;
         const uint2* ip = reinterpret_cast<const uint2*>(a.indices) + lane;
+        if (a.prefetch) {  // the first two groups towards L1 (nothing held in registers)
+          if (g0 < g1) prefetch_l1(vp + static_cast<int64_t>(g0) * 32, ip + g0 * 32);
+          if (g0 + 1 < g1) prefetch_l1(vp + static_cast<int64_t>(g0 + 1) * 32, ip + (g0 + 1) * 32);
+        }
 #pragma unroll 1
         for (int g = g0; g < g1; ++g) {
+          if (a.prefetch && g + 2 < g1) {  // two groups ahead
+            prefetch_l1(vp + static_cast<int64_t>(g + 2) * 32, ip + static_cast<int64_t>(g + 2) * 32);
+          }
           const float4 v = __ldg(vp + static_cast<int64_t>(g) * 32);
           const uint2 ii = __ldg(ip + static_cast<int64_t>(g) * 32);
           apply(v.x, ii.x & 0xffffu);
