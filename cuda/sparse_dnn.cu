@@ -667,7 +667,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
                          double clip, bool drop, ffi::Span<const int64_t> sp_off,
                          ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off,
                          const StatNetArgs& tail, int64_t tail0,
-                         ffi::Span<const int64_t> tail_ends) {
+                         ffi::Span<const int64_t> tail_ends, int64_t tail_slots,
+                         int tail_units) {
   const int64_t rows32 = (rows + 31) / 32 * 32;  // the workspace fits any tile height
   const int n_groups = (n + kThreads * O - 1) / (kThreads * O);
   T* buf[2] = {work, work + rows32 * n};
@@ -716,7 +717,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   bool use_tail = false;
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
     use_tail = tail_ends.size() > 0 && tail0 < n_layers && tail.values != nullptr &&
-               stat_net_fits(n, stat_net_rows(n), device);
+               stat_net_fits(n, stat_net_rows(tail_slots), device);
   }
   const int64_t head = use_tail ? tail0 : n_layers;
   // SPDNN_STAT_PREFETCH=0: no L1 prefetch of the tail's weights (read at every call, for
@@ -789,7 +790,9 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
       a.clip = static_cast<float>(clip);
       a.drop = drop;
       a.prefetch = stat_prefetch;
-      if (auto err = launch_stat_net<R>(stream, a, rows); err.failure()) return err;
+      if (auto err = launch_stat_net<R>(stream, a, rows, tail_slots, tail_units); err.failure()) {
+        return err;
+      }
       b = 1 - b;
       compact(a.last - 1);
       first = a.last;
@@ -814,7 +817,8 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
                               ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip,
                               bool drop_dead, int64_t group, ffi::Span<const int64_t> sp_off,
                               ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off,
-                              int64_t tail0, ffi::Span<const int64_t> tail_ends) {
+                              int64_t tail0, ffi::Span<const int64_t> tail_ends,
+                              int64_t tail_units) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("sparse_dnn: x must be [batch, n]");
   const int64_t rows = xd[0], n = xd[1];
@@ -855,13 +859,17 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
   // The stationary tail: layers tail0 .. L - 1 in launches ending at tail_ends (none: no
   // tail), with their weights in the stationary layout.
   StatNetArgs tail{};
+  int64_t tail_slots = 0;
   if (tail_ends.size() > 0) {
     const int64_t n_tail = n_layers - tail0;
+    tail_slots = n_tail > 0 ? static_cast<int64_t>(t_perm.element_count()) / n_tail : 0;
     bool ok = tail0 >= 0 && n_tail > 0 && n <= 65534 && tail_ends.back() == n_layers &&
               tail_ends.front() > tail0 &&
-              static_cast<int64_t>(t_group_ptr.element_count()) == n_tail * (n_slices + 1) &&
-              static_cast<int64_t>(t_perm.element_count()) == n_tail * n &&
-              t_values.element_count() == t_indices.element_count() &&
+              (tail_slots == 1024 || tail_slots == 2048 || tail_slots == 4096) &&
+              tail_slots >= n && tail_slots * n_tail == static_cast<int64_t>(t_perm.element_count()) &&
+              (tail_units == 1 || tail_units == 2 || (tail_units == 4 && tail_slots <= 2048)) &&
+              static_cast<int64_t>(t_group_ptr.element_count()) == n_tail * (tail_slots / 32 + 1) &&
+              t_values.element_count() == t_indices.element_count() * tail_units &&
               t_values.element_count() % 128 == 0;
     for (size_t k = 1; ok && k < tail_ends.size(); ++k) ok = tail_ends[k] > tail_ends[k - 1];
     if (!ok) {
@@ -894,7 +902,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
         reinterpret_cast<T*>(y->untyped_data()), active->typed_data(),
         reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows,
         static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off, tail, tail0,
-        tail_ends);
+        tail_ends, tail_slots, static_cast<int>(tail_units));
     };
     using R16 = std::integral_constant<int, 16>;
     using R32 = std::integral_constant<int, 32>;
@@ -971,8 +979,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_d
                                   .Arg<ffi::Buffer<ffi::S32>>()  // fp_cols, all layers
                                   .Arg<ffi::Buffer<ffi::F32>>()  // tail: stationary values
                                   .Arg<ffi::Buffer<ffi::U16>>()  // tail: input per slot
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tail: group_ptr [L - t0, s + 1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tail: perm [L - t0, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tail: group_ptr [L - t0, w + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tail: perm [L - t0, slots]
                                   .Ret<ffi::AnyBuffer>()         // y [batch, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
                                   .Ret<ffi::AnyBuffer>()         // workspace [2, batch32, n]
@@ -984,4 +992,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_d
                                   .Attr<ffi::Span<const int64_t>>("ell_offsets")    // [L + 1]
                                   .Attr<ffi::Span<const int64_t>>("fp_offsets")    // [L + 1]
                                   .Attr<int64_t>("tail_start")
-                                  .Attr<ffi::Span<const int64_t>>("tail_ends"));
+                                  .Attr<ffi::Span<const int64_t>>("tail_ends")
+                                  .Attr<int64_t>("tail_units"));

@@ -12,12 +12,14 @@
 //     sit in shared memory, input i of row r at word i * P + r with P = R + 4: a
 //     16-byte load gives four rows of one input, and lanes whose inputs differ modulo 8
 //     hit different bank quads (P / 4 is odd);
-//   - each thread owns OPT outputs of the layer (one per 1024 outputs) and keeps their
-//     R sums in registers; the weights come from L2 in the stationary layout of
-//     `sparse_linear` (jax_spdnn.sparse.pack_stationary with the outputs in footprint
-//     order, so outputs with equal input sets share a warp and their loads broadcast):
-//     four steps per 16-byte load of values and 8-byte load of 16-bit input indices,
-//     each weight applied to R rows;
+//   - outputs with equal input sets form units of K = 1, 2 or 4 (packed by
+//     jax_spdnn.sparse.pack_shared_sets, outputs in footprint order): a unit's K threads
+//     each hold R / K of the tile's rows and the sums of all K outputs for them, so a
+//     16-byte load of four rows of one input feeds 4 K multiply-adds (shared memory,
+//     not the FMA units, bounds this kernel: K = 4 cuts its traffic by four); each
+//     thread takes OPT unit slots of a layer (OPT * 1024 slots cover it); the weights
+//     come from L2, four steps per K 16-byte loads of values and one 8-byte load of
+//     16-bit inputs, each weight applied to R / K rows;
 //   - the outputs are written back into the tile in place once every thread has
 //     finished the layer (they are held in registers across the barrier), so one
 //     buffer suffices;
@@ -77,16 +79,18 @@ constexpr size_t stat_net_smem(int n) {
   return static_cast<size_t>(n + 1) * (R + 4) * sizeof(float);
 }
 
-template <int RB, int R, int OPT>
+template <int RB, int R, int OPT, int K>
 __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const StatNetArgs a) {
-  static_assert(R % 4 == 0 && RB % R == 0, "tiles of whole 16-byte row groups");
+  static_assert(R % (4 * K) == 0 && RB % R == 0, "tiles of whole 16-byte row groups");
   constexpr int P = R + 4;
-  constexpr int Q = R / 4;
+  constexpr int RK = R / K;  // rows per thread
+  constexpr int UW = 32 / K;  // units per warp
   extern __shared__ float4 smem4[];
   float* feat = reinterpret_cast<float*>(smem4);
   __shared__ uint32_t tile_bits[2];
-  const int n = a.n, tid = threadIdx.x, lane = tid % 32;
-  const int n_slices = (n + 31) / 32;
+  const int n = a.n, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int j = lane / K, part = lane % K;  // unit in the warp's slice, part of the rows
+  constexpr int n_slices = OPT * kStatNetThreads / 32;
   const int64_t m = *a.count;
   const int64_t tiles = (m + R - 1) / R;
   const int r_own = tid % R;  // the row this thread stages and writes back
@@ -107,66 +111,85 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
     for (int l = a.first; l < a.last; ++l) {
       const int tl = l - a.tail0;
       const int32_t* gp = a.group_ptr + static_cast<int64_t>(tl) * (n_slices + 1);
-      float acc[OPT][R];
-      int neuron[OPT];
+      float acc[OPT][K][RK];
+      int neuron[OPT][K];
 #pragma unroll
-      for (int k = 0; k < OPT; ++k) {
+      for (int o = 0; o < OPT; ++o) {
+        const int w = o * 32 + warp;  // the warp's slice
+        const int unit = w * UW + j;
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[k][r] = 0.f;
-        const int o = k * kStatNetThreads + tid;
-        neuron[k] = o < n ? __ldg(a.perm + static_cast<int64_t>(tl) * n + o) : -1;
-        const int w = o / 32;  // the warp's slice: uniform
-        if (w >= n_slices) continue;
+        for (int k = 0; k < K; ++k) {
+#pragma unroll
+          for (int r = 0; r < RK; ++r) acc[o][k][r] = 0.f;
+          neuron[o][k] = __ldg(a.perm + static_cast<int64_t>(tl) * OPT * kStatNetThreads +
+                               unit * K + k);
+        }
         const int g0 = __ldg(gp + w), g1 = __ldg(gp + w + 1);
-        auto apply = [&](float v, uint32_t i) {
-          const float4* col = reinterpret_cast<const float4*>(feat + i * P);
+        auto apply = [&](const float* v, uint32_t i) {  // v: this step's K values
+          const float4* col = reinterpret_cast<const float4*>(feat + i * P + part * RK);
 #pragma unroll
-          for (int q = 0; q < Q; ++q) {
+          for (int q = 0; q < RK / 4; ++q) {
             const float4 f = col[q];
-            acc[k][4 * q] = fmaf(v, f.x, acc[k][4 * q]);
-            acc[k][4 * q + 1] = fmaf(v, f.y, acc[k][4 * q + 1]);
-            acc[k][4 * q + 2] = fmaf(v, f.z, acc[k][4 * q + 2]);
-            acc[k][4 * q + 3] = fmaf(v, f.w, acc[k][4 * q + 3]);
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+              acc[o][k][4 * q] = fmaf(v[k], f.x, acc[o][k][4 * q]);
+              acc[o][k][4 * q + 1] = fmaf(v[k], f.y, acc[o][k][4 * q + 1]);
+              acc[o][k][4 * q + 2] = fmaf(v[k], f.z, acc[o][k][4 * q + 2]);
+              acc[o][k][4 * q + 3] = fmaf(v[k], f.w, acc[o][k][4 * q + 3]);
+            }
           }
         };
-        const float4* vp = reinterpret_cast<const float4*>(a.values) + lane;
-        const uint2* ip = reinterpret_cast<const uint2*>(a.indices) + lane;
+        // Group g: the unit's 4 K values at float4 g * 32 + j * K .., its four inputs at
+        // uint2 g * UW + j.
+        const float4* vp = reinterpret_cast<const float4*>(a.values) + j * K;
+        const uint2* ip = reinterpret_cast<const uint2*>(a.indices) + j;
         if (a.prefetch) {  // the first two groups towards L1 (nothing held in registers)
-          if (g0 < g1) prefetch_l1(vp + static_cast<int64_t>(g0) * 32, ip + g0 * 32);
-          if (g0 + 1 < g1) prefetch_l1(vp + static_cast<int64_t>(g0 + 1) * 32, ip + (g0 + 1) * 32);
+          if (g0 < g1) prefetch_l1(vp + static_cast<int64_t>(g0) * 32, ip + g0 * UW);
+          if (g0 + 1 < g1) prefetch_l1(vp + static_cast<int64_t>(g0 + 1) * 32, ip + (g0 + 1) * UW);
         }
 #pragma unroll 1
         for (int g = g0; g < g1; ++g) {
           if (a.prefetch && g + 2 < g1) {  // two groups ahead
-            prefetch_l1(vp + static_cast<int64_t>(g + 2) * 32, ip + static_cast<int64_t>(g + 2) * 32);
+            prefetch_l1(vp + static_cast<int64_t>(g + 2) * 32, ip + static_cast<int64_t>(g + 2) * UW);
           }
-          const float4 v = __ldg(vp + static_cast<int64_t>(g) * 32);
-          const uint2 ii = __ldg(ip + static_cast<int64_t>(g) * 32);
-          apply(v.x, ii.x & 0xffffu);
-          apply(v.y, ii.x >> 16);
-          apply(v.z, ii.y & 0xffffu);
-          apply(v.w, ii.y >> 16);
+          float v[4 * K];
+#pragma unroll
+          for (int q = 0; q < K; ++q) {
+            const float4 f = __ldg(vp + static_cast<int64_t>(g) * 32 + q);
+            v[4 * q] = f.x;
+            v[4 * q + 1] = f.y;
+            v[4 * q + 2] = f.z;
+            v[4 * q + 3] = f.w;
+          }
+          const uint2 ii = __ldg(ip + static_cast<int64_t>(g) * UW);
+          apply(v, ii.x & 0xffffu);
+          apply(v + K, ii.x >> 16);
+          apply(v + 2 * K, ii.y & 0xffffu);
+          apply(v + 3 * K, ii.y >> 16);
         }
       }
       __syncthreads();  // every thread is done reading this layer's inputs
       uint32_t bits = 0;
 #pragma unroll
-      for (int k = 0; k < OPT; ++k) {
-        if (neuron[k] < 0) continue;
-        const float b = __ldg(a.bias + static_cast<int64_t>(l) * n + neuron[k]);
-        float out[R];
+      for (int o = 0; o < OPT; ++o) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float v = acc[k][r] + b;
-          if (v < 0.f) v = 0.f;
-          if (v > a.clip) v = a.clip;
-          out[r] = r < valid ? v : 0.f;
-          bits |= out[r] != 0.f ? (1u << r) : 0u;
-        }
-        float4* col = reinterpret_cast<float4*>(feat + neuron[k] * P);
+        for (int k = 0; k < K; ++k) {
+          if (neuron[o][k] < 0) continue;
+          const float b = __ldg(a.bias + static_cast<int64_t>(l) * n + neuron[o][k]);
+          float out[RK];
 #pragma unroll
-        for (int q = 0; q < Q; ++q) {
-          col[q] = make_float4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+          for (int r = 0; r < RK; ++r) {
+            float v = acc[o][k][r] + b;
+            if (v < 0.f) v = 0.f;
+            if (v > a.clip) v = a.clip;
+            out[r] = part * RK + r < valid ? v : 0.f;
+            bits |= out[r] != 0.f ? (1u << (part * RK + r)) : 0u;
+          }
+          float4* col = reinterpret_cast<float4*>(feat + neuron[o][k] * P + part * RK);
+#pragma unroll
+          for (int q = 0; q < RK / 4; ++q) {
+            col[q] = make_float4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+          }
         }
       }
       bits = __reduce_or_sync(0xffffffffu, bits);
@@ -190,22 +213,22 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
   }
 }
 
+// Tile height for `slots` unit slots per layer (1024 threads times OPT): 16 rows up to
+// two slots per thread, 8 with four (the sums stay within 32 registers per thread).
+inline int stat_net_rows(int64_t slots) { return slots <= 2048 ? 16 : 8; }
+
 // Whether the stationary network kernel runs width n on this device: R rows of n + 1
 // columns must fit the per-block shared-memory limit.
 inline bool stat_net_fits(int n, int r, int device) {
   int optin = 0;
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const size_t need = r == 16 ? stat_net_smem<16>(n) : stat_net_smem<8>(n);
-  return n <= 4096 && need + 64 <= static_cast<size_t>(optin);
+  return need + 64 <= static_cast<size_t>(optin);
 }
 
-// Tile height for width n: 16 rows up to 2048 outputs, 8 up to 4096 (the sums of OPT
-// outputs per thread stay within 32 registers).
-inline int stat_net_rows(int n) { return n <= 2048 ? 16 : 8; }
-
-template <int RB, int R, int OPT>
+template <int RB, int R, int OPT, int K>
 xla::ffi::Error launch_stat_net_t(cudaStream_t stream, const StatNetArgs& a, int64_t rows) {
-  auto kernel = stationary_layers<RB, R, OPT>;
+  auto kernel = stationary_layers<RB, R, OPT, K>;
   const size_t smem = stat_net_smem<R>(a.n);
   int resident = 0;
   if (auto err = resident_blocks(kernel, smem, &resident, "stationary layers", kStatNetThreads);
@@ -218,12 +241,24 @@ xla::ffi::Error launch_stat_net_t(cudaStream_t stream, const StatNetArgs& a, int
   return last_launch_error("sparse_dnn: stationary layers");
 }
 
-// Launches layers [a.first, a.last) on the listed rows (at most `rows`).
+// Launches layers [a.first, a.last) on the listed rows (at most `rows`): `slots` unit
+// slots per layer (1024, 2048 or 4096), units of `units` outputs (1, 2 or 4; 4 only with
+// 16-row tiles).  The handler checked both.
 template <int RB>
-xla::ffi::Error launch_stat_net(cudaStream_t stream, const StatNetArgs& a, int64_t rows) {
-  if (a.n <= 1024) return launch_stat_net_t<RB, 16, 1>(stream, a, rows);
-  if (a.n <= 2048) return launch_stat_net_t<RB, 16, 2>(stream, a, rows);
-  return launch_stat_net_t<RB, 8, 4>(stream, a, rows);
+xla::ffi::Error launch_stat_net(cudaStream_t stream, const StatNetArgs& a, int64_t rows,
+                                int64_t slots, int units) {
+  if (slots == 1024) {
+    if (units == 4) return launch_stat_net_t<RB, 16, 1, 4>(stream, a, rows);
+    if (units == 2) return launch_stat_net_t<RB, 16, 1, 2>(stream, a, rows);
+    return launch_stat_net_t<RB, 16, 1, 1>(stream, a, rows);
+  }
+  if (slots == 2048) {
+    if (units == 4) return launch_stat_net_t<RB, 16, 2, 4>(stream, a, rows);
+    if (units == 2) return launch_stat_net_t<RB, 16, 2, 2>(stream, a, rows);
+    return launch_stat_net_t<RB, 16, 2, 1>(stream, a, rows);
+  }
+  if (units == 2) return launch_stat_net_t<RB, 8, 4, 2>(stream, a, rows);
+  return launch_stat_net_t<RB, 8, 4, 1>(stream, a, rows);
 }
 
 }  // namespace spdnn::cuda

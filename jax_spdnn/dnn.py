@@ -56,10 +56,14 @@ FOOTPRINT_MIN_N = 1024  # auto: the footprint kernel from this width on (timed f
 # The footprint path's tail: from layer TAIL_HEAD on, the stationary network kernel runs the
 # remaining layers in launches of 2, 4, 8, ... layers, at most TAIL_MAX each, rows kept in
 # shared memory (cuda/stationary_layers.cuh), for float32 features up to TAIL_MAX_N wide.
-# SPDNN_FP_TAIL="head,max" overrides both, "off" runs the footprint kernel throughout.
+# Outputs with equal input sets go in units of TAIL_UNITS[0], else the next that fills at
+# least TAIL_FILL of the units of every tail layer (jax_spdnn.sparse.pack_shared_sets).
+# SPDNN_FP_TAIL="head,max[,units]" overrides them, "off" runs the footprint kernel throughout.
 TAIL_HEAD = 8
 TAIL_MAX = 32
 TAIL_MAX_N = 4096
+TAIL_UNITS = (4, 2, 1)
+TAIL_FILL = 0.9
 
 
 def footprint_applies(n: int, kernel: str) -> bool:
@@ -97,21 +101,30 @@ def _cuda_options() -> tuple[str, tuple[int, int]]:
     return kernel, (singles, max_segment)
 
 
-def tail_options() -> tuple[int, int] | None:
-    """The footprint path's stationary tail as ``(head, max_segment)``, or None (off):
-    ``(TAIL_HEAD, TAIL_MAX)`` unless ``SPDNN_FP_TAIL`` says otherwise (read at trace time)."""
+def tail_options() -> tuple[int, int, int] | None:
+    """The footprint path's stationary tail as ``(head, max_segment, units)`` (units 0:
+    chosen per network), or None (off): ``(TAIL_HEAD, TAIL_MAX, 0)`` unless
+    ``SPDNN_FP_TAIL`` says otherwise (read at trace time)."""
     value = os.environ.get("SPDNN_FP_TAIL")
     if value is None:
-        return TAIL_HEAD, TAIL_MAX
+        return TAIL_HEAD, TAIL_MAX, 0
     if value == "off":
         return None
     try:
-        head, max_segment = (int(v) for v in value.split(","))
+        parts = tuple(int(v) for v in value.split(","))
+        if len(parts) not in (2, 3):
+            raise ValueError
     except ValueError:
-        raise ValueError(f"SPDNN_FP_TAIL must be 'off' or 'head,max', got {value!r}") from None
-    if head < 0 or max_segment < 1:
-        raise ValueError(f"SPDNN_FP_TAIL: head must be >= 0 and max >= 1, got {value!r}")
-    return head, max_segment
+        raise ValueError(
+            f"SPDNN_FP_TAIL must be 'off' or 'head,max[,units]', got {value!r}"
+        ) from None
+    head, max_segment, units = parts + (0,) * (3 - len(parts))
+    if head < 0 or max_segment < 1 or units not in (0, *TAIL_UNITS):
+        raise ValueError(
+            f"SPDNN_FP_TAIL: head must be >= 0, max >= 1 and units one of {TAIL_UNITS}, "
+            f"got {value!r}"
+        )
+    return head, max_segment, units
 
 
 def tail_schedule(n: int, n_layers: int, dtype, options) -> tuple[int, tuple[int, ...]]:
@@ -123,7 +136,7 @@ def tail_schedule(n: int, n_layers: int, dtype, options) -> tuple[int, tuple[int
     shared memory: the same results."""
     if options is None or n > TAIL_MAX_N or np.dtype(dtype) != np.float32:
         return n_layers, ()
-    head, max_segment = options
+    head, max_segment = options[:2]
     if head >= n_layers:
         return n_layers, ()
     ends = tuple(e for e in segment_ends(n_layers, head, max_segment) if e > head)
@@ -392,7 +405,7 @@ def _call_cuda_fp(
 ):
     """The CUDA footprint-kernel network call on explicit operands (see
     :func:`_fp_operands`; ``alias`` as in :func:`_call_cuda_ell`; ``tail``: the stationary
-    tail as ``(values, indices, group_ptr, perm, tail_start, ends)``, see
+    tail as ``(values, indices, group_ptr, perm, tail_start, ends, units)``, see
     :func:`_tail_operands`)."""
     if tail is None:
         tail = (
@@ -402,6 +415,7 @@ def _call_cuda_fp(
             np.zeros(0, np.int32),
             biases.shape[0],
             (),
+            1,
         )
     batch, n = x.shape
     batch32 = -(-batch // 32) * 32  # any tile height fits
@@ -423,6 +437,7 @@ def _call_cuda_fp(
         fp_offsets=np.asarray(fp_off, np.int64),
         tail_start=np.int64(tail[4]),
         tail_ends=np.asarray(tail[5], np.int64),
+        tail_units=np.int64(tail[6]),
     )
     return y, active
 
@@ -443,18 +458,40 @@ def _fp_layout(fps):
     return index, tuple(tuple(int(v) for v in off) for off in offsets)
 
 
-def _tail_operands(layers, tail_start: int, ends: tuple[int, ...]):
+def tail_units(layers, units: int = 0) -> int:
+    """Outputs per unit of the stationary tail for these layers: ``units`` if given, else
+    the first of ``TAIL_UNITS`` whose units are at least ``TAIL_FILL`` full in every layer
+    and fit the kernel's slots (units of four only up to 2048 slots)."""
+    if units:
+        return units
+    for k in TAIL_UNITS:
+        packs = [W.structure.shared_sets(k) for W in layers]
+        slots = {p.perm.shape[0] for p in packs}
+        if len(slots) == 1 and (k < 4 or max(slots) <= 2048):
+            if min(p.fill for p in packs) >= TAIL_FILL:
+                return k
+    return 1
+
+
+def _tail_operands(layers, tail_start: int, ends: tuple[int, ...], units: int):
     """The stationary tail's operands for ``layers[tail_start:]``: values (float32),
-    16-bit input indices, group_ptr made global over the layers, perm ``[layers, n]``."""
-    packs = [W.structure.stationary(schedule=False, reorder=True) for W in layers[tail_start:]]
-    values = pack_values_many(packs, [W.values for W in layers[tail_start:]], jnp.float32)
+    16-bit input indices, group_ptr made global over the layers, perm ``[layers, slots]``,
+    then the schedule and the unit size."""
+    layers = layers[tail_start:]
+    k = tail_units(layers, units)
+    packs = [W.structure.shared_sets(k) for W in layers]
+    slots = max(p.perm.shape[0] for p in packs)
+    if any(p.perm.shape[0] != slots for p in packs) or (k == 4 and slots > 2048):
+        k, packs = 1, [W.structure.shared_sets(1) for W in layers]  # always one size
+        slots = packs[0].perm.shape[0]
+    values = pack_values_many(packs, [W.values for W in layers], jnp.float32)
     base = np.cumsum([0] + [p.total // 128 for p in packs[:-1]])
     group_ptr = np.concatenate([p.group_ptr + b for p, b in zip(packs, base)])
     if group_ptr[-1] * 128 >= 2**31:
         raise ValueError("SparseDNN: the stationary tail needs more than 2^31 slots")
     indices = np.concatenate([p.indices for p in packs])
     perm = np.concatenate([p.perm for p in packs])
-    return values, indices, group_ptr.astype(np.int32), perm, tail_start, ends
+    return values, indices, group_ptr.astype(np.int32), perm, tail_start, ends, k
 
 
 def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool, tail_opts):
@@ -466,7 +503,7 @@ def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool, tail_opts):
     values = pack_values_many(fps, [W.values for W in net.layers], acc)
     index, offsets = _fp_layout(fps)
     biases = net.biases.astype(acc)
-    tail = _tail_operands(net.layers, start, ends) if ends else None
+    tail = _tail_operands(net.layers, start, ends, tail_opts[2]) if ends else None
     return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead, group, tail=tail)
 
 
@@ -558,7 +595,7 @@ def _forward(
     drop_dead: bool,
     kernel: str = "auto",
     segments=(SINGLE_LAYERS, MAX_SEGMENT),
-    tail=(TAIL_HEAD, TAIL_MAX),
+    tail=(TAIL_HEAD, TAIL_MAX, 0),
 ) -> DNNResult:
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):

@@ -28,11 +28,13 @@ __all__ = [
     "EllPack",
     "FootprintPack",
     "SparseMatrix",
+    "SharedSetPack",
     "StationaryPack",
     "Structure",
     "footprint_order",
     "pack_bank_split",
     "pack_footprint",
+    "pack_shared_sets",
     "pack_sliced_ell",
     "pack_stationary",
 ]
@@ -122,13 +124,19 @@ class Structure:
             cache[group] = pack_footprint(self, group)
         return cache[group]
 
-    def stationary(self, schedule: bool = True, reorder: bool = False) -> StationaryPack:
-        """The stationary-rows kernels' layout (see :func:`pack_stationary`), cached."""
+    def stationary(self, schedule: bool = True) -> StationaryPack:
+        """The stationary-rows kernel's layout (see :func:`pack_stationary`), cached."""
         cache = self.__dict__.setdefault("_stationary", {})
-        key = (schedule, reorder)
-        if key not in cache:
-            cache[key] = pack_stationary(self, schedule=schedule, reorder=reorder)
-        return cache[key]
+        if schedule not in cache:
+            cache[schedule] = pack_stationary(self, schedule=schedule)
+        return cache[schedule]
+
+    def shared_sets(self, units: int) -> SharedSetPack:
+        """The stationary network kernel's layout (see :func:`pack_shared_sets`), cached."""
+        cache = self.__dict__.setdefault("_shared_sets", {})
+        if units not in cache:
+            cache[units] = pack_shared_sets(self, units)
+        return cache[units]
 
     def bank_split(self, groups: int) -> BankSplitPack:
         """The whole-network GPU kernel's layout (see :func:`pack_bank_split`), cached."""
@@ -478,27 +486,20 @@ class StationaryPack(_Packed):
     four values and one 8-byte load four indices.  Padding slots point at input ``n_in``
     (a zero column the kernel appends) with a zero value.
 
-    With ``perm`` the outputs are taken in that order (slice ``w``, lane ``l`` is output
-    ``perm[32 w + l]``): the whole-network stationary kernel of ``SparseDNN`` takes them in
-    :func:`footprint_order`, so that outputs with equal input sets share a warp and read
-    the same shared-memory words at the same step.
-
     Attributes:
       group_ptr: ``[n_slices + 1] int32``, first group of four steps of each slice.
       indices: ``[total] uint16``, input neuron per slot (``n_in`` for padding).
       source: ``[total] int32``, position of each slot's value in the CSR ``values``, or
         ``nnz`` for padding.
-      perm: ``[n_out] int32``, the output at each position, or None (natural order).
       scheduled: whether the bank schedule was applied.
       conflicts: mean shared-memory accesses per warp step of row 0 (1.0 is conflict-free).
     """
 
-    __slots__ = ("group_ptr", "indices", "source", "nnz", "scheduled", "conflicts", "perm")
+    __slots__ = ("group_ptr", "indices", "source", "nnz", "scheduled", "conflicts")
 
-    def __init__(self, group_ptr, indices, source, nnz, scheduled, conflicts, perm=None):
+    def __init__(self, group_ptr, indices, source, nnz, scheduled, conflicts):
         self.group_ptr, self.indices, self.source = group_ptr, indices, source
         self.nnz, self.scheduled, self.conflicts = nnz, scheduled, conflicts
-        self.perm = perm
 
 
 def _bank_schedule(entry: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -532,27 +533,14 @@ def _bank_schedule(entry: np.ndarray, bank: np.ndarray) -> np.ndarray:
     return steps
 
 
-def pack_stationary(
-    structure: Structure, *, schedule: bool = True, reorder: bool = False
-) -> StationaryPack:
-    """Packs a CSR-of-``W^T`` structure for the stationary-rows kernels (see
-    :class:`StationaryPack`; ``reorder``: outputs in :func:`footprint_order`).  Host-side,
-    vectorized over slices; done once per structure (cached by
-    :meth:`Structure.stationary`)."""
+def pack_stationary(structure: Structure, *, schedule: bool = True) -> StationaryPack:
+    """Packs a CSR-of-``W^T`` structure for the stationary-rows kernel (see
+    :class:`StationaryPack`).  Host-side, vectorized over slices; done once per structure
+    (cached by :meth:`Structure.stationary`)."""
     n_in, nnz = structure.n_in, structure.nnz
     if n_in > STATIONARY_MAX_IN:
         raise ValueError(
             f"pack_stationary: n_in {n_in} exceeds {STATIONARY_MAX_IN} (16-bit input indices)"
-        )
-    if reorder:
-        perm = footprint_order(structure)
-        reordered, moved = _reorder_outputs(structure, perm)
-        pack = pack_stationary(reordered, schedule=schedule)
-        source = np.append(moved, nnz)[pack.source].astype(np.int32)  # padding keeps nnz
-        for a in (source, perm):
-            a.flags.writeable = False
-        return StationaryPack(
-            pack.group_ptr, pack.indices, source, nnz, pack.scheduled, pack.conflicts, perm
         )
     longest, rows, step = _slices(structure)  # step: CSR order
     n_slices = longest.shape[0]
@@ -584,6 +572,119 @@ def pack_stationary(
     for a in (group_ptr, indices, source):
         a.flags.writeable = False
     return StationaryPack(group_ptr, indices, source, nnz, scheduled, conflicts)
+
+
+SHARED_SET_UNITS = (1, 2, 4)  # outputs per unit the stationary network kernel is built for
+
+
+class SharedSetPack(_Packed):
+    """Packing of a :class:`Structure` for the stationary network kernel of ``SparseDNN``
+    (``cuda/stationary_layers.cuh``): outputs in *units* of ``units`` outputs with equal
+    input sets, which walk one list of inputs together.
+
+    The outputs are taken in :func:`footprint_order` (equal input sets adjacent); each run
+    of outputs with one input set is cut into units of ``units`` (the last one of a run may
+    be partial).  The kernel gives each unit ``units`` threads, each holding a part of the
+    tile's rows and the sums of all the unit's outputs for those rows, so every feature
+    value read from shared memory feeds ``units`` multiply-adds.  A warp takes ``32 /
+    units`` units (a *slice*) and walks them in steps of one input per unit; slice ``w``
+    takes ``4 * (group_ptr[w + 1] - group_ptr[w])`` steps (its longest input set, rounded
+    up to four).  Step ``s`` of output ``k`` of the ``j``-th unit of a slice has its value
+    at slot ``(group_ptr[w] + s // 4) * 128 + j * 4 * units + (s % 4) * units + k`` and its
+    input at ``(group_ptr[w] + s // 4) * (128 / units) + j * 4 + s % 4``: a thread's four
+    steps are ``units`` 16-byte loads of values and one 8-byte load of 16-bit inputs.
+    Steps follow the CSR order (increasing inputs), so every output sums as the other
+    network kernels do.  Padding has input ``n_in`` (a zero column) and a zero value.
+
+    Attributes:
+      units: outputs per unit.
+      perm: ``[slots] int32``, the output neuron of each unit slot (unit ``u``, output
+        ``k`` at ``u * units + k``), -1 for the empty slots of partial units and past the
+        last unit; ``slots`` is 1024 (the kernel's threads) times a power of two.
+      group_ptr: ``[slots / 32 + 1] int32``; indices: ``[total / units] uint16``;
+      source: ``[total] int32``, position of each value slot's value in the CSR
+        ``values``, or ``nnz`` for padding.
+      fill: outputs over unit slots in use (1.0 when every unit is full).
+    """
+
+    __slots__ = ("units", "perm", "group_ptr", "indices", "source", "nnz", "fill")
+
+    def __init__(self, units, perm, group_ptr, indices, source, nnz, fill):
+        self.units, self.perm, self.group_ptr, self.indices = units, perm, group_ptr, indices
+        self.source, self.nnz, self.fill = source, nnz, fill
+
+
+def shared_set_runs(structure: Structure, order: np.ndarray) -> np.ndarray:
+    """For outputs in ``order``: the run of equal input sets each belongs to (0, 1, ...)."""
+    n_out = structure.n_out
+    if n_out == 0:
+        return np.zeros(0, np.int64)
+    indptr = structure.indptr.astype(np.int64)
+    counts = np.diff(indptr)[order]
+    width = int(counts.max(initial=0))
+    table = np.full((n_out, width), -1, np.int64)
+    starts = indptr[:-1][order]
+    rows = np.repeat(np.arange(n_out), counts)
+    cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    table[rows, cols] = structure.indices[np.repeat(starts, counts) + cols]
+    new = np.ones(n_out, bool)
+    new[1:] = np.any(table[1:] != table[:-1], axis=1) if width else False
+    return np.cumsum(new) - 1
+
+
+def pack_shared_sets(structure: Structure, units: int) -> SharedSetPack:
+    """Packs a CSR-of-``W^T`` structure for the stationary network kernel (see
+    :class:`SharedSetPack`).  Host-side and vectorized; done once per structure and unit
+    size (cached by :meth:`Structure.shared_sets`)."""
+    if units not in SHARED_SET_UNITS:
+        raise ValueError(f"pack_shared_sets: units must be one of {SHARED_SET_UNITS}, got {units}")
+    n_in, n_out, nnz = structure.n_in, structure.n_out, structure.nnz
+    if n_in > STATIONARY_MAX_IN:
+        raise ValueError(
+            f"pack_shared_sets: n_in {n_in} exceeds {STATIONARY_MAX_IN} (16-bit input indices)"
+        )
+    order = footprint_order(structure)
+    reordered, moved = _reorder_outputs(structure, order)
+    run = shared_set_runs(structure, order)
+    n_runs = int(run[-1]) + 1 if n_out else 0
+    run_len = np.bincount(run, minlength=n_runs)
+    run_start = np.cumsum(run_len) - run_len
+    unit_base = np.cumsum(-(-run_len // units)) - -(-run_len // units)
+    pos = np.arange(n_out) - run_start[run]
+    unit = unit_base[run] + pos // units  # unit and output-in-unit of each reordered output
+    k = pos % units
+    n_units = int(unit[-1]) + 1 if n_out else 0
+    slots = 1024
+    while slots < max(n_units * units, n_out):  # whole blocks of 1024 threads, 2^k of them
+        slots *= 2
+    perm = np.full(slots, -1, np.int32)
+    perm[unit * units + k] = order
+    per_warp = 32 // units
+    n_warps = slots // 32
+    counts = np.diff(reordered.indptr.astype(np.int64))
+    longest = np.zeros(n_warps, np.int64)
+    if n_out:
+        np.maximum.at(longest, unit // per_warp, counts)
+    groups = -(-longest // 4)
+    group_ptr = np.concatenate([[0], np.cumsum(groups)])
+    total = int(group_ptr[-1]) * 128
+    if total >= 2**31:
+        raise ValueError(f"pack_shared_sets: {total} slots, more than 2^31 - 1")
+    rows = reordered.row_ids.astype(np.int64)  # reordered output of each nonzero
+    step = np.arange(nnz, dtype=np.int64) - reordered.indptr[rows]
+    u, kk = unit[rows], k[rows]
+    w, j = u // per_warp, u % per_warp
+    g = group_ptr[w] + step // 4
+    source = np.full(total, nnz, np.int32)
+    source[g * 128 + j * 4 * units + (step % 4) * units + kk] = moved
+    indices = np.full(total // units, n_in, np.uint16)
+    first = kk == 0
+    indices[(g * (128 // units) + j * 4 + step % 4)[first]] = reordered.indices[first]
+    fill = n_out / (n_units * units) if n_units else 1.0
+    group_ptr = group_ptr.astype(np.int32)
+    for a in (perm, group_ptr, indices, source):
+        a.flags.writeable = False
+    return SharedSetPack(units, perm, group_ptr, indices, source, nnz, fill)
 
 
 def _step_conflicts(indices, source, nnz, total) -> float:

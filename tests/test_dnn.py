@@ -243,9 +243,9 @@ def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch)
 @pytest.mark.parametrize("bias", [-0.2, 0.05])  # rows dropped; kept (positive bias)
 def test_stationary_tail(n, degree, batch, bias, monkeypatch):
     """The stationary network kernel (every split of the layers into launches, from the
-    first layer on or after footprint layers) gives the footprint kernel's features bit
-    for bit, and its active counts; outputs share input sets, some have none, rows die at
-    the start, on the way and never."""
+    first layer on or after footprint layers, units of 1, 2 and 4 outputs) gives the
+    footprint kernel's features bit for bit, and its active counts; outputs share input
+    sets (four each), some have none, rows die at the start, on the way and never."""
     rng = np.random.default_rng(n + batch)
     layers = []
     for _ in range(5):
@@ -264,7 +264,8 @@ def test_stationary_tail(n, degree, batch, bias, monkeypatch):
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
     out = {}
     with jax.default_device(jax.devices("cuda")[0]):
-        for tail in ("off", "0,1", "0,64", "0,2", "2,1", "3,64"):
+        # head, launch length, outputs per unit (auto: 4 where n <= 2048, else 2)
+        for tail in ("off", "0,1", "0,64", "0,2,1", "2,1,2", "3,64,1", "1,3,4"):
             monkeypatch.setenv("SPDNN_FP_TAIL", tail)
             out[tail] = net(x.astype(np.float32))
     base = out.pop("off")
@@ -349,7 +350,7 @@ def test_segment_ends_and_options(monkeypatch):
 def test_tail_schedule_and_options(monkeypatch):
     from jax_spdnn.dnn import TAIL_HEAD, TAIL_MAX, tail_options, tail_schedule
 
-    assert tail_options() == (TAIL_HEAD, TAIL_MAX)
+    assert tail_options() == (TAIL_HEAD, TAIL_MAX, 0)
     assert tail_schedule(1024, 20, np.float32, (8, 32)) == (8, (10, 14, 20))
     assert tail_schedule(1024, 5, np.float32, (0, 1)) == (0, (1, 2, 3, 4, 5))
     assert tail_schedule(1024, 120, np.float32, (0, 200)) == (0, (2, 6, 14, 30, 62, 120))
@@ -360,8 +361,10 @@ def test_tail_schedule_and_options(monkeypatch):
     monkeypatch.setenv("SPDNN_FP_TAIL", "off")
     assert tail_options() is None and tail_schedule(1024, 20, np.float32, None) == (20, ())
     monkeypatch.setenv("SPDNN_FP_TAIL", "3,4")
-    assert tail_options() == (3, 4)
-    for bad in ("3", "a,b", "-1,4", "2,0"):
+    assert tail_options() == (3, 4, 0)
+    monkeypatch.setenv("SPDNN_FP_TAIL", "3,4,2")
+    assert tail_options() == (3, 4, 2)
+    for bad in ("3", "a,b", "-1,4", "2,0", "1,2,3", "1,2,4,4"):
         monkeypatch.setenv("SPDNN_FP_TAIL", bad)
         with pytest.raises(ValueError, match="SPDNN_FP_TAIL"):
             tail_options()
@@ -492,8 +495,6 @@ def test_cuda_lowering_without_a_gpu(kernel, n, target, monkeypatch):
 def test_cuda_lowering_of_the_tail(monkeypatch):
     """The tail's attributes and operands as lowered: its layers' weights in 16-bit
     indices, nothing for it when turned off or with bfloat16 storage."""
-    import re
-
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
     net = sd.SparseDNN(radixnet(1024, 12, seed=0), -0.3)
 
@@ -504,7 +505,11 @@ def test_cuda_lowering_of_the_tail(monkeypatch):
     monkeypatch.setenv("SPDNN_FP_TAIL", "2,4")
     text = lower(jnp.float32).as_text()
     assert "tail_start = 2" in text and "tail_ends = dense<[4, 8, 12]>" in text
-    assert re.search(r"tensor<327680xui16>", text)  # 10 layers x 32 slices x 8 groups x 128
+    # 16 outputs share each input set: units of four; 10 layers x 256 groups x 128 / 4
+    assert "tail_units = 4" in text and "tensor<81920xui16>" in text
+    monkeypatch.setenv("SPDNN_FP_TAIL", "2,4,1")
+    text = lower(jnp.float32).as_text()
+    assert "tail_units = 1" in text and "tensor<327680xui16>" in text
     monkeypatch.setenv("SPDNN_FP_TAIL", "off")
     text = lower(jnp.float32).as_text()
     assert "tail_start = 12" in text and "tail_ends = dense<> : tensor<0xi64>" in text

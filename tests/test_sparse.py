@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse as sps
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import sparse as jsparse
 from reference import random_sparse
@@ -361,42 +361,30 @@ def _stationary_slots(p):
     n_out=st.integers(0, 140),
     density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
     schedule=st.booleans(),
-    reorder=st.booleans(),
-    dup=st.integers(1, 3),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_pack_stationary(n_in, n_out, density, schedule, reorder, dup, seed):
-    """Every nonzero sits in exactly one slot, in its output's lane and slice (through
-    ``perm`` with ``reorder``), at a step below the slice's length; without the schedule
-    the steps keep the CSR order (increasing inputs); with ``reorder`` the outputs are in
-    footprint order (equal input sets adjacent); padding points at the zero column
-    ``n_in`` with the appended zero value; with features emulated as the kernel stores
-    them (infinite ones too, which padding must never touch) the packed layout computes
-    ``x @ W``."""
+def test_pack_stationary(n_in, n_out, density, schedule, seed):
+    """Every nonzero sits in exactly one slot, in its output's lane and slice, at a step
+    below the slice's length (without the schedule: in CSR order); padding points at the
+    zero column ``n_in`` with the appended zero value; with features emulated as the
+    kernel stores them (infinite ones too, which padding must never touch) the packed
+    layout computes ``x @ W``."""
     rng = np.random.default_rng(seed)
-    w = random_sparse(rng, n_in, -(-n_out // dup), density, empty_rows=0.2)
-    w = sps.hstack([w] * dup, format="csc")[:, rng.permutation(w.shape[1] * dup)[:n_out]]
-    w = sps.csc_matrix(w, shape=(n_in, n_out))
+    w = random_sparse(rng, n_in, n_out, density, empty_rows=0.2)
     m = sd.SparseMatrix.from_scipy(w)
     s = m.structure
-    p = sd.pack_stationary(s, schedule=schedule, reorder=reorder)
+    p = sd.pack_stationary(s, schedule=schedule)
     assert p.indices.dtype == np.uint16 and p.total % 128 == 0
     assert len(p.group_ptr) == -(-n_out // 32) + 1
-    if reorder:
-        assert np.array_equal(p.perm, sd.sparse.footprint_order(s))
-    else:
-        assert p.perm is None
     real = p.source < s.nnz
     assert np.array_equal(np.sort(p.source[real]), np.arange(s.nnz))
     assert np.all(p.indices[~real] == n_in)
     assert np.array_equal(p.indices[real], s.indices[p.source[real]])
     slice_, step, lane = _stationary_slots(p)
-    position = slice_ * 32 + lane
-    output = p.perm[np.minimum(position, max(n_out - 1, 0))] if reorder else position
-    assert np.array_equal(output[real], s.row_ids[p.source[real]])
+    assert np.array_equal((slice_ * 32 + lane)[real], s.row_ids[p.source[real]])
     counts = np.diff(s.indptr)
     for o in range(n_out):  # a lane's nonzeros take its first steps, one each
-        mine = real & (output == o)
+        mine = real & (slice_ * 32 + lane == o)
         assert np.array_equal(np.sort(step[mine]), np.arange(counts[o]))
         if not p.scheduled:
             assert np.array_equal(p.source[mine][np.argsort(step[mine])], np.sort(p.source[mine]))
@@ -410,11 +398,92 @@ def test_pack_stationary(n_in, n_out, density, schedule, reorder, dup, seed):
     got = np.zeros((R, max(n_out, 1)))
     with np.errstate(invalid="ignore"):
         for r in range(R):
-            np.add.at(got[r], output[real], (vals * smem[p.indices * R + r])[real])
+            np.add.at(got[r], (slice_ * 32 + lane)[real], (vals * smem[p.indices * R + r])[real])
             assert np.all(vals[~real] * smem[p.indices[~real].astype(int) * R + r] == 0)
         dense = w.toarray()
         want = np.stack([(x[r][:, None] * dense).sum(axis=0, where=dense != 0) for r in range(R)])
     np.testing.assert_allclose(got[:, :n_out], want, rtol=1e-12, atol=1e-12)
+
+
+@given(
+    n_in=st.integers(0, 90),
+    n_out=st.integers(0, 1100),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    units=st.sampled_from(sd.sparse.SHARED_SET_UNITS),
+    dup=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=60, deadline=None)
+def test_pack_shared_sets(n_in, n_out, density, units, dup, seed):
+    """Emulates the stationary network kernel on the packing: every unit walks one input
+    list for its outputs, which must all have that input set; each output's steps keep
+    its CSR order; padding reads the zero column with a zero value; the sums equal
+    ``x @ W`` (infinite features too); outputs sharing input sets fill the units."""
+    rng = np.random.default_rng(seed)
+    base = random_sparse(rng, n_in, max(1, -(-n_out // dup)), density, empty_rows=0.2)
+    w = sps.hstack([base] * dup, format="csc")[:, rng.permutation(base.shape[1] * dup)[:n_out]]
+    w = sps.csc_matrix(w, shape=(n_in, n_out))
+    m = sd.SparseMatrix.from_scipy(w)
+    s = m.structure
+    p = sd.pack_shared_sets(s, units)
+    assert p.units == units and p.total % 128 == 0 and p.indices.shape[0] * units == p.total
+    slots = p.perm.shape[0]
+    assert slots in (1024, 2048, 4096) and p.group_ptr.shape[0] == slots // 32 + 1
+    assert np.array_equal(np.sort(p.perm[p.perm >= 0]), np.arange(n_out))
+    real = p.source < s.nnz
+    assert np.array_equal(np.sort(p.source[real]), np.arange(s.nnz))
+    # slot -> (slice, group, unit in slice, step, output in unit)
+    v = np.arange(p.total)
+    group = v // 128
+    j, rest = v % 128 // (4 * units), v % (4 * units)
+    st_, k = rest // units, rest % units
+    slice_ = np.searchsorted(p.group_ptr, group, side="right") - 1
+    step = (group - p.group_ptr[slice_]) * 4 + st_
+    unit = slice_ * (32 // units) + j
+    neuron = p.perm[unit * units + k]
+    inputs = p.indices[group * (128 // units) + j * 4 + st_].astype(np.int64)
+    assert np.all(neuron[real] >= 0)
+    assert np.array_equal(neuron[real], s.row_ids[p.source[real]])
+    assert np.array_equal(inputs[real], s.indices[p.source[real]])
+    assert np.all((inputs == n_in) | real | (neuron < 0) | (neuron >= 0))
+    counts = np.diff(s.indptr)
+    for o in range(n_out):
+        mine = real & (neuron == o)
+        assert np.array_equal(np.sort(step[mine]), np.arange(counts[o]))
+        assert np.array_equal(p.source[mine][np.argsort(step[mine])], np.sort(p.source[mine]))
+    R = 2
+    x = rng.standard_normal((R, n_in + 1))
+    x[:, :n_in][rng.random((R, n_in)) < 0.05] = np.inf
+    x[:, n_in] = 0  # the zero column
+    vals = np.asarray(p.pack_values(jnp.asarray(m.values)), np.float64)
+    assert np.all(vals[~real] == 0) and np.all(inputs[~real & (neuron >= 0)] == n_in)
+    got = np.zeros((R, n_out + 1))
+    with np.errstate(invalid="ignore"):
+        for r in range(R):
+            np.add.at(got[r], np.where(real, neuron, n_out), np.where(real, vals * x[r, inputs], 0))
+        dense = w.toarray()
+        want = np.stack(
+            [(x[r, :n_in, None] * dense).sum(axis=0, where=dense != 0) for r in range(R)]
+        )
+    np.testing.assert_allclose(got[:, :n_out], want, rtol=1e-12, atol=1e-12)
+    if dup % units == 0 and density > 0 and n_out == base.shape[1] * dup:
+        assert p.fill > 0.5  # duplicated sets mostly fill the units
+
+
+def test_shared_sets_radixnet():
+    """Challenge layers: 16 outputs share each input set at N = 1024, so units of four fill
+    completely; a random layer (no shared sets) fills a quarter of them."""
+    from jax_spdnn.challenge import radixnet
+
+    s = radixnet(1024, 2, seed=0)[1].structure
+    for units in sd.sparse.SHARED_SET_UNITS:
+        p = s.shared_sets(units)
+        assert p.fill == 1.0 and p.perm.shape == (1024,) and s.shared_sets(units) is p
+    rng = np.random.default_rng(0)
+    m = sd.SparseMatrix.from_scipy(random_sparse(rng, 512, 512, 0.05))
+    assert m.structure.shared_sets(4).fill < 0.3
+    with pytest.raises(ValueError, match="units"):
+        sd.pack_shared_sets(s, 3)
 
 
 def test_stationary_bank_schedule():
