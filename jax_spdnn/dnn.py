@@ -467,10 +467,17 @@ def tail_units(layers, units: int = 0) -> int:
     for k in TAIL_UNITS:
         packs = [W.structure.shared_sets(k) for W in layers]
         slots = {p.perm.shape[0] for p in packs}
-        if len(slots) == 1 and (k < 4 or max(slots) <= 2048):
+        if len(slots) == 1 and max(slots) <= _tail_slot_limit(k):
             if min(p.fill for p in packs) >= TAIL_FILL:
                 return k
     return 1
+
+
+def _tail_slot_limit(units: int) -> int:
+    """Unit slots per layer the kernel is built for with units of ``units``: 2048 with
+    units of four (16-row tiles), else 4096 (with units of one every width up to
+    ``TAIL_MAX_N`` fits)."""
+    return 2048 if units == 4 else 4096
 
 
 def _tail_operands(layers, tail_start: int, ends: tuple[int, ...], units: int):
@@ -481,7 +488,7 @@ def _tail_operands(layers, tail_start: int, ends: tuple[int, ...], units: int):
     k = tail_units(layers, units)
     packs = [W.structure.shared_sets(k) for W in layers]
     slots = max(p.perm.shape[0] for p in packs)
-    if any(p.perm.shape[0] != slots for p in packs) or (k == 4 and slots > 2048):
+    if any(p.perm.shape[0] != slots for p in packs) or slots > _tail_slot_limit(k):
         k, packs = 1, [W.structure.shared_sets(1) for W in layers]  # always one size
         slots = packs[0].perm.shape[0]
     values = pack_values_many(packs, [W.values for W in layers], jnp.float32)
