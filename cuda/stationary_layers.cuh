@@ -64,17 +64,12 @@ struct StatNetArgs {
   int n;
   float clip;
   bool drop;
-  bool prefetch;  // prefetch each warp's weights kAhead groups ahead into L1
+  bool prefetch;  // prefetch each warp's weights two groups ahead into L1
 };
 
-// Groups of four steps a warp asks L1 for ahead of using them.
-constexpr int kAhead = 4;
-
-// Asks L1 for a lane's group: K 16-byte vectors of values and 8 bytes of inputs.
-template <int K>
+// Asks for the 16 bytes of values and 8 bytes of indices of a lane's group in L1.
 __device__ __forceinline__ void prefetch_l1(const float4* v, const uint2* i) {
-#pragma unroll
-  for (int q = 0; q < K; ++q) asm volatile("prefetch.global.L1 [%0];\n" ::"l"(v + q));
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(v));
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(i));
 }
 
@@ -148,16 +143,14 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
         // uint2 g * UW + j.
         const float4* vp = reinterpret_cast<const float4*>(a.values) + j * K;
         const uint2* ip = reinterpret_cast<const uint2*>(a.indices) + j;
-        if (a.prefetch && (l == a.first || o > 0)) {  // else the last layer asked for them
-          for (int g = g0; g < min(g1, g0 + kAhead); ++g) {
-            prefetch_l1<K>(vp + static_cast<int64_t>(g) * 32, ip + static_cast<int64_t>(g) * UW);
-          }
+        if (a.prefetch) {  // the first two groups towards L1 (nothing held in registers)
+          if (g0 < g1) prefetch_l1(vp + static_cast<int64_t>(g0) * 32, ip + g0 * UW);
+          if (g0 + 1 < g1) prefetch_l1(vp + static_cast<int64_t>(g0 + 1) * 32, ip + (g0 + 1) * UW);
         }
 #pragma unroll 1
         for (int g = g0; g < g1; ++g) {
-          if (a.prefetch && g + kAhead < g1) {  // kAhead groups ahead
-            prefetch_l1<K>(vp + static_cast<int64_t>(g + kAhead) * 32,
-                           ip + static_cast<int64_t>(g + kAhead) * UW);
+          if (a.prefetch && g + 2 < g1) {  // two groups ahead
+            prefetch_l1(vp + static_cast<int64_t>(g + 2) * 32, ip + static_cast<int64_t>(g + 2) * UW);
           }
           float v[4 * K];
 #pragma unroll
@@ -173,15 +166,6 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
           apply(v + K, ii.x >> 16);
           apply(v + 2 * K, ii.y & 0xffffu);
           apply(v + 3 * K, ii.y >> 16);
-        }
-      }
-      if (a.prefetch && l + 1 < a.last) {  // the next layer's first groups of slice 0
-        const int32_t* gn = gp + n_slices + 1;
-        const int h0 = __ldg(gn + warp), h1 = __ldg(gn + warp + 1);
-        const float4* vp = reinterpret_cast<const float4*>(a.values) + j * K;
-        const uint2* ip = reinterpret_cast<const uint2*>(a.indices) + j;
-        for (int g = h0; g < min(h1, h0 + kAhead); ++g) {
-          prefetch_l1<K>(vp + static_cast<int64_t>(g) * 32, ip + static_cast<int64_t>(g) * UW);
         }
       }
       __syncthreads();  // every thread is done reading this layer's inputs

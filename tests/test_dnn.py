@@ -350,7 +350,9 @@ def test_segment_ends_and_options(monkeypatch):
 def test_tail_schedule_and_options(monkeypatch):
     from jax_spdnn.dnn import TAIL_HEAD, TAIL_MAX, tail_options, tail_schedule
 
-    assert tail_options() == (TAIL_HEAD, TAIL_MAX, 0)
+    assert tail_options() == (-1, TAIL_MAX, 0)
+    assert tail_schedule(1024, 20, np.float32, (-1, 32)) == (TAIL_HEAD[16], (2, 6, 14, 20))
+    assert tail_schedule(4096, 20, np.float32, (-1, 32)) == (TAIL_HEAD[8], (10, 14, 20))
     assert tail_schedule(1024, 20, np.float32, (8, 32)) == (8, (10, 14, 20))
     assert tail_schedule(1024, 5, np.float32, (0, 1)) == (0, (1, 2, 3, 4, 5))
     assert tail_schedule(1024, 120, np.float32, (0, 200)) == (0, (2, 6, 14, 30, 62, 120))
@@ -487,8 +489,8 @@ def test_cuda_lowering_without_a_gpu(kernel, n, target, monkeypatch):
         jax.jit(lambda net, x: net(x)).trace(net, x).lower(lowering_platforms=("cuda",)).as_text()
     )
     assert set(re.findall(r"custom_call @(\w+)", text)) == {target}
-    if target == "spdnn_sparse_dnn_footprint":  # the stationary tail from layer 8 on
-        assert "tail_start = 8" in text and "tail_ends = dense<10> : tensor<1xi64>" in text
+    if target == "spdnn_sparse_dnn_footprint" and n <= 2048:  # every layer on the tail
+        assert "tail_start = 0" in text and "tail_ends = dense<[2, 6, 10]>" in text
 
 
 @pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
