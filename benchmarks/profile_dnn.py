@@ -30,7 +30,9 @@ def main():
     p.add_argument("--batch", type=int, default=60000)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--calls", type=int, default=10, help="back-to-back calls timed (0: none)")
-    p.add_argument("--tails", nargs="*", default=[], help="SPDNN_FP_TAIL settings to compare")
+    p.add_argument(
+        "--tails", nargs="*", default=[], help="SPDNN_FP_TAIL settings to compare ('default')"
+    )
     p.add_argument("--rounds", type=int, default=2, help="rounds over --tails")
     a = p.parse_args()
     n, n_layers = (int(v) for v in a.problem.split("-"))
@@ -60,25 +62,34 @@ def main():
 
 
 def compare_tails(net, xd, tails, calls, rounds):
+    """Each setting called directly and through an outer jit (traced under the setting)."""
     first = {}
-    times = {t: [] for t in tails}
+    keys = [(t, how) for t in tails for how in ("direct", "jit")]
+    times = {k: [] for k in keys}
+    fns = {}
     for _ in range(rounds):
-        for t in tails:
-            with mock.patch.dict(os.environ, {"SPDNN_FP_TAIL": t}):
-                r = jax.block_until_ready(net(xd))  # compiles on first use
-                if t not in first:
-                    first[t] = r
+        for t, how in keys:
+            env = {} if t == "default" else {"SPDNN_FP_TAIL": t}
+            with mock.patch.dict(os.environ, env):
+                if (t, how) not in fns:
+                    fns[t, how] = net.__call__ if how == "direct" else jax.jit(lambda n, x: n(x))
+                fn = fns[t, how]
+                r = jax.block_until_ready(fn(net, xd) if how == "jit" else fn(xd))  # compiles
+                first.setdefault(t, r)
                 t0 = time.perf_counter()
                 for _ in range(calls):
-                    r = net(xd)
+                    r = fn(net, xd) if how == "jit" else fn(xd)
                 jax.block_until_ready(r)
-                times[t].append((time.perf_counter() - t0) / calls)
+                times[t, how].append((time.perf_counter() - t0) / calls)
     base = first[tails[0]]
     for t in tails:
         same = bool(jnp.array_equal(first[t].features, base.features)) and bool(
             jnp.array_equal(first[t].active_per_layer, base.active_per_layer)
         )
-        ms = " / ".join(f"{v * 1e3:.3f}" for v in times[t])
+        ms = "; ".join(
+            how + " " + " / ".join(f"{v * 1e3:.3f}" for v in times[t, how])
+            for how in ("direct", "jit")
+        )
         print(
             f"SPDNN_FP_TAIL={t:>8}: {ms} ms per call; survivors "
             f"{int(first[t].active_per_layer[-1])}; same as {tails[0]}: {same}",
