@@ -11,7 +11,11 @@ order of rows in the list varies, the results do not: rows are computed independ
 scattered back to their positions at the end).  From ``FOOTPRINT_MIN_N`` on, CUDA runs the
 footprint kernel instead: outputs reordered so that a block stages only the inputs its
 outputs use (:func:`jax_spdnn.sparse.pack_footprint`), rows in 32-row interleaved tiles,
-listed in order after every layer; its results equal the layer kernel's bit for bit.
+listed in order after every layer; its results equal the layer kernel's bit for bit.  Its
+float32 networks of up to ``TAIL_MAX_N`` neurons run their layers (all of them up to 2048
+neurons, from ``TAIL_HEAD`` on above) on the stationary network kernel: a tile of rows stays
+in shared memory for several layers per launch, outputs with equal input sets share each
+staged value (:func:`jax_spdnn.sparse.pack_shared_sets`); again the same results.
 Other platforms run one jitted chain of fused ``sparse_linear`` layers over all rows.
 All paths give the same results.
 """
