@@ -66,6 +66,7 @@ def compare_tails(net, xd, tails, calls, rounds):
     first = {}
     keys = [(t, how) for t in tails for how in ("direct", "jit")]
     times = {k: [] for k in keys}
+    hosts = {k: [] for k in keys}
     fns = {}
     for _ in range(rounds):
         for t, how in keys:
@@ -79,15 +80,22 @@ def compare_tails(net, xd, tails, calls, rounds):
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     r = fn(net, xd) if how == "jit" else fn(xd)
+                queued = time.perf_counter() - t0  # near the total: the host is the limit
                 jax.block_until_ready(r)
                 times[t, how].append((time.perf_counter() - t0) / calls)
+                hosts[t, how].append(queued / calls)
     base = first[tails[0]]
     for t in tails:
         same = bool(jnp.array_equal(first[t].features, base.features)) and bool(
             jnp.array_equal(first[t].active_per_layer, base.active_per_layer)
         )
         ms = "; ".join(
-            how + " " + " / ".join(f"{v * 1e3:.3f}" for v in times[t, how])
+            how
+            + " "
+            + " / ".join(f"{v * 1e3:.3f}" for v in times[t, how])
+            + " (enqueued in "
+            + " / ".join(f"{v * 1e3:.2f}" for v in hosts[t, how])
+            + ")"
             for how in ("direct", "jit")
         )
         print(
