@@ -62,3 +62,18 @@ def test_tuning_and_profile_scripts(monkeypatch, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_profile_dnn_tails(monkeypatch, capsys):
+    """The whole-network A/B of stationary-tail settings: every setting, called directly
+    and through an outer jit, gives the first setting's features and active counts."""
+    import profile_dnn
+
+    monkeypatch.delenv("SPDNN_FP_TAIL", raising=False)
+    argv = ["profile_dnn.py", "--problem", "64-6", "--batch", "100", "--calls", "2"]
+    monkeypatch.setattr(sys, "argv", argv + ["--rounds", "1", "--tails", "default", "off", "0,2"])
+    profile_dnn.main()
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("SPDNN_FP_TAIL")]
+    assert len(lines) == 3 and all("same as default: True" in x for x in lines)
+    assert all("direct" in x and "jit" in x and "enqueued" in x for x in lines)
+    assert "SPDNN_FP_TAIL" not in os.environ
