@@ -65,10 +65,12 @@ FOOTPRINT_MIN_N = 1024  # auto: the footprint kernel from this width on (timed f
 # 8-row tiles (4096-120) 24.8 ms from layer 8 on, 25.3 ms from layer 0, 30.0 ms without.
 # Outputs with equal input sets go in units of TAIL_UNITS[0], else the next that fills at
 # least TAIL_FILL of the units of every tail layer (jax_spdnn.sparse.pack_shared_sets).
-# SPDNN_FP_TAIL="head,max[,units]" overrides them, "off" runs the footprint kernel throughout.
+# SPDNN_FP_TAIL="head,max[,units[,singles]]" overrides them ("off": the footprint kernel
+# throughout).
 TAIL_HEAD = {16: 0, 8: 8}  # by the kernel's tile height (16 rows up to 2048 slots)
 TAIL_MAX = 32
 TAIL_MAX_N = 4096
+TAIL_SINGLES = 0  # launches of one layer (the rows that die are dropped after each)
 TAIL_UNITS = (4, 2, 1)
 TAIL_FILL = 0.9
 
@@ -108,30 +110,32 @@ def _cuda_options() -> tuple[str, tuple[int, int]]:
     return kernel, (singles, max_segment)
 
 
-def tail_options() -> tuple[int, int, int] | None:
-    """The footprint path's stationary tail as ``(head, max_segment, units)`` (head -1:
-    by the tile height, ``TAIL_HEAD``; units 0: chosen per network), or None (off):
-    ``(-1, TAIL_MAX, 0)`` unless ``SPDNN_FP_TAIL`` says otherwise (read at trace time)."""
+def tail_options() -> tuple[int, int, int, int] | None:
+    """The footprint path's stationary tail as ``(head, max_segment, units, singles)``
+    (head -1: by the tile height, ``TAIL_HEAD``; units 0: chosen per network; singles:
+    launches of one layer before the launches double, ``TAIL_SINGLES``), or None (off):
+    ``(-1, TAIL_MAX, 0, TAIL_SINGLES)`` unless ``SPDNN_FP_TAIL`` says otherwise (read at
+    trace time)."""
     value = os.environ.get("SPDNN_FP_TAIL")
     if value is None:
-        return -1, TAIL_MAX, 0
+        return -1, TAIL_MAX, 0, TAIL_SINGLES
     if value == "off":
         return None
     try:
         parts = tuple(int(v) for v in value.split(","))
-        if len(parts) not in (2, 3):
+        if len(parts) not in (2, 3, 4):
             raise ValueError
     except ValueError:
         raise ValueError(
-            f"SPDNN_FP_TAIL must be 'off' or 'head,max[,units]', got {value!r}"
+            f"SPDNN_FP_TAIL must be 'off' or 'head,max[,units[,singles]]', got {value!r}"
         ) from None
-    head, max_segment, units = parts + (0,) * (3 - len(parts))
-    if head < 0 or max_segment < 1 or units not in (0, *TAIL_UNITS):
+    head, max_segment, units, singles = parts + (0, TAIL_SINGLES)[len(parts) - 2 :]
+    if head < 0 or max_segment < 1 or units not in (0, *TAIL_UNITS) or singles < 0:
         raise ValueError(
-            f"SPDNN_FP_TAIL: head must be >= 0, max >= 1 and units one of {TAIL_UNITS}, "
-            f"got {value!r}"
+            f"SPDNN_FP_TAIL: head must be >= 0, max >= 1, units one of {TAIL_UNITS} and "
+            f"singles >= 0, got {value!r}"
         )
-    return head, max_segment, units
+    return head, max_segment, units, singles
 
 
 def tail_schedule(n: int, n_layers: int, dtype, options) -> tuple[int, tuple[int, ...]]:
@@ -144,12 +148,13 @@ def tail_schedule(n: int, n_layers: int, dtype, options) -> tuple[int, tuple[int
     if options is None or n > TAIL_MAX_N or np.dtype(dtype) != np.float32:
         return n_layers, ()
     head, max_segment = options[:2]
+    singles = options[3] if len(options) > 3 else 0
     if head < 0:  # 16-row tiles beat the footprint kernel from the first layer on (H100)
         head = TAIL_HEAD[16 if n <= 2048 else 8]
     if head >= n_layers:
         return n_layers, ()
-    ends = tuple(e for e in segment_ends(n_layers, head, max_segment) if e > head)
-    return head, ends
+    ends = segment_ends(n_layers, max(head, singles), max_segment)
+    return head, tuple(e for e in ends if e > head)
 
 
 def resident_groups(n: int) -> int | None:
@@ -611,7 +616,7 @@ def _forward(
     drop_dead: bool,
     kernel: str = "auto",
     segments=(SINGLE_LAYERS, MAX_SEGMENT),
-    tail=(-1, TAIL_MAX, 0),
+    tail=(-1, TAIL_MAX, 0, TAIL_SINGLES),
 ) -> DNNResult:
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):

@@ -265,7 +265,7 @@ def test_stationary_tail(n, degree, batch, bias, monkeypatch):
     out = {}
     with jax.default_device(jax.devices("cuda")[0]):
         # head, launch length, outputs per unit (auto: 4 where n <= 2048, else 2)
-        for tail in ("off", "0,1", "0,64", "0,2,1", "2,1,2", "3,64,1", "1,3,4"):
+        for tail in ("off", "0,1", "0,64", "0,2,1", "2,1,2", "3,64,1", "1,3,4", "0,8,0,3"):
             monkeypatch.setenv("SPDNN_FP_TAIL", tail)
             out[tail] = net(x.astype(np.float32))
     base = out.pop("off")
@@ -348,9 +348,11 @@ def test_segment_ends_and_options(monkeypatch):
 
 
 def test_tail_schedule_and_options(monkeypatch):
-    from jax_spdnn.dnn import TAIL_HEAD, TAIL_MAX, tail_options, tail_schedule
+    from jax_spdnn.dnn import TAIL_HEAD, TAIL_MAX, TAIL_SINGLES, tail_options, tail_schedule
 
-    assert tail_options() == (-1, TAIL_MAX, 0)
+    assert tail_options() == (-1, TAIL_MAX, 0, TAIL_SINGLES)
+    assert tail_schedule(1024, 12, np.float32, (0, 32, 0, 4)) == (0, (1, 2, 3, 4, 6, 10, 12))
+    assert tail_schedule(1024, 12, np.float32, (2, 32, 0, 4)) == (2, (3, 4, 6, 10, 12))
     assert tail_schedule(1024, 20, np.float32, (-1, 32)) == (TAIL_HEAD[16], (2, 6, 14, 20))
     assert tail_schedule(4096, 20, np.float32, (-1, 32)) == (TAIL_HEAD[8], (10, 14, 20))
     assert tail_schedule(1024, 20, np.float32, (8, 32)) == (8, (10, 14, 20))
@@ -363,10 +365,12 @@ def test_tail_schedule_and_options(monkeypatch):
     monkeypatch.setenv("SPDNN_FP_TAIL", "off")
     assert tail_options() is None and tail_schedule(1024, 20, np.float32, None) == (20, ())
     monkeypatch.setenv("SPDNN_FP_TAIL", "3,4")
-    assert tail_options() == (3, 4, 0)
+    assert tail_options() == (3, 4, 0, TAIL_SINGLES)
     monkeypatch.setenv("SPDNN_FP_TAIL", "3,4,2")
-    assert tail_options() == (3, 4, 2)
-    for bad in ("3", "a,b", "-1,4", "2,0", "1,2,3", "1,2,4,4"):
+    assert tail_options() == (3, 4, 2, TAIL_SINGLES)
+    monkeypatch.setenv("SPDNN_FP_TAIL", "3,4,2,5")
+    assert tail_options() == (3, 4, 2, 5)
+    for bad in ("3", "a,b", "-1,4", "2,0", "1,2,3", "1,2,4,-1", "1,2,4,4,4"):
         monkeypatch.setenv("SPDNN_FP_TAIL", bad)
         with pytest.raises(ValueError, match="SPDNN_FP_TAIL"):
             tail_options()
