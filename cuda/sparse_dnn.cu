@@ -689,25 +689,13 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
 
-  // The tail (layers tail0 .. L - 1) runs on the stationary network kernel in launches
-  // ending at tail_ends, where it applies: float32 storage and tiles that fit in shared
-  // memory (otherwise the footprint kernel runs every layer: the same results).
-  bool use_tail = false;
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    use_tail = tail_ends.size() > 0 && tail0 < n_layers && tail.values != nullptr &&
-               stat_net_fits(n, stat_net_rows(tail_slots), device);
-  }
-  const int64_t head = use_tail ? tail0 : n_layers;
-  // When the tail starts at layer 0 its first launch reads the listed rows from x itself.
-  const bool direct = use_tail && head == 0;
-
   // The first list: rows of x with a nonzero feature (with drop off: every row), in
-  // order, interleaved into buf[0] (unless the first launch reads them from x).
+  // order, interleaved into buf[0].
   if (drop) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
   compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
       nullptr, rows, alive, nullptr, drop, src[0], ids[0], counts + 2, counts, nullptr,
       compact_scratch, 1);
-  if (!direct) interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
+  interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
   // The pipelined kernel (weights and footprints in shared memory, copies in flight
@@ -723,6 +711,15 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   const bool lean = !(lean_env && std::string(lean_env) == "0");
   const int split = split_env ? (std::string(split_env) == "1" ? 1 : 2)
                               : (sizeof(A) == 4 && n >= kFpSplitMinN ? 2 : 1);
+  // The tail (layers tail0 .. L - 1) runs on the stationary network kernel in launches
+  // ending at tail_ends, where it applies: float32 storage and tiles that fit in shared
+  // memory (otherwise the footprint kernel runs every layer: the same results).
+  bool use_tail = false;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    use_tail = tail_ends.size() > 0 && tail0 < n_layers && tail.values != nullptr &&
+               stat_net_fits(n, stat_net_rows(tail_slots), device);
+  }
+  const int64_t head = use_tail ? tail0 : n_layers;
   // SPDNN_STAT_PREFETCH=0: no L1 prefetch of the tail's weights (read at every call, for
   // A/B timing).
   const char* prefetch_env = std::getenv("SPDNN_STAT_PREFETCH");
@@ -782,11 +779,6 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
       a.x = buf[b];
       a.y = buf[1 - b];
       a.src = list;
-      a.row_major = direct && first == 0;
-      if (a.row_major) {  // rows src[0][j] of x, row-major
-        a.x = x;
-        a.src = src[0];
-      }
       a.count = counts + c;
       a.alive = alive;
       a.active = active;

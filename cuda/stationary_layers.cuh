@@ -64,8 +64,7 @@ struct StatNetArgs {
   int n;
   float clip;
   bool drop;
-  bool prefetch;   // prefetch each warp's weights two groups ahead into L1
-  bool row_major;  // x is the caller's row-major [rows, n] (src: rows of it), not interleaved
+  bool prefetch;  // prefetch each warp's weights two groups ahead into L1
 };
 
 // Asks for the 16 bytes of values and 8 bytes of indices of a lane's group in L1.
@@ -98,14 +97,7 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t j0 = t * R;
     const int valid = static_cast<int>(min(static_cast<int64_t>(R), m - j0));
-    if (a.row_major) {  // consecutive threads read consecutive features of a row
-      for (int e = tid; e < R * (n + 1); e += kStatNetThreads) {
-        const int r = e / (n + 1), c = e - r * (n + 1);
-        float v = 0.f;
-        if (c < n && r < valid) v = a.x[static_cast<int64_t>(a.src[j0 + r]) * n + c];
-        feat[c * P + r] = v;
-      }
-    } else {
+    {
       const int64_t p = r_own < valid ? (a.src ? a.src[j0 + r_own] : j0 + r_own) : 0;
       for (int c = tid / R; c <= n; c += kStatNetThreads / R) {
         float v = 0.f;
