@@ -473,25 +473,17 @@ def _fp_layout(fps):
 
 
 def tail_units(layers, units: int = 0) -> int:
-    """Outputs per unit of the stationary tail for these layers: ``units`` if given, else
-    the first of ``TAIL_UNITS`` whose units are at least ``TAIL_FILL`` full in every layer
-    and fit the kernel's slots (units of four only up to 2048 slots)."""
-    if units:
-        return units
-    for k in TAIL_UNITS:
+    """Outputs per unit of the stationary tail for these layers: the first of ``TAIL_UNITS``
+    (only ``units``, when given) whose packings share one slot count the kernel is built
+    for (2048 with units of four, else 4096) and, unless forced, are at least
+    ``TAIL_FILL`` full in every layer; else 1, which always fits up to ``TAIL_MAX_N``."""
+    for k in (units,) if units else TAIL_UNITS:
         packs = [W.structure.shared_sets(k) for W in layers]
         slots = {p.perm.shape[0] for p in packs}
-        if len(slots) == 1 and max(slots) <= _tail_slot_limit(k):
-            if min(p.fill for p in packs) >= TAIL_FILL:
-                return k
+        fits = len(slots) == 1 and max(slots) <= (2048 if k == 4 else 4096)
+        if fits and (units or min(p.fill for p in packs) >= TAIL_FILL):
+            return k
     return 1
-
-
-def _tail_slot_limit(units: int) -> int:
-    """Unit slots per layer the kernel is built for with units of ``units``: 2048 with
-    units of four (16-row tiles), else 4096 (with units of one every width up to
-    ``TAIL_MAX_N`` fits)."""
-    return 2048 if units == 4 else 4096
 
 
 def _tail_operands(layers, tail_start: int, ends: tuple[int, ...], units: int):
@@ -501,10 +493,6 @@ def _tail_operands(layers, tail_start: int, ends: tuple[int, ...], units: int):
     layers = layers[tail_start:]
     k = tail_units(layers, units)
     packs = [W.structure.shared_sets(k) for W in layers]
-    slots = max(p.perm.shape[0] for p in packs)
-    if any(p.perm.shape[0] != slots for p in packs) or slots > _tail_slot_limit(k):
-        k, packs = 1, [W.structure.shared_sets(1) for W in layers]  # always one size
-        slots = packs[0].perm.shape[0]
     values = pack_values_many(packs, [W.values for W in layers], jnp.float32)
     base = np.cumsum([0] + [p.total // 128 for p in packs[:-1]])
     group_ptr = np.concatenate([p.group_ptr + b for p, b in zip(packs, base)])
