@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/fused_layer.cuh"
@@ -786,14 +787,25 @@ __global__ void __launch_bounds__(kMoveThreads)
   }
 }
 
-// out[ids[k]] = row src[k] of the row-interleaved buf (row-major out), k < *count.  A
+// Whether a stored feature is nonzero (half and bfloat16 widen exactly to float).
+template <typename T>
+__device__ __forceinline__ bool nonzero_value(T v) {
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
+    return v != T(0);
+  } else {
+    return static_cast<float>(v) != 0.f;
+  }
+}
+
+// out[ids[k]] = row src[k] of the row-interleaved buf (row-major out), k < *count, and
+// nonzero[ids[k]] = true where that row has a nonzero feature (nonzero: optional).  A
 // warp moves 32 listed rows by 32 columns through shared memory: coalesced reads
 // along the interleaved tile columns, coalesced writes along the output rows.
 template <typename T, int kRows>
 __global__ void __launch_bounds__(kMoveThreads)
     deinterleave_rows(const T* __restrict__ buf, const int32_t* __restrict__ src,
                       const int32_t* __restrict__ ids, const int32_t* count, int n,
-                      T* __restrict__ out) {
+                      T* __restrict__ out, bool* __restrict__ nonzero = nullptr) {
   __shared__ T tiles[kMoveThreads / 32][32][33];
   auto& sm = tiles[threadIdx.x / 32];
   const int lane = threadIdx.x % 32;
@@ -814,7 +826,12 @@ __global__ void __launch_bounds__(kMoveThreads)
     }
     __syncwarp();
     for (int r = 0; r < 32 && k0 + r < m; ++r) {
-      if (lane < width) out[static_cast<int64_t>(ids[k0 + r]) * n + c0 + lane] = sm[r][lane];
+      const int64_t id = ids[k0 + r];
+      if (lane < width) out[id * n + c0 + lane] = sm[r][lane];
+      if (nonzero) {  // rows with a nonzero feature (the array was zeroed; only 1s written)
+        const bool nz = lane < width && nonzero_value(sm[r][lane]);
+        if (__any_sync(0xffffffffu, nz) && lane == 0) nonzero[id] = true;
+      }
     }
     __syncwarp();
   }

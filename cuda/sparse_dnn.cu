@@ -658,12 +658,15 @@ ffi::Error sparse_dnn_resident_impl(
 // SPDNN_FP_SPLIT says.  H100, same process: 16384-120 145 vs 155 ms, 4096-120 33.3 ms
 // both ways, 1024-120 9.9 vs 9.0 ms.
 constexpr int kFpSplitMinN = 8192;
+// The stationary kernel takes 32-row tiles while the listed rows make at least this many
+// such tiles per SM (and 16-row tiles below).
+constexpr int64_t kStatTallTiles = 2;
 
 template <typename T, typename A, int R, int O>
 ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const A* bias,
                          const int32_t* slice_ptr, const int32_t* indices, const int32_t* perm,
                          const int32_t* fp_ptr, const int32_t* fp_cols, T* y, int32_t* active,
-                         T* work, int32_t* iwork, int64_t rows, int n, int64_t n_layers,
+                         bool* nonzero, T* work, int32_t* iwork, int64_t rows, int n, int64_t n_layers,
                          double clip, bool drop, ffi::Span<const int64_t> sp_off,
                          ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off,
                          const StatNetArgs& tail, int64_t tail0,
@@ -689,13 +692,32 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const unsigned grid = static_cast<unsigned>(std::max(1, sms * 8));
 
-  // The first list: rows of x with a nonzero feature (with drop off: every row), in
-  // order, interleaved into buf[0].
-  if (drop) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
+  // The tail (layers tail0 .. L - 1) runs on the stationary network kernel in launches
+  // ending at tail_ends, where it applies: float32 storage and tiles that fit in shared
+  // memory (otherwise the footprint kernel runs every layer: the same results).
+  bool use_tail = false;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    use_tail = tail_ends.size() > 0 && tail0 < n_layers && tail.values != nullptr &&
+               stat_net_fits(n, stat_net_rows(tail_slots), device);
+  }
+  const int64_t head = use_tail ? tail0 : n_layers;
+  // When the tail starts at layer 0 its first launch reads every row of x itself: no
+  // marks, no interleave pass (a zero input row gives a zero output row, as bias <= 0
+  // wherever rows are dropped, and is dropped after layer 0 instead of before it).
+  // SPDNN_STAT_DIRECT=0 interleaves first (read at every call, for tests and A/B timing).
+  const char* direct_env = std::getenv("SPDNN_STAT_DIRECT");
+  const bool direct = use_tail && head == 0 && !(direct_env && std::string(direct_env) == "0");
+
+  // The first list: rows of x with a nonzero feature (with drop off, or read directly:
+  // every row), in order, interleaved into buf[0] (unless the first launch reads x).
+  const bool mark_first = drop && !direct;
+  if (mark_first) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
   compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
-      nullptr, rows, alive, nullptr, drop, src[0], ids[0], counts + 2, counts, nullptr,
+      nullptr, rows, alive, nullptr, mark_first, src[0], ids[0], counts + 2, counts, nullptr,
       compact_scratch, 1);
-  interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
+  if (!direct) {
+    interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
+  }
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
   // The pipelined kernel (weights and footprints in shared memory, copies in flight
@@ -711,19 +733,21 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   const bool lean = !(lean_env && std::string(lean_env) == "0");
   const int split = split_env ? (std::string(split_env) == "1" ? 1 : 2)
                               : (sizeof(A) == 4 && n >= kFpSplitMinN ? 2 : 1);
-  // The tail (layers tail0 .. L - 1) runs on the stationary network kernel in launches
-  // ending at tail_ends, where it applies: float32 storage and tiles that fit in shared
-  // memory (otherwise the footprint kernel runs every layer: the same results).
-  bool use_tail = false;
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    use_tail = tail_ends.size() > 0 && tail0 < n_layers && tail.values != nullptr &&
-               stat_net_fits(n, stat_net_rows(tail_slots), device);
-  }
-  const int64_t head = use_tail ? tail0 : n_layers;
   // SPDNN_STAT_PREFETCH=0: no L1 prefetch of the tail's weights (read at every call, for
   // A/B timing).
   const char* prefetch_env = std::getenv("SPDNN_STAT_PREFETCH");
   const bool stat_prefetch = !(prefetch_env && std::string(prefetch_env) == "0");
+  // 32-row tiles while at least this many rows are listed (where they fit; -1: never).
+  // SPDNN_STAT_TALL=<rows>|off overrides (read at every call, for tests and A/B timing).
+  int64_t tall_rows = -1;
+  if (use_tail && stat_net_tall<R>(tail_slots, n, device)) {
+    const char* tall_env = std::getenv("SPDNN_STAT_TALL");
+    if (!tall_env) {
+      tall_rows = kStatTallTiles * 32 * static_cast<int64_t>(sms);
+    } else if (std::string(tall_env) != "off") {
+      tall_rows = std::max<int64_t>(0, std::atoll(tall_env));
+    }
+  }
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
   int cur = 0;     // the row list (src[cur], ids[cur]) and the buffer holding its rows
   int b = 0;       // buf[b]: the current rows
@@ -779,6 +803,11 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
       a.x = buf[b];
       a.y = buf[1 - b];
       a.src = list;
+      a.row_major = direct && first == 0;
+      if (a.row_major) {  // every row of x, in order
+        a.x = x;
+        a.src = nullptr;
+      }
       a.count = counts + c;
       a.alive = alive;
       a.active = active;
@@ -790,7 +819,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
       a.clip = static_cast<float>(clip);
       a.drop = drop;
       a.prefetch = stat_prefetch;
-      if (auto err = launch_stat_net<R>(stream, a, rows, tail_slots, tail_units); err.failure()) {
+      if (auto err = launch_stat_net<R>(stream, a, rows, tail_slots, tail_units, tall_rows);
+          err.failure()) {
         return err;
       }
       b = 1 - b;
@@ -799,9 +829,11 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     }
   }
   // With drop off every row is listed and written; otherwise the dropped rows are zero.
+  // nonzero: the rows with a nonzero final feature, found while moving them.
   if (drop) cudaMemsetAsync(y, 0, sizeof(T) * rows * n, stream);
+  cudaMemsetAsync(nonzero, 0, rows, stream);
   deinterleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(buf[b], list, ids[cur],
-                                                 counts + c, n, y);
+                                                 counts + c, n, y, nonzero);
   return last_launch_error("sparse_dnn: footprint layers");
 }
 
@@ -813,6 +845,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
                               ffi::Buffer<ffi::S32> t_group_ptr, ffi::Buffer<ffi::S32> t_perm,
                               ffi::Result<ffi::AnyBuffer> y,
                               ffi::Result<ffi::Buffer<ffi::S32>> active,
+                              ffi::Result<ffi::Buffer<ffi::PRED>> nonzero,
                               ffi::Result<ffi::AnyBuffer> work,
                               ffi::Result<ffi::Buffer<ffi::S32>> iwork, double clip,
                               bool drop_dead, int64_t group, ffi::Span<const int64_t> sp_off,
@@ -850,6 +883,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
       static_cast<int64_t>(fp_ptr.element_count()) != n_layers * (n_groups + 1) ||
       static_cast<int64_t>(fp_cols.element_count()) < fp_off[n_layers] ||
       static_cast<int64_t>(work->element_count()) != 2 * rows32 * n ||
+      static_cast<int64_t>(nonzero->element_count()) != rows ||
       static_cast<int64_t>(iwork->element_count()) != 5 * rows + 4 + kCompactScratch) {
     return ffi::Error::InvalidArgument("sparse_dnn: inconsistent buffer sizes for L and n");
   }
@@ -881,10 +915,25 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
     tail.group_ptr = t_group_ptr.typed_data();
     tail.perm = t_perm.typed_data();
   }
-  if (rows == 0 || n_layers == 0) {
+  if (n_layers == 0) return ffi::Error::InvalidArgument("sparse_dnn: needs at least one layer");
+  if (rows == 0) {
     cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
     return last_launch_error("sparse_dnn");
   }
+  // SPDNN_HOST_TIMING=1 prints the host time spent enqueueing the network (profiling aid).
+  static const bool host_timing = std::getenv("SPDNN_HOST_TIMING") != nullptr;
+  struct Report {
+    bool on;
+    std::chrono::steady_clock::time_point t0;
+    int64_t layers;
+    ~Report() {
+      if (!on) return;
+      const double us = std::chrono::duration<double, std::micro>(
+          std::chrono::steady_clock::now() - t0).count();
+      std::fprintf(stderr, "sparse_dnn footprint: enqueued %lld layers in %.1f us on the host\n",
+                   static_cast<long long>(layers), us);
+    }
+  } report{host_timing, std::chrono::steady_clock::now(), n_layers};
   auto run = [&](auto* tag, auto* acc_tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = std::remove_pointer_t<decltype(acc_tag)>;
@@ -899,7 +948,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
         reinterpret_cast<const A*>(values.untyped_data()),
         reinterpret_cast<const A*>(bias.untyped_data()), slice_ptr.typed_data(),
         indices.typed_data(), perm.typed_data(), fp_ptr.typed_data(), fp_cols.typed_data(),
-        reinterpret_cast<T*>(y->untyped_data()), active->typed_data(),
+        reinterpret_cast<T*>(y->untyped_data()), active->typed_data(), nonzero->typed_data(),
         reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows,
         static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off, tail, tail0,
         tail_ends, tail_slots, static_cast<int>(tail_units));
@@ -983,6 +1032,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpdnnSparseDnnFootprintCuda, spdnn::cuda::sparse_d
                                   .Arg<ffi::Buffer<ffi::S32>>()  // tail: perm [L - t0, slots]
                                   .Ret<ffi::AnyBuffer>()         // y [batch, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // active rows after each layer [L]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // rows nonzero at the end [batch]
                                   .Ret<ffi::AnyBuffer>()         // workspace [2, batch32, n]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // workspace [5 batch + 4]
                                   .Attr<double>("clip")

@@ -64,7 +64,13 @@ struct StatNetArgs {
   int n;
   float clip;
   bool drop;
-  bool prefetch;  // prefetch each warp's weights two groups ahead into L1
+  bool prefetch;   // prefetch each warp's weights two groups ahead into L1
+  bool row_major;  // x is the caller's row-major [rows, n] (src: rows of it), not interleaved
+  // The launch runs only when the listed rows number at least min_rows and fewer than
+  // max_rows (read on the device): two launches of different tile heights, one of which
+  // leaves at once, pick the height by the row count without a host round trip.
+  int64_t min_rows;
+  int64_t max_rows;
 };
 
 // Asks for the 16 bytes of values and 8 bytes of indices of a lane's group in L1.
@@ -92,12 +98,29 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
   const int j = lane / K, part = lane % K;  // unit in the warp's slice, part of the rows
   constexpr int n_slices = OPT * kStatNetThreads / 32;
   const int64_t m = *a.count;
+  if (m < a.min_rows || m >= a.max_rows) return;  // the other tile height runs these rows
   const int64_t tiles = (m + R - 1) / R;
   const int r_own = tid % R;  // the row this thread stages and writes back
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t j0 = t * R;
     const int valid = static_cast<int>(min(static_cast<int64_t>(R), m - j0));
-    {
+    if (a.row_major) {
+      // Rows of the caller's x: a warp reads 8 consecutive features (one 32-byte sector)
+      // of 4 rows; lane (r, c) writes word c * P + r, and 8 consecutive c times P = R + 4
+      // (P / 4 odd) plus r = 0..3 cover the 32 banks once.
+      const int rr = lane % 4, cc = lane / 4;
+      for (int item = warp; (item / (R / 4)) * 8 <= n; item += kStatNetThreads / 32) {
+        const int r = (item % (R / 4)) * 4 + rr;
+        const int c = (item / (R / 4)) * 8 + cc;
+        if (c > n) continue;
+        float v = 0.f;
+        if (c < n && r < valid) {
+          const int64_t p = a.src ? a.src[j0 + r] : j0 + r;
+          v = a.x[p * n + c];
+        }
+        feat[c * P + r] = v;
+      }
+    } else {
       const int64_t p = r_own < valid ? (a.src ? a.src[j0 + r_own] : j0 + r_own) : 0;
       for (int c = tid / R; c <= n; c += kStatNetThreads / R) {
         float v = 0.f;
@@ -217,13 +240,17 @@ __global__ void __launch_bounds__(kStatNetThreads, 1) stationary_layers(const St
 // two slots per thread, 8 with four (the sums stay within 32 registers per thread).
 inline int stat_net_rows(int64_t slots) { return slots <= 2048 ? 16 : 8; }
 
-// Whether the stationary network kernel runs width n on this device: R rows of n + 1
-// columns must fit the per-block shared-memory limit.
+// Shared-memory bytes of a tile of r rows of width n.
+inline size_t stat_net_bytes(int n, int r) {
+  return r == 32 ? stat_net_smem<32>(n) : r == 16 ? stat_net_smem<16>(n) : stat_net_smem<8>(n);
+}
+
+// Whether the stationary network kernel runs width n with tiles of r rows on this
+// device: r rows of n + 1 columns must fit the per-block shared-memory limit.
 inline bool stat_net_fits(int n, int r, int device) {
   int optin = 0;
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const size_t need = r == 16 ? stat_net_smem<16>(n) : stat_net_smem<8>(n);
-  return need + 64 <= static_cast<size_t>(optin);
+  return stat_net_bytes(n, r) + 64 <= static_cast<size_t>(optin);
 }
 
 template <int RB, int R, int OPT, int K>
@@ -241,12 +268,35 @@ xla::ffi::Error launch_stat_net_t(cudaStream_t stream, const StatNetArgs& a, int
   return last_launch_error("sparse_dnn: stationary layers");
 }
 
+// Whether a launch with `slots` unit slots may use tiles of 32 rows (one slot per
+// thread: the sums of 32 rows take the 32 registers two slots of 16 rows take).
+template <int RB>
+inline bool stat_net_tall(int64_t slots, int n, int device) {
+  return RB % 32 == 0 && slots == 1024 && stat_net_fits(n, 32, device);
+}
+
 // Launches layers [a.first, a.last) on the listed rows (at most `rows`): `slots` unit
 // slots per layer (1024, 2048 or 4096), units of `units` outputs (1, 2 or 4; 4 only with
-// 16-row tiles).  The handler checked both.
+// 16-row tiles).  The handler checked both.  With `tall_rows` >= 0 (where
+// stat_net_tall holds) a launch of 32-row tiles runs when at least tall_rows rows are
+// listed and the usual height otherwise: each weight loaded from L2 then feeds 32 rows,
+// which pays while the rows fill the device twice over.
 template <int RB>
-xla::ffi::Error launch_stat_net(cudaStream_t stream, const StatNetArgs& a, int64_t rows,
-                                int64_t slots, int units) {
+xla::ffi::Error launch_stat_net(cudaStream_t stream, StatNetArgs a, int64_t rows, int64_t slots,
+                                int units, int64_t tall_rows = -1) {
+  a.min_rows = 0;
+  a.max_rows = INT64_MAX;
+  if constexpr (RB % 32 == 0) {
+    if (tall_rows >= 0 && slots == 1024) {
+      StatNetArgs t = a;
+      t.min_rows = tall_rows;
+      a.max_rows = tall_rows;
+      xla::ffi::Error err = units == 4   ? launch_stat_net_t<RB, 32, 1, 4>(stream, t, rows)
+                            : units == 2 ? launch_stat_net_t<RB, 32, 1, 2>(stream, t, rows)
+                                         : launch_stat_net_t<RB, 32, 1, 1>(stream, t, rows);
+      if (err.failure() || tall_rows == 0) return err;
+    }
+  }
   if (slots == 1024) {
     if (units == 4) return launch_stat_net_t<RB, 16, 1, 4>(stream, a, rows);
     if (units == 2) return launch_stat_net_t<RB, 16, 1, 2>(stream, a, rows);

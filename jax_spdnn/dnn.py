@@ -416,11 +416,14 @@ def _call_cuda_fp(
     group: int,
     alias=False,
     tail=None,
+    with_nonzero=False,
 ):
     """The CUDA footprint-kernel network call on explicit operands (see
     :func:`_fp_operands`; ``alias`` as in :func:`_call_cuda_ell`; ``tail``: the stationary
     tail as ``(values, indices, group_ptr, perm, tail_start, ends, units)``, see
-    :func:`_tail_operands`)."""
+    :func:`_tail_operands`).  Returns ``(y, active)``, with ``with_nonzero`` also the
+    ``[batch] bool`` rows of y with a nonzero feature (found by the kernel while it writes
+    them, instead of a pass over y)."""
     if tail is None:
         tail = (
             np.zeros(0, np.float32),
@@ -436,11 +439,13 @@ def _call_cuda_fp(
     out = (
         _like(x, x.shape, x.dtype),
         _like(x, (biases.shape[0],), jnp.int32),
+        _like(x, (batch,), jnp.bool_),  # rows with a nonzero final feature
         _like(x, (2 * batch32 * n,), x.dtype),  # ping-pong row-interleaved feature buffers
         _like(x, (5 * batch + 4 + _COMPACT_SCRATCH,), jnp.int32),  # marks, lists, counts
     )
     aliases = {0: 0} if alias else None
-    y, active, _, _ = jax.ffi.ffi_call(_CUDA_FOOTPRINT_TARGET, out, input_output_aliases=aliases)(
+    call = jax.ffi.ffi_call(_CUDA_FOOTPRINT_TARGET, out, input_output_aliases=aliases)
+    y, active, nonzero, _, _ = call(
         x,
         *_operands(x, values, biases, slice_ptr, indices, perm, fp_ptr, fp_cols, *tail[:4]),
         clip=_clip_attr(clip),
@@ -453,7 +458,7 @@ def _call_cuda_fp(
         tail_ends=np.asarray(tail[5], np.int64),
         tail_units=np.int64(tail[6]),
     )
-    return y, active
+    return (y, active, nonzero) if with_nonzero else (y, active)
 
 
 def _fp_layout(fps):
@@ -513,7 +518,9 @@ def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool, tail_opts):
     index, offsets = _fp_layout(fps)
     biases = net.biases.astype(acc)
     tail = _tail_operands(net.layers, start, ends, tail_opts[2]) if ends else None
-    return _call_cuda_fp(x, values, biases, *index, *offsets, net.clip, drop_dead, group, tail=tail)
+    return _call_cuda_fp(
+        x, values, biases, *index, *offsets, net.clip, drop_dead, group, tail=tail, with_nonzero=True
+    )
 
 
 def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
@@ -606,15 +613,25 @@ def _forward(
     segments=(SINGLE_LAYERS, MAX_SEGMENT),
     tail=(-1, TAIL_MAX, 0, TAIL_SINGLES),
 ) -> DNNResult:
+    def nonzero_rows(f):  # (y, active) -> (y, active, rows of y with a nonzero feature)
+        def g(x):
+            y, active = f(x)
+            return y, active, jnp.any(y != 0, axis=1)
+
+        return g
+
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):
-        branches["cpu"] = lambda x: _fused_cpu(net, x, drop_dead)
+        branches["cpu"] = nonzero_rows(lambda x: _fused_cpu(net, x, drop_dead))
     # The resident kernel's packing (bank-split offsets) is only made when it runs.
-    if footprint_applies(net.n, kernel):
+    if footprint_applies(net.n, kernel):  # the kernel reports the nonzero rows itself
         branches["cuda"] = lambda x: _fused_cuda_fp(net, x, drop_dead, tail)
     elif (groups := _resident_applies(net, x, kernel)) is not None:
-        branches["cuda"] = lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
+        branches["cuda"] = nonzero_rows(
+            lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
+        )
     elif _native.has_target(_CUDA_TARGET, "cuda"):
-        branches["cuda"] = lambda x: _fused_cuda(net, x, drop_dead)
-    y, active = lax.platform_dependent(x, **branches, default=lambda x: _chain(net, x))
-    return DNNResult(y, jnp.any(y != 0, axis=1), active)
+        branches["cuda"] = nonzero_rows(lambda x: _fused_cuda(net, x, drop_dead))
+    default = nonzero_rows(lambda x: _chain(net, x))
+    y, active, alive = lax.platform_dependent(x, **branches, default=default)
+    return DNNResult(y, alive, active)

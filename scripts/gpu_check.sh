@@ -3,7 +3,7 @@
 # Logs go to $OUT (default ./out).  Wheels of missing pure-Python test
 # dependencies may be provided in .whl/ (installed only when missing).
 #
-#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [stream] [conv] [sharded] [tune] [profile]
+#   scripts/gpu_check.sh [build] [test] [bench] [dnn] [stream] [conv] [sharded] [tune] [tails] [profile]
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -77,6 +77,13 @@ if [[ " $steps " == *" tune "* ]]; then
   done
 fi
 
+if [[ " $steps " == *" tails "* ]]; then
+  echo "== A/B of whole-network settings in one process (benchmarks/profile_dnn.py --tails)"
+  $PY benchmarks/profile_dnn.py --problem ${TAILS_PROBLEM:-1024-120} --calls ${TAILS_CALLS:-30} \
+    --rounds ${TAILS_ROUNDS:-2} ${TAILS_ARGS:---dispatch} --tails ${TAILS:-default off} 2>&1 \
+    | tee "$OUT/tails.log" | grep -E "dispatch|per call|Error|error" | cut -c1-400
+fi
+
 if [[ " $steps " == *" profile "* ]]; then
   echo "== profile (per-launch kernel durations of SparseDNN runs)"
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -94,7 +101,7 @@ ki, vi = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
 out = []
 for r in rows[2:]:
     name = r[ki]
-    for key in ("resident", "fused_layer", "footprint_layer", "footprint_pipe", "compact_rows", "interleave", "list_nonzero", "scatter", "gather_fusion", "reduce_fusion"):
+    for key in ("resident", "fused_layer", "footprint_layer", "footprint_pipe", "stationary", "compact_rows", "mark_nonzero", "interleave", "list_nonzero", "scatter", "gather_fusion", "reduce_fusion"):
         if key in name:
             out.append(f"{key}:{float(r[vi].replace(',', '')) / 1000:.0f}")
 print(" ".join(out))

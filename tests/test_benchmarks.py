@@ -60,20 +60,31 @@ def test_tuning_and_profile_scripts(monkeypatch, capsys):
     assert "bfloat16 run 1" in capsys.readouterr().out
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
-
 def test_profile_dnn_tails(monkeypatch, capsys):
     """The whole-network A/B of stationary-tail settings: every setting, called directly
-    and through an outer jit, gives the first setting's features and active counts."""
+    and through an outer jit, gives the first setting's features and active counts; the
+    dispatch probe times the host's enqueue; settings combine with kernel options."""
     import profile_dnn
 
-    monkeypatch.delenv("SPDNN_FP_TAIL", raising=False)
+    for k in ("SPDNN_FP_TAIL", "SPDNN_STAT_TALL", "SPDNN_STAT_DIRECT"):
+        monkeypatch.delenv(k, raising=False)
     argv = ["profile_dnn.py", "--problem", "64-6", "--batch", "100", "--calls", "2"]
-    monkeypatch.setattr(sys, "argv", argv + ["--rounds", "1", "--tails", "default", "off", "0,2"])
+    tails = ["default", "off", "0,2", "0,2+tall=off+direct=0"]
+    monkeypatch.setattr(sys, "argv", argv + ["--rounds", "1", "--dispatch", "--tails", *tails])
     profile_dnn.main()
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("SPDNN_FP_TAIL")]
-    assert len(lines) == 3 and all("same as default: True" in x for x in lines)
+    out = capsys.readouterr().out.splitlines()
+    lines = [x for x in out if "ms per call; survivors" in x]
+    assert len(lines) == 4 and all("same as default: True" in x for x in lines)
     assert all("direct" in x and "jit" in x and "enqueued" in x for x in lines)
-    assert "SPDNN_FP_TAIL" not in os.environ
+    assert sum(x.startswith("dispatch") and "enqueued in" in x for x in out) == 7
+    assert "SPDNN_FP_TAIL" not in os.environ and "SPDNN_STAT_TALL" not in os.environ
+    assert profile_dnn.setting_env("2,4+tall=0") == {
+        "SPDNN_FP_TAIL": "2,4",
+        "SPDNN_STAT_TALL": "0",
+    }
+    with pytest.raises(SystemExit, match="unknown setting"):
+        profile_dnn.setting_env("rows=3")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))

@@ -157,26 +157,36 @@ def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, 
     net = sd.SparseDNN(layers, -0.1)
     results = {}
     with jax.default_device(jax.devices("cuda")[0]):
-        for kernel, pipe, tail in (
-            ("layer", "1", "off"),
-            ("footprint", "1", "off"),
-            ("footprint", "0", "off"),
-            ("footprint", "1", "1,2"),  # the stationary tail from layer 2 on
+        for kernel, pipe, tail, tall in (
+            ("layer", "1", "off", "off"),
+            ("footprint", "1", "off", "off"),
+            ("footprint", "0", "off", "off"),
+            ("footprint", "1", "1,2", "off"),  # the stationary tail from layer 2 on
+            ("footprint", "1", "0,2", "0"),  # from layer 0 (reading x), 32-row tiles
         ):
             env = dict(SPDNN_FP_GROUP=group, SPDNN_FP_PIPE=pipe, SPDNN_FP_TAIL=tail)
-            os.environ.update(SPDNN_DNN_KERNEL=kernel, **env)
+            os.environ.update(SPDNN_DNN_KERNEL=kernel, SPDNN_STAT_TALL=tall, **env)
             try:
                 results[kernel, pipe, tail] = net(x.astype(np.float32), drop_dead_rows=drop)
             finally:
                 for k in ("SPDNN_DNN_KERNEL", "SPDNN_FP_GROUP", "SPDNN_FP_PIPE", "SPDNN_FP_TAIL"):
                     del os.environ[k]
+                del os.environ["SPDNN_STAT_TALL"]
     a = results["layer", "1", "off"]
-    for key in (("footprint", "1", "off"), ("footprint", "0", "off"), ("footprint", "1", "1,2")):
+    for key in (
+        ("footprint", "1", "off"),
+        ("footprint", "0", "off"),
+        ("footprint", "1", "1,2"),
+        ("footprint", "1", "0,2"),
+    ):
         b = results[key]
         np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
         np.testing.assert_array_equal(
             np.asarray(b.active_per_layer), np.asarray(a.active_per_layer)
         )
+        # the footprint kernel reports the nonzero rows itself (the layer path reduces y)
+        np.testing.assert_array_equal(np.asarray(b.alive), np.asarray(a.alive))
+    np.testing.assert_array_equal(np.asarray(a.alive), np.any(np.asarray(a.features) != 0, 1))
 
 
 @pytest.mark.gpu
@@ -243,9 +253,11 @@ def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch)
 @pytest.mark.parametrize("bias", [-0.2, 0.05])  # rows dropped; kept (positive bias)
 def test_stationary_tail(n, degree, batch, bias, monkeypatch):
     """The stationary network kernel (every split of the layers into launches, from the
-    first layer on or after footprint layers, units of 1, 2 and 4 outputs) gives the
-    footprint kernel's features bit for bit, and its active counts; outputs share input
-    sets (four each), some have none, rows die at the start, on the way and never."""
+    first layer on or after footprint layers, units of 1, 2 and 4 outputs, tiles of 16
+    and of 32 rows and a switch between them as rows die, the first launch reading x
+    itself or interleaved rows) gives the footprint kernel's features bit for bit, its
+    active counts and the rows it reports nonzero; outputs share input sets (four each),
+    some have none, rows die at the start, on the way and never."""
     rng = np.random.default_rng(n + batch)
     layers = []
     for _ in range(5):
@@ -264,18 +276,41 @@ def test_stationary_tail(n, degree, batch, bias, monkeypatch):
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
     out = {}
     with jax.default_device(jax.devices("cuda")[0]):
-        # head, launch length, outputs per unit (auto: 4 where n <= 2048, else 2)
-        for tail in ("off", "0,1", "0,64", "0,2,1", "2,1,2", "3,64,1", "1,3,4", "0,8,0,3"):
-            monkeypatch.setenv("SPDNN_FP_TAIL", tail)
-            out[tail] = net(x.astype(np.float32))
-    base = out.pop("off")
-    for tail, r in out.items():
+        # SPDNN_FP_TAIL: head, launch length, outputs per unit (auto: 4 where n <= 2048,
+        # else 2), one-layer launches; SPDNN_STAT_TALL: 32-row tiles from this many rows
+        # on (32-row tiles apply up to n = 1024); SPDNN_STAT_DIRECT=0: interleave x first.
+        half = str(batch // 2)
+        for tail, tall, direct in [
+            ("off", None, None),
+            ("0,1", "off", None),
+            ("0,64", "0", None),
+            ("0,2,1", half, "0"),
+            ("2,1,2", "0", None),
+            ("3,64,1", "off", None),
+            ("1,3,4", half, None),
+            ("0,8,0,3", None, "0"),
+            ("0,3", half, None),
+        ]:
+            env = {"SPDNN_FP_TAIL": tail, "SPDNN_STAT_TALL": tall, "SPDNN_STAT_DIRECT": direct}
+            for k, v in env.items():
+                if v is None:
+                    monkeypatch.delenv(k, raising=False)
+                else:
+                    monkeypatch.setenv(k, v)
+            out[tail, tall, direct] = net(x.astype(np.float32))
+    base = out.pop(("off", None, None))
+    np.testing.assert_array_equal(
+        np.asarray(base.alive), np.any(np.asarray(base.features) != 0, axis=1)
+    )
+    for key, r in out.items():
+        msg = f"SPDNN_FP_TAIL, SPDNN_STAT_TALL, SPDNN_STAT_DIRECT = {key}"
         np.testing.assert_array_equal(
-            np.asarray(r.features), np.asarray(base.features), err_msg=f"SPDNN_FP_TAIL={tail}"
+            np.asarray(r.features), np.asarray(base.features), err_msg=msg
         )
         np.testing.assert_array_equal(
-            np.asarray(r.active_per_layer), np.asarray(base.active_per_layer), err_msg=tail
+            np.asarray(r.active_per_layer), np.asarray(base.active_per_layer), err_msg=msg
         )
+        np.testing.assert_array_equal(np.asarray(r.alive), np.asarray(base.alive), err_msg=msg)
     assert 0 < np.asarray(base.active_per_layer)[-1] < batch or bias > 0
 
 
@@ -495,6 +530,11 @@ def test_cuda_lowering_without_a_gpu(kernel, n, target, monkeypatch):
     assert set(re.findall(r"custom_call @(\w+)", text)) == {target}
     if target == "spdnn_sparse_dnn_footprint" and n <= 2048:  # every layer on the tail
         assert "tail_start = 0" in text and "tail_ends = dense<[2, 6, 10]>" in text
+    if target == "spdnn_sparse_dnn_footprint":  # the kernel reports the nonzero rows
+        assert "tensor<10xi32>, tensor<37xi1>, tensor<" in text
+        assert f"tensor<37x{n}xi1>" not in text  # no y != 0 pass
+    else:
+        assert f"tensor<37x{n}xi1>" in text
 
 
 @pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
