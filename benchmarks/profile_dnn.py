@@ -120,8 +120,10 @@ def dispatch(net, xd, calls):
         ("5-layer network, 64 rows", lambda: five(net, small)),
     ):
         q, t = _enqueue(fn, calls)
-        print(f"dispatch {name:>28}: enqueued in {q * 1e3:.3f} ms, done in {t * 1e3:.3f} ms "
-              "per call", flush=True)
+        print(
+            f"dispatch {name:>28}: enqueued in {q * 1e3:.3f} ms, done in {t * 1e3:.3f} ms per call",
+            flush=True,
+        )
 
 
 def compare_tails(net, xd, tails, calls, rounds):

@@ -519,7 +519,16 @@ def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool, tail_opts):
     biases = net.biases.astype(acc)
     tail = _tail_operands(net.layers, start, ends, tail_opts[2]) if ends else None
     return _call_cuda_fp(
-        x, values, biases, *index, *offsets, net.clip, drop_dead, group, tail=tail, with_nonzero=True
+        x,
+        values,
+        biases,
+        *index,
+        *offsets,
+        net.clip,
+        drop_dead,
+        group,
+        tail=tail,
+        with_nonzero=True,
     )
 
 
