@@ -659,8 +659,10 @@ ffi::Error sparse_dnn_resident_impl(
 // both ways, 1024-120 9.9 vs 9.0 ms.
 constexpr int kFpSplitMinN = 8192;
 // The stationary kernel takes 32-row tiles while the listed rows make at least this many
-// such tiles per SM (and 16-row tiles below).
-constexpr int64_t kStatTallTiles = 2;
+// such tiles per SM (and 16-row tiles below).  H100, 1024-120 (~1870 rows from layer 10
+// on), ms per call: 32-row tiles from 4000 rows on 3.29, from 8448 on 3.34, never 3.51,
+// always 3.78.
+constexpr int64_t kStatTallTiles = 1;
 
 template <typename T, typename A, int R, int O>
 ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const A* bias,

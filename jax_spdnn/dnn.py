@@ -196,6 +196,9 @@ class SparseDNN:
 
     Call it on ``x: [batch, n]`` (float32, float64, bfloat16 or float16) to get a
     :class:`DNNResult`.  The network is a pytree (layer values and biases are leaves).
+    Layer values given as NumPy arrays are put on JAX's default device once, here: as
+    host arrays they would be uploaded again at every call (at 1024-120 that upload took
+    longer than the whole network on an H100).
     """
 
     def __init__(self, layers, biases, *, clip: float | None = 32.0):
@@ -222,7 +225,12 @@ class SparseDNN:
             raise ValueError(
                 f"SparseDNN: biases must be a scalar, [L]={L}, [n]={n} or [L, n], got {b.shape}"
             )
-        self.layers = layers
+        self.layers = [
+            W
+            if isinstance(W.values, jax.Array)
+            else SparseMatrix.tree_unflatten(W.structure, (jnp.asarray(W.values),))
+            for W in layers
+        ]
         self.biases = b
         self.clip = None if clip is None else float(clip)
         # Decided once, while the biases are concrete, and carried as static metadata so
