@@ -46,7 +46,10 @@ from jax_spdnn.dnn import (
     _call_cuda_fp,
     _cuda_options,
     _fp_layout,
+    _tail_operands,
     footprint_applies,
+    tail_options,
+    tail_schedule,
 )
 from jax_spdnn.linear import _acc_dtype, _check_features
 from jax_spdnn.sparse import (
@@ -66,13 +69,29 @@ def _chunk_cpu(x, values, biases, indptr, indices, *, clip, drop_dead):
     return _call_cpu(x, values, biases, indptr, indices, clip, drop_dead)
 
 
-def _call_cuda(x, ops, *, clip, drop_dead, sp_off, ell_off, fp_off=None, group=None, alias=False):
+def _call_cuda(
+    x,
+    ops,
+    *,
+    clip,
+    drop_dead,
+    sp_off,
+    ell_off,
+    fp_off=None,
+    group=None,
+    tail=None,
+    alias=False,
+):
     """One chunk's CUDA network call: the layer kernel's operands ``(values, biases,
     slice_ptr, indices)``, or with ``fp_off`` the footprint kernel's (``+ perm, fp_ptr,
-    fp_cols``)."""
+    fp_cols``), and with ``tail = (tail_start, ends, units)`` the stationary tail's four
+    operands after those (see :func:`jax_spdnn.dnn._tail_operands`)."""
     if fp_off is None:
         return _call_cuda_ell(x, *ops, sp_off, ell_off, clip, drop_dead, alias=alias)
-    return _call_cuda_fp(x, *ops, sp_off, ell_off, fp_off, clip, drop_dead, group, alias=alias)
+    t = None if tail is None else (*ops[7:11], *tail)
+    return _call_cuda_fp(
+        x, *ops[:7], sp_off, ell_off, fp_off, clip, drop_dead, group, alias=alias, tail=t
+    )
 
 
 def _cuda_chunk(x, *ops, **static):
@@ -83,7 +102,7 @@ def _cuda_chunk_in_place(x, *ops, **static):
     return _call_cuda(x, ops, alias=True, **static)
 
 
-_CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off", "fp_off", "group")
+_CUDA_STATIC = ("clip", "drop_dead", "sp_off", "ell_off", "fp_off", "group", "tail")
 # The first chunk must not consume the caller's x; later chunks write their output into
 # the previous chunk's (donated) feature buffer, so a chunk holds one feature array plus
 # the kernel's work buffers (60000 x 65536 float32 is 14.6 GiB).
@@ -102,15 +121,17 @@ def _sharded_chunk(
     ell_off=(),
     fp_off=None,
     group=None,
+    tail=None,
 ):
     """One chunk over ``mesh``: rows split along ``axis``, operands replicated."""
-    n_ops = 7 if platform == "cuda-fp" else 4
+    n_ops = (7 if tail is None else 11) if platform == "cuda-fp" else 4
 
     def body(h, *ops):
         if platform == "cpu":
             y, active = _call_cpu(h, *ops, clip, drop_dead)
         else:
             static = {"sp_off": sp_off, "ell_off": ell_off, "fp_off": fp_off, "group": group}
+            static["tail"] = tail
             y, active = _call_cuda(h, ops, clip=clip, drop_dead=drop_dead, **static)
         return y, lax.psum(active, axis)
 
@@ -357,6 +378,10 @@ def stream_network(
             return _build(a, b)
 
     on_device = _is_device_source(layers) and platform != "other"
+    # The stationary tail (as in SparseDNN) for layers made on the host: the first chunk
+    # follows SparseDNN's schedule; later chunks start with few rows, so by default the
+    # kernel runs them from their first layer.  Device-made chunks have no tail packing.
+    tail_opts = tail_options() if platform == "cuda-fp" and not on_device else None
     if on_device:
         make_chunk = _device_chunk(layers.build_chunk, platform, acc, where)
         checked = set()  # input shapes whose built shape was checked
@@ -408,7 +433,15 @@ def stream_network(
             index, offsets = _fp_layout(fps)
             static = {"drop_dead": drop, "group": group}
             static.update(zip(("sp_off", "ell_off", "fp_off"), offsets))
-            return (values, bias, *index), static
+            opts = tail_opts
+            if opts is not None and a > 0 and opts[0] < 0:
+                opts = (0, *opts[1:])
+            start, ends = tail_schedule(n, b - a, x.dtype, opts)
+            if not ends:
+                return (values, bias, *index), static
+            *tail_ops, start, ends, units = _tail_operands(mats, start, ends, opts[2])
+            static["tail"] = (start, ends, units)
+            return (values, bias, *index, *tail_ops), static
         if platform == "cuda":
             ells = [W.structure.sliced_ell for W in mats]
             slice_ptr = np.concatenate([e.slice_ptr for e in ells])

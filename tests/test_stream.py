@@ -14,6 +14,8 @@ import jax_spdnn as sd
 from jax_spdnn import stream
 from jax_spdnn.challenge import (
     RadixNetLayers,
+    challenge_bias,
+    digit_inputs,
     radixnet,
     radixnet_layer,
     random_inputs,
@@ -86,6 +88,34 @@ def test_equals_sparse_dnn(device, chunk, source, kernel, monkeypatch):
         np.asarray(got.active_per_layer), np.asarray(want.active_per_layer)
     )
     assert got.features.dtype == jnp.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("n, batch", [(1024, 700), (4096, 300)])
+def test_stationary_tail_in_chunks(n, batch, monkeypatch):
+    """Chunks of host-made layers run the stationary tail (from the first chunk's head on,
+    then from each later chunk's first layer): the footprint kernel's results bit for bit,
+    and SparseDNN's."""
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
+    layers = radixnet(n, 14, seed=3)
+    x = digit_inputs(n, batch, seed=1).toarray()
+    out = {}
+    with jax.default_device(jax.devices("cuda")[0]):
+        for tail in ("off", None):
+            if tail is None:
+                monkeypatch.delenv("SPDNN_FP_TAIL", raising=False)
+            else:
+                monkeypatch.setenv("SPDNN_FP_TAIL", tail)
+            out[tail] = sd.stream_network(layers, x, challenge_bias(n), chunk_layers=5)
+        want = sd.SparseDNN(layers, challenge_bias(n))(x)
+    for got in (out[None], want):
+        np.testing.assert_array_equal(np.asarray(got.features), np.asarray(out["off"].features))
+        np.testing.assert_array_equal(np.asarray(got.alive), np.asarray(out["off"].alive))
+        np.testing.assert_array_equal(
+            np.asarray(got.active_per_layer), np.asarray(out["off"].active_per_layer)
+        )
+    assert 0 < int(want.active_per_layer[-1]) < batch
 
 
 def test_matches_reference_and_bias_forms(device):
@@ -170,8 +200,11 @@ def test_errors():
 @pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
 def test_cuda_chunk_lowering_without_a_gpu():
     """The CUDA chunk call lowers on any machine with the CUDA kernels built: the packed
-    index arrays are arguments (not constants) and later chunks reuse the feature buffer."""
+    index arrays (the stationary tail's too) are arguments (not constants) and later chunks
+    reuse the feature buffer."""
     import re
+
+    from jax_spdnn.dnn import _tail_operands
 
     layers = radixnet(1024, 3, seed=0)
     ells = [W.structure.sliced_ell for W in layers]
@@ -199,9 +232,14 @@ def test_cuda_chunk_lowering_without_a_gpu():
         fp_off=tuple(int(v) for v in np.cumsum([0] + [fp.staged for fp in fps])),
         group=512,
     )
+    # the stationary tail's operands (values, 16-bit inputs, group_ptr, perm) as arguments
+    *tail_ops, start, ends, units = _tail_operands(layers, 0, (2, 3), 0)
+    tail_args = fp_args + (np.asarray(tail_ops[0]), *tail_ops[1:])
+    tail_static = dict(fp_static, tail=(start, ends, units))
     cases = [
         (args, static, "spdnn_sparse_dnn_ell"),
         (fp_args, fp_static, "spdnn_sparse_dnn_footprint"),
+        (tail_args, tail_static, "spdnn_sparse_dnn_footprint"),
     ]
     for a, st_, target in cases:
         for fn, donated in ((stream._chunk_cuda_first, False), (stream._chunk_cuda, True)):
@@ -210,6 +248,7 @@ def test_cuda_chunk_lowering_without_a_gpu():
             assert len(re.findall(r"%arg\d+: tensor<", text)) == len(a)  # no index constants
             assert ("tf.aliasing_output" in text or "jax.buffer_donor" in text) == donated
             assert ("output_operand_aliases" in text) == donated  # the output takes x's buffer
+            assert ("tail_ends = dense<[2, 3]>" in text) == ("tail" in st_)
 
 
 @pytest.mark.parametrize("batch", [40, 37])
