@@ -217,6 +217,38 @@ def _pack_footprint_uniform(indices, values, group: int):
     )
 
 
+def _stationary_uniform(indices, values):
+    """``[m, n, d]`` per-output inputs (ascending) and values -> the stationary tail's
+    operands ``(values, indices, group_ptr, perm)`` in units of one output (traceable; the
+    layout :func:`jax_spdnn.sparse.pack_shared_sets` makes with ``units=1``, outputs in
+    their own order instead of footprint order, which changes no sum).
+
+    Slots are the smallest ``1024 * 2**k >= n``; slice ``w`` (outputs ``32 w .. 32 w + 31``)
+    has ``ceil(d / 4)`` groups of four steps; within a group, output ``j``'s step ``s``
+    sits at ``group * 128 + 4 j + s``; padding (steps past ``d``, outputs past ``n``) reads
+    the zero column ``n`` with value 0, and perm is -1 past ``n``."""
+    m, n, d = indices.shape
+    slots = 1024
+    while slots < n:
+        slots *= 2
+    q, slices = -(-d // 4), slots // 32
+    pad = ((0, 0), (0, slots - n), (0, 4 * q - d))
+    idx = jnp.pad(indices.astype(jnp.int32), pad, constant_values=n).astype(jnp.uint16)
+    val = jnp.pad(values.astype(jnp.float32), pad)
+
+    def layout(a):  # [m, slots, 4q] -> [m, slices, q groups, 32 outputs, 4 steps]
+        return a.reshape(m, slices, 32, q, 4).transpose(0, 1, 3, 2, 4).reshape(-1)
+
+    per_layer = slices * q
+    group_ptr = (
+        lax.broadcasted_iota(jnp.int32, (m, slices + 1), 0) * per_layer
+        + lax.broadcasted_iota(jnp.int32, (m, slices + 1), 1) * q
+    )
+    out = lax.broadcasted_iota(jnp.int32, (m, slots), 1)
+    perm = jnp.where(out < n, out, -1)
+    return layout(val), layout(idx), group_ptr.reshape(-1), perm.reshape(-1)
+
+
 def _uniform_offsets(m: int, n: int, d: int, footprint: bool = False) -> dict:
     """The CUDA kernels' per-layer offsets into :func:`_pack_uniform`'s arrays."""
     slices = -(-n // ELL_SLICE)
@@ -233,11 +265,16 @@ def _uniform_offsets(m: int, n: int, d: int, footprint: bool = False) -> dict:
 
 
 @lru_cache(maxsize=64)
-def _device_chunk(build, platform: str, dtype, sharding):
-    """Builds and packs a chunk of a device layer source where ``sharding`` puts it."""
+def _device_chunk(build, platform: str, dtype, sharding, tail_start=None):
+    """Builds and packs a chunk of a device layer source where ``sharding`` puts it (with
+    ``tail_start``, also the stationary tail's operands for its layers from there on)."""
 
     def make(inputs):
-        return _pack_uniform(*build(inputs, dtype), platform)
+        indices, values = build(inputs, dtype)
+        ops = _pack_uniform(indices, values, platform)
+        if tail_start is None:
+            return ops
+        return (*ops, *_stationary_uniform(indices[tail_start:], values[tail_start:]))
 
     return jax.jit(make, in_shardings=sharding, out_shardings=sharding)
 
@@ -378,13 +415,19 @@ def stream_network(
             return _build(a, b)
 
     on_device = _is_device_source(layers) and platform != "other"
-    # The stationary tail (as in SparseDNN) for layers made on the host: the first chunk
-    # follows SparseDNN's schedule; later chunks start with few rows, so by default the
-    # kernel runs them from their first layer.  Device-made chunks have no tail packing.
-    tail_opts = tail_options() if platform == "cuda-fp" and not on_device else None
+    # The stationary tail, as in SparseDNN: the first chunk follows SparseDNN's schedule;
+    # later chunks start with few rows, so by default the kernel runs them from their first
+    # layer.  Device-made chunks pack it in units of one output (_stationary_uniform).
+    tail_opts = tail_options() if platform == "cuda-fp" else None
     if on_device:
-        make_chunk = _device_chunk(layers.build_chunk, platform, acc, where)
         checked = set()  # input shapes whose built shape was checked
+
+    def chunk_tail(a: int, b: int):
+        """(tail_start, ends) of chunk [a, b) ((b - a, ()): none)."""
+        opts = tail_opts
+        if opts is not None and a > 0 and opts[0] < 0:
+            opts = (0, *opts[1:])
+        return tail_schedule(n, b - a, x.dtype, opts)
 
     def bias_row(k: int) -> np.ndarray:
         return np.broadcast_to(np.asarray(get_bias(k), acc), (n,))
@@ -401,6 +444,9 @@ def stream_network(
             if platform != "cpu":
                 footprint = platform == "cuda-fp"
                 static.update(_uniform_offsets(b - a, n, int(layers.degree), footprint))
+                start, ends = chunk_tail(a, b)
+                if ends:
+                    static["tail"] = (start, ends, 1)
             return (layers.chunk_inputs(a, b), bias), static
         mats, bias = [], np.empty((b - a, n), acc)
         for k in range(a, b):
@@ -433,13 +479,10 @@ def stream_network(
             index, offsets = _fp_layout(fps)
             static = {"drop_dead": drop, "group": group}
             static.update(zip(("sp_off", "ell_off", "fp_off"), offsets))
-            opts = tail_opts
-            if opts is not None and a > 0 and opts[0] < 0:
-                opts = (0, *opts[1:])
-            start, ends = tail_schedule(n, b - a, x.dtype, opts)
+            start, ends = chunk_tail(a, b)
             if not ends:
                 return (values, bias, *index), static
-            *tail_ops, start, ends, units = _tail_operands(mats, start, ends, opts[2])
+            *tail_ops, start, ends, units = _tail_operands(mats, start, ends, tail_opts[2])
             static["tail"] = (start, ends, units)
             return (values, bias, *index, *tail_ops), static
         if platform == "cuda":
@@ -476,6 +519,10 @@ def stream_network(
                 actives[i - 2].block_until_ready()  # one (dispatch is asynchronous)
             if on_device:  # (values, a, b) made there; the biases copied
                 _check_built_shape(layers, host[0], acc, bounds[i], n, checked)
+                tail = static.get("tail")
+                make_chunk = _device_chunk(
+                    layers.build_chunk, platform, acc, where, None if tail is None else tail[0]
+                )
                 values, *index = make_chunk(host[0])
                 host = ops = (values, jax.device_put(host[1], device), *index)
             if mesh is not None:

@@ -94,9 +94,9 @@ def test_equals_sparse_dnn(device, chunk, source, kernel, monkeypatch):
 @pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize("n, batch", [(1024, 700), (4096, 300)])
 def test_stationary_tail_in_chunks(n, batch, monkeypatch):
-    """Chunks of host-made layers run the stationary tail (from the first chunk's head on,
-    then from each later chunk's first layer): the footprint kernel's results bit for bit,
-    and SparseDNN's."""
+    """Chunks of layers made on the host or on the device run the stationary tail (from the
+    first chunk's head on, then from each later chunk's first layer): the footprint
+    kernel's results bit for bit, and SparseDNN's."""
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
     layers = radixnet(n, 14, seed=3)
     x = digit_inputs(n, batch, seed=1).toarray()
@@ -108,8 +108,10 @@ def test_stationary_tail_in_chunks(n, batch, monkeypatch):
             else:
                 monkeypatch.setenv("SPDNN_FP_TAIL", tail)
             out[tail] = sd.stream_network(layers, x, challenge_bias(n), chunk_layers=5)
+        made = RadixNetLayers(n, 14, seed=3)  # made on the device: units of one output
+        on_device = sd.stream_network(made, x, challenge_bias(n), chunk_layers=5)
         want = sd.SparseDNN(layers, challenge_bias(n))(x)
-    for got in (out[None], want):
+    for got in (out[None], on_device, want):
         np.testing.assert_array_equal(np.asarray(got.features), np.asarray(out["off"].features))
         np.testing.assert_array_equal(np.asarray(got.alive), np.asarray(out["off"].alive))
         np.testing.assert_array_equal(
@@ -435,6 +437,38 @@ def test_device_source_on_a_mesh():
     )
 
 
+@pytest.mark.parametrize(
+    "src", [RadixNetLayers(1024, 3, seed=2), RandomUniformLayers(45, 2, 5, seed=3)]
+)
+def test_stationary_uniform_packing(src):
+    """The stationary tail's packing made on the device, decoded as the kernel walks it:
+    every output's steps hold its inputs and values in order, padding reads the zero column
+    with value 0, group_ptr is global over the layers and perm is -1 past n."""
+    idx, val = src.build_chunk(src.chunk_inputs(0, len(src)), jnp.float32)
+    idx, val = np.asarray(idx), np.asarray(val)
+    m, n, d = idx.shape
+    values, indices, group_ptr, perm = (np.asarray(a) for a in stream._stationary_uniform(idx, val))
+    slots = perm.size // m
+    assert slots in (1024, 2048, 4096) and slots >= n and indices.dtype == np.uint16
+    assert values.size == indices.size and values.size % 128 == 0
+    gp = group_ptr.reshape(m, slots // 32 + 1)
+    assert gp[0, 0] == 0 and np.all(gp[1:, 0] == gp[:-1, -1]) and gp[-1, -1] * 128 == values.size
+    v = np.arange(values.size)
+    group, j, s = v // 128, v % 128 // 4, v % 4
+    layer = np.searchsorted(gp[:, 0], group, side="right") - 1
+    slice_ = np.array([np.searchsorted(gp[k], g, side="right") - 1 for k, g in zip(layer, group)])
+    step = (group - gp[layer, slice_]) * 4 + s
+    neuron = perm.reshape(m, slots)[layer, slice_ * 32 + j]
+    real = (neuron >= 0) & (step < d)
+    np.testing.assert_array_equal(indices[real], idx[layer[real], neuron[real], step[real]])
+    np.testing.assert_array_equal(values[real], val[layer[real], neuron[real], step[real]])
+    assert np.all(indices[~real] == n) and np.all(values[~real] == 0)
+    assert np.array_equal(perm.reshape(m, slots)[0, :n], np.arange(n))
+    assert np.all(perm.reshape(m, slots)[:, n:] == -1)
+    counts = np.bincount((layer * n + neuron)[real], minlength=m * n)
+    assert np.all(counts == d)  # every step of every output, once
+
+
 @pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
 def test_device_chunk_lowers_for_cuda_without_a_gpu():
     """Building a RadiX-Net chunk on the device lowers for CUDA: no layer arrays are
@@ -448,6 +482,8 @@ def test_device_chunk_lowers_for_cuda_without_a_gpu():
     main = next(line for line in text.splitlines() if "func.func public @main" in line)
     assert len(re.findall(r"%arg\d+: tensor<", main)) == 3
     assert len(text) < 50_000  # the host-packed chunk would embed 655360 indices
+    tail = jax.jit(lambda i: stream._stationary_uniform(*src.build_chunk(i, jnp.float32)))
+    assert len(tail.trace(inputs).lower(lowering_platforms=("cuda",)).as_text()) < 50_000
 
 
 @settings(max_examples=25, deadline=None)
