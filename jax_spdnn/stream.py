@@ -24,6 +24,7 @@ CUDA chunks run the footprint kernel from ``FOOTPRINT_MIN_N`` on, like ``SparseD
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
@@ -279,10 +280,23 @@ def _device_chunk(build, platform: str, dtype, sharding, tail_start=None):
     return jax.jit(make, in_shardings=sharding, out_shardings=sharding)
 
 
+# Per device layer source, the (width, layers, input shapes) whose built shape was checked:
+# kept across calls, as the check traces the source's build (~20 ms at N = 1024, once per
+# chunk shape: more than a chunk's device time when it ran at every call).
+_CHECKED = weakref.WeakKeyDictionary()
+
+
+def _checked_shapes(source) -> set:
+    try:
+        return _CHECKED.setdefault(source, set())
+    except TypeError:  # not weakly referable or not hashable: checked per call
+        return set()
+
+
 def _check_built_shape(source, inputs, dtype, bounds, n: int, checked: set) -> None:
     """A device source's chunk must be ``[layers, n, degree]`` (traced once per input shape;
     the kernel trusts the packed indices)."""
-    key = (bounds[1] - bounds[0], str(jax.tree.map(np.shape, inputs)))
+    key = (n, bounds[1] - bounds[0], str(jax.tree.map(np.shape, inputs)))
     if key in checked:
         return
     built = tuple(jax.eval_shape(lambda inp: source.build_chunk(inp, dtype), inputs)[0].shape)
@@ -420,7 +434,7 @@ def stream_network(
     # layer.  Device-made chunks pack it in units of one output (_stationary_uniform).
     tail_opts = tail_options() if platform == "cuda-fp" else None
     if on_device:
-        checked = set()  # input shapes whose built shape was checked
+        checked = _checked_shapes(layers)  # input shapes whose built shape was checked
 
     def chunk_tail(a: int, b: int):
         """(tail_start, ends) of chunk [a, b) ((b - a, ()): none)."""

@@ -86,5 +86,16 @@ def test_profile_dnn_tails(monkeypatch, capsys):
         profile_dnn.setting_env("rows=3")
 
 
+def test_profile_stream(monkeypatch, capsys):
+    """The streamed-call host profile runs and reports a time and its top functions."""
+    import profile_stream
+
+    argv = ["profile_stream.py", "--problem", "64-6", "--chunk-layers", "3", "--batch", "50"]
+    monkeypatch.setattr(sys, "argv", argv + ["--top", "5"])
+    profile_stream.main()
+    out = capsys.readouterr().out
+    assert "64-6:" in out and "s per call" in out and "stream_network" in out
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))

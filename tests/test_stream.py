@@ -421,6 +421,21 @@ def test_device_source_equals_host_layers(device, make, kernel, monkeypatch):
         sd.stream_network(wide, x, -0.3)
 
 
+def test_built_shape_checked_once_per_source(monkeypatch):
+    """The device source's built shape is traced once per chunk shape and width, not at
+    every call (the trace cost more than a chunk's device time)."""
+    calls = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: calls.append(1) or real(*a, **k))
+    src = RadixNetLayers(64, 6, seed=1)
+    x = random_inputs(64, 20, seed=1)
+    first = sd.stream_network(src, x, -0.3, chunk_layers=3)
+    n_first = len(calls)
+    again = sd.stream_network(src, x, -0.3, chunk_layers=3)
+    assert n_first >= 1 and len(calls) == n_first
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(first.features))
+
+
 def test_device_source_on_a_mesh():
     from jax_spdnn import distributed as dist
 
