@@ -204,8 +204,13 @@ def _pack_footprint_uniform(indices, values, group: int):
     """``[m, n, d]`` per-output inputs and values -> the footprint kernel's operands
     (traceable; per layer the same arrays as :func:`jax_spdnn.sparse.pack_footprint`, the
     footprint lists at a fixed stride, see :func:`_uniform_offsets`)."""
+    m, n, d = indices.shape
+    # Layers in batches of up to ~2^22 nonzeros: one sort per batch rather than a loop of
+    # small kernels per layer (120 layers of 1024 one by one took ~15 ms on an H100, more
+    # than the chunk's network), with the sorts' scratch bounded at large n.
+    batch = int(max(1, min(m, (1 << 22) // max(1, n * d))))
     slots, vals, perm, fp_ptr, fp_cols = lax.map(
-        lambda a: _footprint_layer(*a, group), (indices, values)
+        lambda a: _footprint_layer(*a, group), (indices, values), batch_size=batch
     )
     ell_values, slice_ptr, ell_slots = _pack_uniform(slots, vals, "cuda")
     return (
