@@ -703,19 +703,19 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
                stat_net_fits(n, stat_net_rows(tail_slots), device);
   }
   const int64_t head = use_tail ? tail0 : n_layers;
-  // When the tail starts at layer 0 its first launch reads every row of x itself: no
-  // marks, no interleave pass (a zero input row gives a zero output row, as bias <= 0
-  // wherever rows are dropped, and is dropped after layer 0 instead of before it).
-  // SPDNN_STAT_DIRECT=0 interleaves first (read at every call, for tests and A/B timing).
+  // When the tail starts at layer 0 its first launch reads the listed rows of x itself
+  // (no interleave pass).  The rows are still marked and listed first: a chunk of a
+  // streamed network starts with every row, most of them dead (computing them all through
+  // the first launch cost more than the marks save).  SPDNN_STAT_DIRECT=0 interleaves
+  // first (read at every call, for tests and A/B timing).
   const char* direct_env = std::getenv("SPDNN_STAT_DIRECT");
   const bool direct = use_tail && head == 0 && !(direct_env && std::string(direct_env) == "0");
 
-  // The first list: rows of x with a nonzero feature (with drop off, or read directly:
-  // every row), in order, interleaved into buf[0] (unless the first launch reads x).
-  const bool mark_first = drop && !direct;
-  if (mark_first) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
+  // The first list: rows of x with a nonzero feature (with drop off: every row), in
+  // order, interleaved into buf[0] (unless the first launch reads x).
+  if (drop) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
   compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
-      nullptr, rows, alive, nullptr, mark_first, src[0], ids[0], counts + 2, counts, nullptr,
+      nullptr, rows, alive, nullptr, drop, src[0], ids[0], counts + 2, counts, nullptr,
       compact_scratch, 1);
   if (!direct) {
     interleave_rows<T, R><<<grid, kMoveThreads, 0, stream>>>(x, src[0], counts, n, buf[0]);
@@ -806,9 +806,9 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
       a.y = buf[1 - b];
       a.src = list;
       a.row_major = direct && first == 0;
-      if (a.row_major) {  // every row of x, in order
+      if (a.row_major) {  // the listed rows of x
         a.x = x;
-        a.src = nullptr;
+        a.src = src[0];
       }
       a.count = counts + c;
       a.alive = alive;
