@@ -223,7 +223,7 @@ def _pack_footprint_uniform(indices, values, group: int):
     )
 
 
-def _stationary_uniform(indices, values):
+def _stationary_uniform(indices, values, order=None):
     """``[m, n, d]`` per-output inputs (ascending) and values -> the stationary tail's
     operands ``(values, indices, group_ptr, perm)`` in units of one output (traceable; the
     layout :func:`jax_spdnn.sparse.pack_shared_sets` makes with ``units=1``, outputs in
@@ -232,8 +232,14 @@ def _stationary_uniform(indices, values):
     Slots are the smallest ``1024 * 2**k >= n``; slice ``w`` (outputs ``32 w .. 32 w + 31``)
     has ``ceil(d / 4)`` groups of four steps; within a group, output ``j``'s step ``s``
     sits at ``group * 128 + 4 j + s``; padding (steps past ``d``, outputs past ``n``) reads
-    the zero column ``n`` with value 0, and perm is -1 past ``n``."""
+    the zero column ``n`` with value 0, and perm is -1 past ``n``.  With ``order [m, n]``
+    (each layer's outputs in footprint order, as the footprint packing's perm), slot ``u``
+    holds output ``order[u]``: outputs sharing inputs then sit in one warp, whose lanes
+    read the same shared-memory words."""
     m, n, d = indices.shape
+    if order is not None:
+        indices = jnp.take_along_axis(indices, order[:, :, None], axis=1)
+        values = jnp.take_along_axis(values, order[:, :, None], axis=1)
     slots = 1024
     while slots < n:
         slots *= 2
@@ -251,7 +257,9 @@ def _stationary_uniform(indices, values):
         + lax.broadcasted_iota(jnp.int32, (m, slices + 1), 1) * q
     )
     out = lax.broadcasted_iota(jnp.int32, (m, slots), 1)
-    perm = jnp.where(out < n, out, -1)
+    if order is not None:
+        out = jnp.pad(order.astype(jnp.int32), ((0, 0), (0, slots - n)))
+    perm = jnp.where(lax.broadcasted_iota(jnp.int32, (m, slots), 1) < n, out, -1)
     return layout(val), layout(idx), group_ptr.reshape(-1), perm.reshape(-1)
 
 
@@ -280,7 +288,10 @@ def _device_chunk(build, platform: str, dtype, sharding, tail_start=None):
         ops = _pack_uniform(indices, values, platform)
         if tail_start is None:
             return ops
-        return (*ops, *_stationary_uniform(indices[tail_start:], values[tail_start:]))
+        m, n, _ = indices.shape
+        order = ops[3].reshape(m, n)[tail_start:]  # the footprint packing's output order
+        tail = _stationary_uniform(indices[tail_start:], values[tail_start:], order)
+        return (*ops, *tail)
 
     return jax.jit(make, in_shardings=sharding, out_shardings=sharding)
 

@@ -455,14 +455,19 @@ def test_device_source_on_a_mesh():
 @pytest.mark.parametrize(
     "src", [RadixNetLayers(1024, 3, seed=2), RandomUniformLayers(45, 2, 5, seed=3)]
 )
-def test_stationary_uniform_packing(src):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_stationary_uniform_packing(src, ordered):
     """The stationary tail's packing made on the device, decoded as the kernel walks it:
     every output's steps hold its inputs and values in order, padding reads the zero column
     with value 0, group_ptr is global over the layers and perm is -1 past n."""
     idx, val = src.build_chunk(src.chunk_inputs(0, len(src)), jnp.float32)
     idx, val = np.asarray(idx), np.asarray(val)
     m, n, d = idx.shape
-    values, indices, group_ptr, perm = (np.asarray(a) for a in stream._stationary_uniform(idx, val))
+    order = None
+    if ordered:  # outputs in some order per layer (the footprint order in use)
+        order = np.stack([np.random.default_rng(k).permutation(n) for k in range(m)])
+    packed = stream._stationary_uniform(idx, val, None if order is None else jnp.asarray(order))
+    values, indices, group_ptr, perm = (np.asarray(a) for a in packed)
     slots = perm.size // m
     assert slots in (1024, 2048, 4096) and slots >= n and indices.dtype == np.uint16
     assert values.size == indices.size and values.size % 128 == 0
@@ -478,7 +483,8 @@ def test_stationary_uniform_packing(src):
     np.testing.assert_array_equal(indices[real], idx[layer[real], neuron[real], step[real]])
     np.testing.assert_array_equal(values[real], val[layer[real], neuron[real], step[real]])
     assert np.all(indices[~real] == n) and np.all(values[~real] == 0)
-    assert np.array_equal(perm.reshape(m, slots)[0, :n], np.arange(n))
+    want_perm = np.arange(n) if order is None else order[0]
+    assert np.array_equal(perm.reshape(m, slots)[0, :n], want_perm)
     assert np.all(perm.reshape(m, slots)[:, n:] == -1)
     counts = np.bincount((layer * n + neuron)[real], minlength=m * n)
     assert np.all(counts == d)  # every step of every output, once
