@@ -6,6 +6,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
@@ -78,6 +82,22 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
+
+// With SPDNN_HOST_TIMING set, prints on destruction the host time since construction
+// (a handler's enqueueing of `layers` layers; profiling aid).
+struct HostTiming {
+  const char* what;
+  int64_t layers;
+  bool on = std::getenv("SPDNN_HOST_TIMING") != nullptr;
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  ~HostTiming() {
+    if (!on) return;
+    const double us =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "%s: enqueued %lld layers in %.1f us on the host\n", what,
+                 static_cast<long long>(layers), us);
+  }
+};
 
 inline xla::ffi::Error last_launch_error(const char* what) {
   cudaError_t err = cudaGetLastError();

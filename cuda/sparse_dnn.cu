@@ -170,21 +170,7 @@ ffi::Error sparse_dnn_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
     cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
     return last_launch_error("sparse_dnn");
   }
-  // SPDNN_HOST_TIMING=1 prints the host time spent enqueueing the network (profiling aid).
-  static const bool host_timing = std::getenv("SPDNN_HOST_TIMING") != nullptr;
-  const auto t0 = std::chrono::steady_clock::now();
-  struct Report {
-    bool on;
-    std::chrono::steady_clock::time_point t0;
-    int64_t layers;
-    ~Report() {
-      if (!on) return;
-      const double us = std::chrono::duration<double, std::micro>(
-          std::chrono::steady_clock::now() - t0).count();
-      std::fprintf(stderr, "sparse_dnn: enqueued %lld layers in %.1f us on the host\n",
-                   static_cast<long long>(layers), us);
-    }
-  } report{host_timing, t0, n_layers};
+  const HostTiming report{"sparse_dnn", n_layers};
   const int ni = static_cast<int>(n);
   int32_t* ap = active->typed_data();
   int32_t* ip = iwork->typed_data();
@@ -922,20 +908,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
     cudaMemsetAsync(active->typed_data(), 0, sizeof(int32_t) * n_layers, stream);
     return last_launch_error("sparse_dnn");
   }
-  // SPDNN_HOST_TIMING=1 prints the host time spent enqueueing the network (profiling aid).
-  static const bool host_timing = std::getenv("SPDNN_HOST_TIMING") != nullptr;
-  struct Report {
-    bool on;
-    std::chrono::steady_clock::time_point t0;
-    int64_t layers;
-    ~Report() {
-      if (!on) return;
-      const double us = std::chrono::duration<double, std::micro>(
-          std::chrono::steady_clock::now() - t0).count();
-      std::fprintf(stderr, "sparse_dnn footprint: enqueued %lld layers in %.1f us on the host\n",
-                   static_cast<long long>(layers), us);
-    }
-  } report{host_timing, std::chrono::steady_clock::now(), n_layers};
+  const HostTiming report{"sparse_dnn footprint", n_layers};
   auto run = [&](auto* tag, auto* acc_tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = std::remove_pointer_t<decltype(acc_tag)>;
