@@ -659,7 +659,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
                          ffi::Span<const int64_t> ell_off, ffi::Span<const int64_t> fp_off,
                          const StatNetArgs& tail, int64_t tail0,
                          ffi::Span<const int64_t> tail_ends, int64_t tail_slots,
-                         int tail_units) {
+                         int tail_units, bool has_fp) {
   const int64_t rows32 = (rows + 31) / 32 * 32;  // the workspace fits any tile height
   const int n_groups = (n + kThreads * O - 1) / (kThreads * O);
   T* buf[2] = {work, work + rows32 * n};
@@ -689,6 +689,11 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
                stat_net_fits(n, stat_net_rows(tail_slots), device);
   }
   const int64_t head = use_tail ? tail0 : n_layers;
+  if (!has_fp && head > 0) {
+    return ffi::Error::InvalidArgument(
+        "sparse_dnn: the stationary kernel's tile does not fit this device's shared memory, "
+        "and the call has no footprint operands to fall back on");
+  }
   // When the tail starts at layer 0 its first launch reads the listed rows of x itself
   // (no interleave pass).  The rows are still marked and listed first: a chunk of a
   // streamed network starts with every row, most of them dead (computing them all through
@@ -860,16 +865,29 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
   if (n > 0x7fffffff || rows >= 0x7fffffff) {
     return ffi::Error::InvalidArgument("sparse_dnn: batch and n must be below 2^31");
   }
-  if (static_cast<int64_t>(sp_off.size()) != n_layers ||
-      static_cast<int64_t>(ell_off.size()) != n_layers + 1 ||
-      static_cast<int64_t>(fp_off.size()) != n_layers + 1 ||
-      static_cast<int64_t>(bias.element_count()) != n_layers * n ||
-      static_cast<int64_t>(slice_ptr.element_count()) != n_layers * (n_slices + 1) ||
-      static_cast<int64_t>(indices.element_count()) != ell_off[n_layers] ||
-      static_cast<int64_t>(values.element_count()) != ell_off[n_layers] ||
-      static_cast<int64_t>(perm.element_count()) != n_layers * n ||
-      static_cast<int64_t>(fp_ptr.element_count()) != n_layers * (n_groups + 1) ||
-      static_cast<int64_t>(fp_cols.element_count()) < fp_off[n_layers] ||
+  // Without footprint operands (every one empty, offsets too) the stationary kernel must
+  // run every layer: a streamed chunk made on the device then skips their packing.
+  const bool has_fp = !(sp_off.size() == 0 && ell_off.size() == 0 && fp_off.size() == 0 &&
+                        values.element_count() == 0 && slice_ptr.element_count() == 0 &&
+                        indices.element_count() == 0 && perm.element_count() == 0 &&
+                        fp_ptr.element_count() == 0 && fp_cols.element_count() == 0);
+  if (!has_fp && !(tail_ends.size() > 0 && tail0 == 0)) {
+    return ffi::Error::InvalidArgument(
+        "sparse_dnn: footprint operands are required unless the stationary tail starts at "
+        "layer 0");
+  }
+  const bool fp_sizes_ok =
+      !has_fp ||
+      (static_cast<int64_t>(sp_off.size()) == n_layers &&
+       static_cast<int64_t>(ell_off.size()) == n_layers + 1 &&
+       static_cast<int64_t>(fp_off.size()) == n_layers + 1 &&
+       static_cast<int64_t>(slice_ptr.element_count()) == n_layers * (n_slices + 1) &&
+       static_cast<int64_t>(indices.element_count()) == ell_off[n_layers] &&
+       static_cast<int64_t>(values.element_count()) == ell_off[n_layers] &&
+       static_cast<int64_t>(perm.element_count()) == n_layers * n &&
+       static_cast<int64_t>(fp_ptr.element_count()) == n_layers * (n_groups + 1) &&
+       static_cast<int64_t>(fp_cols.element_count()) >= fp_off[n_layers]);
+  if (!fp_sizes_ok || static_cast<int64_t>(bias.element_count()) != n_layers * n ||
       static_cast<int64_t>(work->element_count()) != 2 * rows32 * n ||
       static_cast<int64_t>(nonzero->element_count()) != rows ||
       static_cast<int64_t>(iwork->element_count()) != 5 * rows + 4 + kCompactScratch) {
@@ -926,7 +944,7 @@ ffi::Error sparse_dnn_fp_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuf
         reinterpret_cast<T*>(y->untyped_data()), active->typed_data(), nonzero->typed_data(),
         reinterpret_cast<T*>(work->untyped_data()), iwork->typed_data(), rows,
         static_cast<int>(n), n_layers, clip, drop_dead, sp_off, ell_off, fp_off, tail, tail0,
-        tail_ends, tail_slots, static_cast<int>(tail_units));
+        tail_ends, tail_slots, static_cast<int>(tail_units), has_fp);
     };
     using R16 = std::integral_constant<int, 16>;
     using R32 = std::integral_constant<int, 32>;

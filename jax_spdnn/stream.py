@@ -166,6 +166,16 @@ def _pack_uniform(indices, values, platform: str):
     return slot_major(values), slice_ptr, slot_major(indices)
 
 
+def _footprint_order(indices):
+    """``[n, d]`` each output's inputs (ascending) -> the footprint packing's output order
+    (its ``perm``): by the first inputs, then a hash of them all (traceable)."""
+    n, d = indices.shape
+    keys = [indices[:, i] for i in range(min(d, ORDER_KEYS))]
+    h = jnp.sum(mix_inputs(indices), axis=1, dtype=jnp.uint32)
+    iota = lax.iota(jnp.int32, n)
+    return lax.sort((*keys, h, iota), num_keys=len(keys) + 2)[-1]
+
+
 def _footprint_layer(indices, values, G: int):
     """One ``[n, d]`` layer (each output's inputs, ascending) -> its footprint packing as
     :func:`jax_spdnn.sparse.pack_footprint` makes it (traceable): the reordered ``[n, d]``
@@ -173,10 +183,7 @@ def _footprint_layer(indices, values, G: int):
     (``groups * G * d`` long; the tail past ``fp_ptr[-1]`` is zero)."""
     n, d = indices.shape
     groups = -(-n // G)
-    keys = [indices[:, i] for i in range(min(d, ORDER_KEYS))]
-    h = jnp.sum(mix_inputs(indices), axis=1, dtype=jnp.uint32)
-    iota = lax.iota(jnp.int32, n)
-    perm = lax.sort((*keys, h, iota), num_keys=len(keys) + 2)[-1]
+    perm = _footprint_order(indices)
     idx = jnp.pad(indices[perm], ((0, groups * G - n), (0, 0)), constant_values=ELL_PAD_INDEX)
     idx = idx.reshape(groups, G * d)
     where = lax.broadcasted_iota(jnp.int32, idx.shape, 1)
@@ -278,13 +285,24 @@ def _uniform_offsets(m: int, n: int, d: int, footprint: bool = False) -> dict:
     return offsets
 
 
+# Up to this width a chunk whose every layer runs on the stationary kernel is made without
+# the footprint packing (the kernel's fallback): a 16-row tile of 1024 features (82 KB)
+# fits the shared memory of every device the CUDA kernels are built for (sm_80 and up).
+_TAIL_ONLY_MAX_N = 1024
+
+
 @lru_cache(maxsize=64)
-def _device_chunk(build, platform: str, dtype, sharding, tail_start=None):
+def _device_chunk(build, platform: str, dtype, sharding, tail_start=None, footprint=True):
     """Builds and packs a chunk of a device layer source where ``sharding`` puts it (with
-    ``tail_start``, also the stationary tail's operands for its layers from there on)."""
+    ``tail_start``, also the stationary tail's operands for its layers from there on;
+    without ``footprint``, empty footprint operands: the tail runs every layer)."""
 
     def make(inputs):
         indices, values = build(inputs, dtype)
+        if not footprint:
+            order = jax.vmap(_footprint_order)(indices)
+            empty = (jnp.zeros((0,), values.dtype),) + (jnp.zeros((0,), jnp.int32),) * 5
+            return (*empty, *_stationary_uniform(indices, values, order))
         ops = _pack_uniform(indices, values, platform)
         if tail_start is None:
             return ops
@@ -477,6 +495,8 @@ def stream_network(
                 start, ends = chunk_tail(a, b)
                 if ends:
                     static["tail"] = (start, ends, 1)
+                if ends and start == 0 and n <= _TAIL_ONLY_MAX_N:  # no footprint packing
+                    static.update(sp_off=(), ell_off=(), fp_off=())
             return (layers.chunk_inputs(a, b), bias), static
         mats, bias = [], np.empty((b - a, n), acc)
         for k in range(a, b):
@@ -551,7 +571,12 @@ def stream_network(
                 _check_built_shape(layers, host[0], acc, bounds[i], n, checked)
                 tail = static.get("tail")
                 make_chunk = _device_chunk(
-                    layers.build_chunk, platform, acc, where, None if tail is None else tail[0]
+                    layers.build_chunk,
+                    platform,
+                    acc,
+                    where,
+                    None if tail is None else tail[0],
+                    static.get("fp_off") != (),
                 )
                 values, *index = make_chunk(host[0])
                 host = ops = (values, jax.device_put(host[1], device), *index)

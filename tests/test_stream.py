@@ -238,10 +238,15 @@ def test_cuda_chunk_lowering_without_a_gpu():
     *tail_ops, start, ends, units = _tail_operands(layers, 0, (2, 3), 0)
     tail_args = fp_args + (np.asarray(tail_ops[0]), *tail_ops[1:])
     tail_static = dict(fp_static, tail=(start, ends, units))
+    # a chunk the tail runs whole: empty footprint operands and offsets
+    empty = (np.zeros(0, np.float32), args[2]) + (np.zeros(0, np.int32),) * 5
+    only_args = (args[0],) + empty + tail_args[8:]
+    only_static = dict(tail_static, sp_off=(), ell_off=(), fp_off=())
     cases = [
         (args, static, "spdnn_sparse_dnn_ell"),
         (fp_args, fp_static, "spdnn_sparse_dnn_footprint"),
         (tail_args, tail_static, "spdnn_sparse_dnn_footprint"),
+        (only_args, only_static, "spdnn_sparse_dnn_footprint"),
     ]
     for a, st_, target in cases:
         for fn, donated in ((stream._chunk_cuda_first, False), (stream._chunk_cuda, True)):
@@ -251,6 +256,31 @@ def test_cuda_chunk_lowering_without_a_gpu():
             assert ("tf.aliasing_output" in text or "jax.buffer_donor" in text) == donated
             assert ("output_operand_aliases" in text) == donated  # the output takes x's buffer
             assert ("tail_ends = dense<[2, 3]>" in text) == ("tail" in st_)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+def test_chunk_without_footprint_operands_needs_the_whole_tail():
+    """Empty footprint operands are accepted only when the stationary tail runs every
+    layer; otherwise the call fails with an error naming the problem."""
+    from jax_spdnn.dnn import _tail_operands
+
+    layers = radixnet(1024, 3, seed=0)
+    x = jnp.asarray(random_inputs(1024, 40, seed=1), jnp.float32)
+    bias = np.full((3, 1024), -0.3, np.float32)
+    empty = (np.zeros(0, np.float32), bias) + (np.zeros(0, np.int32),) * 5
+    static = dict(clip=32.0, drop_dead=True, sp_off=(), ell_off=(), fp_off=(), group=256)
+    with jax.default_device(jax.devices("cuda")[0]):
+        want = sd.SparseDNN(layers, -0.3)(x)
+        *ops, start, ends, units = _tail_operands(layers, 0, (1, 3), 1)
+        y, active = stream._chunk_cuda_first(x, *empty, *ops, tail=(start, ends, units), **static)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want.features))
+        np.testing.assert_array_equal(np.asarray(active), np.asarray(want.active_per_layer))
+        *ops, start, ends, units = _tail_operands(layers, 1, (2, 3), 1)
+        with pytest.raises(Exception, match="footprint operands are required"):
+            jax.block_until_ready(
+                stream._chunk_cuda_first(x, *empty, *ops, tail=(start, ends, units), **static)
+            )
 
 
 @pytest.mark.parametrize("batch", [40, 37])
