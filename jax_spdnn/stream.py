@@ -131,8 +131,7 @@ def _sharded_chunk(
         if platform == "cpu":
             y, active = _call_cpu(h, *ops, clip, drop_dead)
         else:
-            static = {"sp_off": sp_off, "ell_off": ell_off, "fp_off": fp_off, "group": group}
-            static["tail"] = tail
+            static = dict(sp_off=sp_off, ell_off=ell_off, fp_off=fp_off, group=group, tail=tail)
             y, active = _call_cuda(h, ops, clip=clip, drop_dead=drop_dead, **static)
         return y, lax.psum(active, axis)
 
@@ -263,10 +262,9 @@ def _stationary_uniform(indices, values, order=None):
         lax.broadcasted_iota(jnp.int32, (m, slices + 1), 0) * per_layer
         + lax.broadcasted_iota(jnp.int32, (m, slices + 1), 1) * q
     )
-    out = lax.broadcasted_iota(jnp.int32, (m, slots), 1)
-    if order is not None:
-        out = jnp.pad(order.astype(jnp.int32), ((0, 0), (0, slots - n)))
-    perm = jnp.where(lax.broadcasted_iota(jnp.int32, (m, slots), 1) < n, out, -1)
+    slot = lax.broadcasted_iota(jnp.int32, (m, slots), 1)
+    out = slot if order is None else jnp.pad(order.astype(jnp.int32), ((0, 0), (0, slots - n)))
+    perm = jnp.where(slot < n, out, -1)
     return layout(val), layout(idx), group_ptr.reshape(-1), perm.reshape(-1)
 
 
@@ -570,13 +568,10 @@ def stream_network(
             if on_device:  # (values, a, b) made there; the biases copied
                 _check_built_shape(layers, host[0], acc, bounds[i], n, checked)
                 tail = static.get("tail")
+                footprint = static.get("fp_off") != ()  # empty: the tail runs the whole chunk
+                tail_start = None if tail is None else tail[0]
                 make_chunk = _device_chunk(
-                    layers.build_chunk,
-                    platform,
-                    acc,
-                    where,
-                    None if tail is None else tail[0],
-                    static.get("fp_off") != (),
+                    layers.build_chunk, platform, acc, where, tail_start, footprint
                 )
                 values, *index = make_chunk(host[0])
                 host = ops = (values, jax.device_put(host[1], device), *index)
