@@ -68,6 +68,17 @@ def test_fast_reference_agrees():
     assert set(a.ambiguous) <= set(b.ambiguous)
 
 
+def test_fast_reference_no_survivors():
+    """Every row dies: empty categories and an all-zero [rows, n] feature matrix (only
+    surviving rows are moved off the device)."""
+    layers = radixnet(256, 3, seed=4)
+    x = random_inputs(256, 50, seed=5)
+    for batch_chunk in (None, 16):
+        r = reference_inference_fast(layers, -100.0, x, batch_chunk=batch_chunk)
+        assert r.categories.size == 0 and r.features.shape == (50, 256)
+        assert r.features.nnz == 0 and r.active_per_layer == [0, 0, 0]
+
+
 def test_check_categories_report():
     c = check_categories([1, 2, 9], [1, 2, 3], ambiguous=[7])
     assert not c.passed
