@@ -8,6 +8,9 @@ float64 reference.  Peers (GPU): jax.experimental.sparse BCSR (cuSPARSE) + clamp
 and dense bf16 matmul per layer, both over all rows in one jitted program.
 
     python benchmarks/bench_dnn.py [--problems 1024-120 4096-120] [--batch 60000]
+    python benchmarks/bench_dnn.py --problems 1024-120 1024-480 1024-1920 4096-120 4096-480 \
+        4096-1920 16384-120 16384-480 16384-1920 65536-120 65536-480 65536-1920 \
+        --reference-device default       # every problem the issue lists, checked on the GPU
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ import jax_spdnn as sd  # noqa: E402
 from jax_spdnn import challenge as ch  # noqa: E402
 
 _REFERENCES = {}
+# Generated networks (32 nonzeros per neuron) above this many nonzeros are streamed by
+# default: as SparseDNN their packed index arrays (~13 bytes per nonzero) become constants
+# of the compiled program, ~0.8 GB at 1024-1920 and 4096-480 (25-28 s to trace, pack and
+# compile on the first call).
+STREAM_NNZ = 64 * 2**20
 
 
 def _make_seconds(source, chunk_layers, dtype) -> float:
@@ -228,9 +236,11 @@ def main(argv=None):
     p.add_argument(
         "--chunk-layers",
         type=int,
-        default=0,
+        default=-1,
         help="time stream_network in chunks of K layers, each made on the device just before "
-        "it runs (challenge.RadixNetLayers; no peers)",
+        "it runs (challenge.RadixNetLayers; no peers); 0: SparseDNN whatever the size; "
+        f"default: chunks of 120 for networks of more than {STREAM_NNZ:.2e} nonzeros "
+        "(SparseDNN packs its operands into the compiled program) and SparseDNN below",
     )
     p.add_argument(
         "--stream-trials",
@@ -258,9 +268,12 @@ def main(argv=None):
     rows = []
     for prob in args.problems:
         n, n_layers = (int(v) for v in prob.split("-"))
+        chunk_layers = args.chunk_layers
+        if chunk_layers < 0:
+            chunk_layers = 120 if n * 32 * n_layers > STREAM_NNZ else 0
         for i, dt in enumerate(args.dtypes):
             peers = (on_gpu or args.peers) and not args.no_peers and i == 0
-            peers = peers and not args.chunk_layers
+            peers = peers and not chunk_layers
             rows += run_problem(
                 n,
                 n_layers,
@@ -269,7 +282,7 @@ def main(argv=None):
                 peers,
                 jnp.dtype(dt),
                 variants,
-                args.chunk_layers,
+                chunk_layers,
                 None if args.no_check else args.reference_device,
                 args.stream_trials,
             )

@@ -43,6 +43,27 @@ def test_bench_dnn(tmp_path):
     assert all(r["survivors"] > 0 for r in ours)
 
 
+def test_bench_dnn_streams_large_networks(tmp_path, monkeypatch):
+    """By default a network above STREAM_NNZ nonzeros is streamed (and checked by the
+    streamed reference); smaller ones run as SparseDNN; --chunk-layers 0 forces SparseDNN."""
+    import bench_dnn
+
+    monkeypatch.setattr(bench_dnn, "STREAM_NNZ", 64 * 32 * 5)
+    out = tmp_path / "dnn.json"
+    bench_dnn.main(
+        ["--problems", "64-4", "64-6", "--batch", "200", "--stream-trials", "1", "--json", str(out)]
+    )
+    rows = {r["problem"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "SparseDNN" in rows["64-4"]["method"] and "first_call_s" in rows["64-4"]
+    assert "stream_network" in rows["64-6"]["method"]
+    assert all(r["check"].startswith("PASSED") for r in rows.values())
+    bench_dnn.main(
+        ["--problems", "64-6", "--batch", "200", "--chunk-layers", "0", "--json", str(out)]
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "SparseDNN" in row["method"]
+
+
 def test_tuning_and_profile_scripts(monkeypatch, capsys):
     import profile_linear
     import tune_stationary
