@@ -1,11 +1,17 @@
 """Shared test fixtures: float64 enabled, four virtual CPU devices, and a ``device``
 fixture that runs a test on the CPU and, where JAX sees one, on a CUDA GPU (skipped
-otherwise)."""
+otherwise); GPU memory allocated on demand."""
 
-import jax
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+import os
+
+# GPU memory on demand, not 75% of it at the first use: the CLI and notebook tests start
+# child processes that need the device too (they inherit this).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # Four virtual CPU devices for the sharding tests (must be set before the backend starts).
