@@ -32,7 +32,7 @@ import jax_spdnn as sd  # noqa: E402
 from jax_spdnn import challenge as ch  # noqa: E402
 
 _REFERENCES = {}
-# Generated networks (32 nonzeros per neuron) above this many nonzeros are streamed by
+# Generated networks above this many nonzeros are streamed by
 # default: as SparseDNN their packed index arrays (~13 bytes per nonzero) become constants
 # of the compiled program, ~0.8 GB at 1024-1920 and 4096-480 (25-28 s to trace, pack and
 # compile on the first call).
@@ -270,7 +270,7 @@ def main(argv=None):
         n, n_layers = (int(v) for v in prob.split("-"))
         chunk_layers = args.chunk_layers
         if chunk_layers < 0:
-            chunk_layers = 120 if n * 32 * n_layers > STREAM_NNZ else 0
+            chunk_layers = 120 if ch.RadixNetLayers(n, n_layers).nnz > STREAM_NNZ else 0
         for i, dt in enumerate(args.dtypes):
             peers = (on_gpu or args.peers) and not args.no_peers and i == 0
             peers = peers and not chunk_layers

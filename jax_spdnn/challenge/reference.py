@@ -200,23 +200,24 @@ def reference_inference_fast(
             xb = x[start : start + step]
             xd = jnp.asarray(xb.toarray() if sps.issparse(xb) else xb, jnp.float64)
             runs = run(xd)
-            feats.append(_alive_rows_csr(runs[0], xd.shape[0], n))
+            found = [r.categories().astype(np.int64) for r in runs]
+            feats.append(_rows_csr(runs[0].features, found[0], xd.shape[0]))
             active = active + np.asarray(runs[0].active_per_layer, np.int64)
-            for i, r in enumerate(runs):
-                cats[i].append(r.categories().astype(np.int64) + start)
+            for i, c in enumerate(found):
+                cats[i].append(c + start)
     cats = [np.concatenate(c) for c in cats]
     features = sps.vstack(feats).tocsr() if feats else sps.csr_matrix((rows, n))
     return ReferenceResult(cats[0], cats[1], cats[2], features, [int(v) for v in active])
 
 
-def _alive_rows_csr(result, rows: int, n: int):
-    """``result.features`` as a ``[rows, n]`` CSR matrix, moving only the rows with a
-    nonzero feature off the device (the others are zero; at 16384 neurons the whole
-    array is 1.3 GB per 10000 rows, the surviving rows a few percent of it)."""
-    keep = result.categories()
+def _rows_csr(features, keep, rows: int):
+    """Device ``features`` as a ``[rows, n]`` CSR matrix, moving only the rows ``keep``
+    (those with a nonzero feature; the others are zero) off the device: at 16384 neurons
+    the whole array is 1.3 GB per 10000 rows, the surviving rows a few percent of it."""
+    n = features.shape[1]
     if keep.size == 0:
-        return sps.csr_matrix((rows, n), dtype=result.features.dtype)
-    part = sps.csr_matrix(np.asarray(result.features[keep]))
+        return sps.csr_matrix((rows, n), dtype=features.dtype)
+    part = sps.csr_matrix(np.asarray(features[keep]))
     coo = part.tocoo()
     return sps.csr_matrix((coo.data, (keep[coo.row], coo.col)), shape=(rows, n))
 
