@@ -299,8 +299,6 @@ __device__ __forceinline__ void block_copy_words(void* dst, const void* src, int
 // Elements of A per staged column in the pipelined kernel (16 bytes of padding).
 template <typename A, int kRows>
 constexpr int kPipePitch = kRows + 16 / static_cast<int>(sizeof(A));
-// Index entries after the weight buffer's wcap that the look-ahead may read (8 slices).
-constexpr int kPipeSlack = 8 * kSlice;
 
 template <typename A, int kRows>
 struct PipeStage {
@@ -332,9 +330,9 @@ __global__ void __launch_bounds__(kThreads * H, 1)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* wv = reinterpret_cast<A*>(smem_raw);                                       // [wcap]
-  int32_t* wi = reinterpret_cast<int32_t*>(smem_raw + sizeof(A) * wcap);  // [wcap + slack]
+  int32_t* wi = reinterpret_cast<int32_t*>(smem_raw + sizeof(A) * wcap);        // [wcap]
   constexpr int P = kPipePitch<A, kRows>;
-  A* fbuf = reinterpret_cast<A*>(smem_raw + (sizeof(A) + 4) * wcap + 4 * kPipeSlack);  // [2][chunk * P]
+  A* fbuf = reinterpret_cast<A*>(smem_raw + (sizeof(A) + 4) * wcap);            // [2][chunk * P]
   int32_t* cbuf = reinterpret_cast<int32_t*>(fbuf + 2 * chunk * P);             // [2][chunk]
   int32_t* rbuf = cbuf + 2 * chunk;                                             // [2][kRows]
   int32_t* grab = rbuf + 2 * kRows;                                             // [2]
@@ -489,12 +487,10 @@ __global__ void __launch_bounds__(kThreads * H, 1)
       for (int r = 0; r < RT; ++r) acc[r] = A(0);
     }
     const int c0 = cur.c0, c1 = c0 + min(chunk, cur.fp_n - cur.c0);
-    // Slot i's column at byte xb + i * P * sizeof(A) (xb: the buffer less c0 columns, and
-    // this thread's rows from vector half * QT on): one multiply-add per weight.
-    const char* xb = reinterpret_cast<const char*>(fbuf + b * chunk * P + half * QT * E) -
-                     static_cast<ptrdiff_t>(c0) * (P * sizeof(A));
+    // Slot i's column at xb + (i - c0) * P; this thread's rows start at vector half * QT.
+    const A* xb = fbuf + b * chunk * P + half * QT * E;
     auto apply = [&](A v, int i) {
-      const VT* col = reinterpret_cast<const VT*>(xb + i * static_cast<int>(P * sizeof(A)));
+      const VT* col = reinterpret_cast<const VT*>(xb + (i - c0) * P);
 #pragma unroll
       for (int q = 0; q < QT; ++q) {
         const VT f = col[q];
@@ -523,17 +519,17 @@ __global__ void __launch_bounds__(kThreads * H, 1)
       pos = p;
     };
     if (in_shared) {
-      // As walk, with the next four slots read one step ahead (reads past the row, at most
-      // 7 S entries past wcap, land in the slack after the index buffer and are not used),
-      // so the feature loads need not wait for them.
+      // As walk, with the next four slots read one step ahead (reads past the row stay
+      // inside the weight buffer and are not used), so the feature loads need not wait
+      // for them.
       int p = pos;
       int i[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) i[k] = wi[p + k * S];
+      for (int k = 0; k < 4; ++k) i[k] = wi[min(p + k * S, wcap - 1)];
       while (p + 3 * S < end && i[3] < c1) {
         int n[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) n[k] = wi[p + (4 + k) * S];
+        for (int k = 0; k < 4; ++k) n[k] = wi[min(p + (4 + k) * S, wcap - 1)];
         const A v0 = wv[p], v1 = wv[p + S], v2 = wv[p + 2 * S], v3 = wv[p + 3 * S];
         apply(v0, i[0]);
         apply(v1, i[1]);
@@ -872,11 +868,10 @@ PipePlan pipe_plan(int optin_bytes) {
   PipePlan plan;
   plan.wcap = 8192;
   const int per_col = 2 * (kPipePitch<A, kRows> * static_cast<int>(sizeof(A)) + 4);
-  const int rest = optin_bytes - plan.wcap * static_cast<int>(sizeof(A) + 4) - 4 * kPipeSlack -
-                   2 * kRows * 4 - 16;
+  const int rest = optin_bytes - plan.wcap * static_cast<int>(sizeof(A) + 4) - 2 * kRows * 4 - 16;
   plan.chunk = rest / per_col / 8 * 8;
   if (plan.chunk < 64) return PipePlan{};
-  plan.smem = static_cast<size_t>(plan.wcap) * (sizeof(A) + 4) + 4 * kPipeSlack +
+  plan.smem = static_cast<size_t>(plan.wcap) * (sizeof(A) + 4) +
               static_cast<size_t>(plan.chunk) * per_col + 2 * kRows * 4 + 16;
   return plan;
 }
