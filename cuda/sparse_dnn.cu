@@ -724,10 +724,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   // copy per staged value, one vote per row), for tests and A/B timing.
   const char* lean_env = std::getenv("SPDNN_FP_LEAN");
   const bool lean = !(lean_env && std::string(lean_env) == "0");
-  // SPDNN_FP_SPLIT=4 (float, 32-row tiles): 1024-thread blocks, a quarter of the rows each.
-  const int split = split_env ? (std::string(split_env) == "1"   ? 1
-                                 : std::string(split_env) == "4" ? 4
-                                                                 : 2)
+  const int split = split_env ? (std::string(split_env) == "1" ? 1 : 2)
                               : (sizeof(A) == 4 && n >= kFpSplitMinN ? 2 : 1);
   // SPDNN_STAT_PREFETCH=0: no L1 prefetch of the tail's weights (read at every call, for
   // A/B timing).
@@ -780,14 +777,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     bool launched = false;
     if constexpr (std::is_same_v<T, A> && O == 1) {
       if (pipe) {
-        ffi::Error err = ffi::Error::Success();
-        if constexpr (std::is_same_v<A, float> && R == 32) {
-          if (split == 4) err = launch_footprint_pipe<A, R, 4>(stream, args, lean, &launched);
-        }
-        if (!launched && err.success()) {
-          err = split == 2 ? launch_footprint_pipe<A, R, 2>(stream, args, lean, &launched)
-                           : launch_footprint_pipe<A, R, 1>(stream, args, lean, &launched);
-        }
+        auto err = split == 2 ? launch_footprint_pipe<A, R, 2>(stream, args, lean, &launched)
+                              : launch_footprint_pipe<A, R, 1>(stream, args, lean, &launched);
         if (err.failure()) return err;
       }
     }

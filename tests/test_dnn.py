@@ -201,11 +201,11 @@ def test_footprint_kernel_equals_layer_kernel(n, n_layers, batch, density, dup, 
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("split", ["1", "2", "4"])
+@pytest.mark.parametrize("split", ["1", "2"])
 def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch):
     """The pipelined footprint kernel's paths (weights in shared or global memory,
-    footprints in one or several chunks, runs of several row tiles or one; one, two or
-    four threads per output (four: float32 only, float64 takes two); staging by 16-byte runs where a tile's rows are whole and by value
+    footprints in one or several chunks, runs of several row tiles or one; one or two
+    threads per output; staging by 16-byte runs where a tile's rows are whole and by value
     elsewhere) give the plain footprint kernel's results bit for bit, in float32 and
     float64."""
     monkeypatch.setenv("SPDNN_FP_SPLIT", split)
