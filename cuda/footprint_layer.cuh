@@ -82,6 +82,11 @@ struct FootprintArgs {
   const int32_t* src;        // input position of each listed row, or nullptr for identity
   int32_t* alive;            // [rows] set to 1 for rows with a nonzero output
   int32_t* next_run;         // pipelined kernel: runs handed out so far (zero at launch)
+  // Tensor-core form (footprint_mma_convert): gate[0] | gate[1] nonzero means the layer
+  // runs on the FMA kernel, zero on the tensor-core kernel (each launched kernel returns
+  // at once when it is not the one); mma: the per-group records.  Both null: no gate.
+  const int32_t* gate;
+  const unsigned char* mma;
   int64_t rows;              // upper bound of *count (sizes the grid)
   int n_in, n_out;
   bool relu;
@@ -275,6 +280,200 @@ __device__ __forceinline__ void block_copy_words(void* dst, const void* src, int
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// The tensor-core form of a footprint layer (float32 features, groups of kThreads
+// outputs, 32-row tiles), made on the device from the footprint packing before the layer
+// runs.  The weights of each block of 8 consecutive (reordered) outputs are cut into
+// dense 8 x 8 tiles, 8 footprint slots by the 8 outputs: the block's distinct slots in
+// order, 8 per tile, zeros where an output does not use a slot.  Where outputs share
+// their inputs (blocks of equal or similar input sets, as the footprint order makes
+// them adjacent) the tiles are dense and mma.sync (m16n8k8, TF32 in three passes: hi*hi
+// + hi*lo + lo*hi, about float32's accuracy) does the work of 16 FMA instructions per
+// weight in a few instructions per tile.  Where they do not, the tiles are mostly zeros,
+// a group needs more tiles than shared memory holds, and the layer runs on the FMA
+// kernel instead (the same launch sequence; the device decides, see gate).
+//
+// A zero in a tile multiplies a real feature, so a NaN or infinite feature would leak
+// into the other outputs of its block: the tensor-core form runs only where features
+// are finite (a finite clip, x checked while its rows are marked, weights checked here).
+//
+// Per group a record of kMmaGroupBytes: the group's footprint columns in the order the
+// tiles want them (cols [kMmaMaxCols]; slots renumbered by the first block of 8 outputs
+// that uses them, so a block's slots are consecutive where it brings new ones), the
+// first tile of each block of 8 outputs (tptr [33], padded to 36), then the tiles: 34
+// int4 each, two of header (int2 [4]: lane t's slots at positions t and t + 4) and one
+// per lane (lane 4 o + t: {hi, hi, lo, lo} of W[slot at t][o], W[slot at t + 4][o]).
+constexpr int kMmaMaxCols = 512;  // footprint columns per group (one chunk)
+constexpr int kMmaTileCap = 144;  // tiles per group (shared memory)
+constexpr int kMmaTileInt4 = 34;
+constexpr int kMmaBlocks = kThreads / 8;  // blocks of 8 outputs per group
+constexpr int kMmaPtrInts = 36;
+constexpr int64_t kMmaGroupBytes =
+    (kMmaMaxCols + kMmaPtrInts) * 4 + static_cast<int64_t>(kMmaTileCap) * kMmaTileInt4 * 16;
+static_assert(kMmaGroupBytes % 16 == 0, "records keep int4 alignment");
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+
+// Position in a tile of the tile's rank-th slot: even ranks first, so that lanes t = 0..3
+// read slots two apart (with a 36-float column pitch, consecutive slots at positions
+// t and t + 1 would share a bank quad).
+__device__ __forceinline__ int mma_position(int rank) { return (rank & 1) * 4 + (rank >> 1); }
+
+// One block per group (kThreads threads, thread o walks output o's ELL row).  Sets
+// gate[1] when the group does not fit the tensor-core form (footprint past kMmaMaxCols,
+// more than kMmaTileCap tiles) or a weight is not finite.
+__global__ void __launch_bounds__(kThreads)
+    footprint_mma_convert(const int32_t* __restrict__ slice_ptr, const int32_t* __restrict__ indices,
+                          const float* __restrict__ values, const int32_t* __restrict__ fp_ptr,
+                          const int32_t* __restrict__ fp_cols, int n_out,
+                          unsigned char* __restrict__ records, int32_t* gate) {
+  constexpr int W = kMmaMaxCols / 32;  // bitmap words
+  __shared__ int first_use[kMmaMaxCols];
+  __shared__ uint32_t bins[kMmaBlocks][W];  // slots by first user; then each block's union
+  __shared__ int bin_start[kMmaBlocks + 1];
+  __shared__ int new_slot[kMmaMaxCols];
+  __shared__ int tiles_of[kMmaBlocks + 1];
+  __shared__ int fail;
+  const int g = blockIdx.x, o = threadIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int fp0 = __ldg(fp_ptr + g), fp_n = __ldg(fp_ptr + g + 1) - fp0;
+  if (fp_n > kMmaMaxCols) {
+    if (o == 0) atomicOr(gate + 1, 1);
+    return;
+  }
+  unsigned char* rec = records + static_cast<int64_t>(g) * kMmaGroupBytes;
+  int32_t* cols = reinterpret_cast<int32_t*>(rec);
+  int32_t* tptr = cols + kMmaMaxCols;
+  int4* tiles = reinterpret_cast<int4*>(tptr + kMmaPtrInts);
+  for (int s = o; s < kMmaMaxCols; s += kThreads) first_use[s] = kMmaBlocks;
+  for (int k = o; k < kMmaBlocks * W; k += kThreads) (&bins[0][0])[k] = 0;
+  if (o == 0) fail = 0;
+  __syncthreads();
+
+  // This thread's ELL row (output o of the group).
+  const int j = g * kThreads + o;
+  const int S = kSlice;
+  int p0 = 0, pe = 0;
+  if (j < n_out) {
+    p0 = __ldg(slice_ptr + j / S) + j % S;
+    pe = __ldg(slice_ptr + j / S + 1);
+  }
+  const int blk = o / 8, col = o % 8;
+  bool bad = false;
+  for (int p = p0; p < pe; p += S) {
+    const int s = __ldg(indices + p);
+    if (s >= fp_n) break;  // padding sorts last
+    bad |= !isfinite(__ldg(values + p));
+    atomicMin(&first_use[s], blk);
+  }
+  if (bad) fail = 1;
+  __syncthreads();
+  // New slot order: by first user block, then old slot.
+  for (int s = o; s < fp_n; s += kThreads) {
+    first_use[s] = min(first_use[s], kMmaBlocks - 1);  // (every slot has a user)
+    atomicOr(&bins[first_use[s]][s / 32], 1u << (s % 32));
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int c = 0;
+    for (int k = 0; k < W; ++k) c += __popc(bins[lane][k]);
+    int incl = c;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int t = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += t;
+    }
+    bin_start[lane] = incl - c;
+    if (lane == 31) bin_start[32] = incl;
+  }
+  __syncthreads();
+  for (int s = o; s < fp_n; s += kThreads) {
+    const int b = first_use[s];
+    int r = bin_start[b] + __popc(bins[b][s / 32] & ((1u << (s % 32)) - 1u));
+    for (int k = 0; k < s / 32; ++k) r += __popc(bins[b][k]);
+    new_slot[s] = r;
+    cols[r] = __ldg(fp_cols + fp0 + s);
+  }
+  __syncthreads();
+  // Each block's union of new slots -> its tile count.
+  for (int k = o; k < kMmaBlocks * W; k += kThreads) (&bins[0][0])[k] = 0;
+  __syncthreads();
+  for (int p = p0; p < pe; p += S) {
+    const int s = __ldg(indices + p);
+    if (s >= fp_n) break;
+    const int ns = new_slot[s];
+    atomicOr(&bins[blk][ns / 32], 1u << (ns % 32));
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int u = 0;
+    for (int k = 0; k < W; ++k) u += __popc(bins[lane][k]);
+    const int t = (u + 7) / 8;
+    int incl = t;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    tiles_of[lane] = incl - t;
+    tptr[lane] = incl - t;
+    if (lane == 31) {
+      tiles_of[32] = incl;
+      tptr[32] = incl;
+      if (incl > kMmaTileCap) fail = 1;
+    }
+  }
+  __syncthreads();
+  if (fail) {
+    if (o == 0) atomicOr(gate + 1, 1);
+    return;
+  }
+  // Zero the tiles; every header position defaults to the block's first slot (a staged,
+  // finite column: empty positions multiply it by zero).
+  for (int b = warp; b < kMmaBlocks; b += kThreads / 32) {
+    int first = kMmaMaxCols;
+    for (int k = W - 1; k >= 0; --k) {
+      if (bins[b][k]) first = k * 32 + __ffs(bins[b][k]) - 1;
+    }
+    for (int e = lane; e < (tiles_of[b + 1] - tiles_of[b]) * kMmaTileInt4; e += 32) {
+      const int k = e % kMmaTileInt4;
+      tiles[tiles_of[b] * kMmaTileInt4 + e] =
+          k < 2 ? make_int4(first, first, first, first) : make_int4(0, 0, 0, 0);
+    }
+  }
+  __syncthreads();
+  float* tf = reinterpret_cast<float*>(tiles);
+  int* ti = reinterpret_cast<int*>(tiles);
+  for (int p = p0; p < pe; p += S) {
+    const int s = __ldg(indices + p);
+    if (s >= fp_n) break;
+    const int ns = new_slot[s];
+    int r = __popc(bins[blk][ns / 32] & ((1u << (ns % 32)) - 1u));
+    for (int k = 0; k < ns / 32; ++k) r += __popc(bins[blk][k]);
+    const int tile = tiles_of[blk] + r / 8, pos = mma_position(r % 8);
+    const int base = tile * kMmaTileInt4 * 4;
+    ti[base + 2 * (pos % 4) + pos / 4] = ns;
+    const float v = __ldg(values + p);
+    const float hi = __uint_as_float(to_tf32(v));
+    const int w = base + 8 + 4 * (4 * col + pos % 4) + pos / 4;
+    tf[w] = hi;
+    tf[w + 2] = v - hi;
+  }
+}
+
+// acc += A * B on one m16n8k8 TF32 tile.
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // The pipelined footprint kernel (float or double features and accumulation, one
 // output per thread): the same packing, layout and arithmetic as
 // footprint_layer_kernel (results are bitwise equal), with the memory traffic taken
@@ -310,10 +509,22 @@ struct PipeStage {
 // H threads share an output (H = 2: 512 threads, each with half the tile's rows): twice
 // the warps to hide the shared-memory and L2 latencies with, for a second read of each
 // weight.
-template <typename A, int kRows, int H>
+//
+// kMma: the tensor-core form (float, 32-row tiles; see footprint_mma_convert): shared
+// memory holds the group's tiles instead of its ELL weights (wcap tiles), columns are
+// staged in the record's order, and warp w computes the blocks of 8 outputs w, w + 8 H,
+// ... on the whole 32-row tile.  Row 4 q + 2 m + h of the tile is row q + 8 h of the
+// m-th 16-row MMA, so a lane's A operands for one slot are one 16-byte load and its
+// outputs for one column one 16-byte store.
+template <typename A, int kRows, int H, bool kMma = false>
 __global__ void __launch_bounds__(kThreads * H, 1)
     footprint_pipe_kernel(const FootprintArgs<A, A> args, int chunk, int wcap, int n_groups,
                           bool lean) {
+  static_assert(!kMma || (std::is_same_v<A, float> && kRows == 32), "tensor-core form: float, 32 rows");
+  if (args.gate) {
+    const bool fma = (args.gate[0] | args.gate[1]) != 0;
+    if (kMma == fma) return;  // the layer is the other kernel's
+  }
   using V = Vec16<A>;
   using VT = typename V::type;
   using Stage = PipeStage<A, kRows>;
@@ -331,8 +542,10 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* wv = reinterpret_cast<A*>(smem_raw);                                       // [wcap]
   int32_t* wi = reinterpret_cast<int32_t*>(smem_raw + sizeof(A) * wcap);        // [wcap]
+  const int4* tiles_s = reinterpret_cast<const int4*>(smem_raw);                // kMma: [wcap]
   constexpr int P = kPipePitch<A, kRows>;
-  A* fbuf = reinterpret_cast<A*>(smem_raw + (sizeof(A) + 4) * wcap);            // [2][chunk * P]
+  constexpr size_t kWeightBytes = kMma ? kMmaTileInt4 * 16 : sizeof(A) + 4;  // per wcap
+  A* fbuf = reinterpret_cast<A*>(smem_raw + kWeightBytes * wcap);              // [2][chunk * P]
   int32_t* cbuf = reinterpret_cast<int32_t*>(fbuf + 2 * chunk * P);             // [2][chunk]
   int32_t* rbuf = cbuf + 2 * chunk;                                             // [2][kRows]
   int32_t* grab = rbuf + 2 * kRows;                                             // [2]
@@ -378,8 +591,11 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   auto issue_meta = [&](const Stage& k, int b) {
     if (k.run < 0) return;
     const int cn = min(chunk, k.fp_n - k.c0);
+    const int32_t* cols =
+        kMma ? reinterpret_cast<const int32_t*>(args.mma + k.group * kMmaGroupBytes)
+             : args.fp_cols + k.fp0;
     for (int c = threadIdx.x; c < cn; c += NT) {
-      cp_async4(cbuf + b * chunk + c, args.fp_cols + k.fp0 + k.c0 + c, true);
+      cp_async4(cbuf + b * chunk + c, cols + k.c0 + c, true);
     }
     if (threadIdx.x < kRows) {
       const int64_t p = k.tile * kRows + threadIdx.x;
@@ -448,11 +664,37 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   int pos = 0, end = 0;
   const int tx = threadIdx.x % kThreads, half = threadIdx.x / kThreads;
   A acc[RT];
+  // kMma: this warp's blocks of 8 outputs, their tiles, columns, neurons and biases.
+  constexpr int NB = kMma ? kMmaBlocks / (NT / 32) : 1;
+  int t_begin[NB], t_end[NB], mma_neuron[NB][2];
+  float mma_bias[NB][2];
+  float macc[NB][2][4];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int s = 0; cur.run >= 0; ++s) {
     const int b = s & 1;
     __syncthreads();  // everyone is done with stage s - 1 (its buffers and the weights)
     resolve(nxt2);
-    if (cur.c0 == 0 && cur.group != loaded_group) {
+    if (kMma && cur.c0 == 0 && cur.group != loaded_group) {
+      const int32_t* tptr = reinterpret_cast<const int32_t*>(args.mma + cur.group * kMmaGroupBytes) +
+                            kMmaMaxCols;
+      const int4* tiles_g = reinterpret_cast<const int4*>(tptr + kMmaPtrInts);
+      block_copy_words(const_cast<int4*>(tiles_s), tiles_g, __ldg(tptr + kMmaBlocks) * kMmaTileInt4 * 4);
+      cp_async_commit();
+#pragma unroll
+      for (int i = 0; i < NB; ++i) {
+        const int nb = warp + i * (NT / 32);
+        t_begin[i] = __ldg(tptr + nb);
+        t_end[i] = __ldg(tptr + nb + 1);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int jr = cur.group * kThreads + nb * 8 + 2 * (lane % 4) + c;
+          mma_neuron[i][c] = jr < args.n_out ? __ldg(args.perm + jr) : -1;
+          mma_bias[i][c] = jr < args.n_out ? __ldg(args.bias + mma_neuron[i][c]) : 0.f;
+        }
+      }
+      loaded_group = cur.group;
+    }
+    if (!kMma && cur.c0 == 0 && cur.group != loaded_group) {
       const int w0 = cur.group * kGroupSlices;
       const int w1 = min(w0 + kGroupSlices, n_slices);
       const int64_t e0 = __ldg(args.slice_ptr + w0), e1 = __ldg(args.slice_ptr + w1);
@@ -479,6 +721,71 @@ __global__ void __launch_bounds__(kThreads * H, 1)
     issue_meta(nxt2, b);  // buffer b's meta (stage s) was used when stage s was issued
     issue_features(nxt, 1 - b);
     cp_async_commit();
+
+    if constexpr (kMma) {
+      // The stage is a whole item (footprints fit one chunk, see footprint_mma_convert).
+      const float* xl = fbuf + b * chunk * P + 4 * (lane / 4);
+      const int t4 = lane % 4;
+#pragma unroll
+      for (int i = 0; i < NB; ++i) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) macc[i][m][k] = 0.f;
+        }
+        for (int tt = t_begin[i]; tt < t_end[i]; ++tt) {
+          const int4* tile = tiles_s + tt * kMmaTileInt4;
+          const int2 h = reinterpret_cast<const int2*>(tile)[t4];
+          const float4 w = reinterpret_cast<const float4*>(tile)[2 + lane];
+          const float4 x0 = *reinterpret_cast<const float4*>(xl + h.x * P);
+          const float4 x1 = *reinterpret_cast<const float4*>(xl + h.y * P);
+          const float av[2][4] = {{x0.x, x0.y, x1.x, x1.y}, {x0.z, x0.w, x1.z, x1.w}};
+          const uint32_t bh0 = __float_as_uint(w.x), bh1 = __float_as_uint(w.y);
+          const uint32_t bl0 = __float_as_uint(w.z), bl1 = __float_as_uint(w.w);
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            uint32_t hi[4], lo[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              hi[k] = to_tf32(av[m][k]);
+              lo[k] = __float_as_uint(av[m][k] - __uint_as_float(hi[k]));
+            }
+            mma_tf32(macc[i][m], lo, bh0, bh1);  // small terms first
+            mma_tf32(macc[i][m], hi, bl0, bl1);
+            mma_tf32(macc[i][m], hi, bh0, bh1);
+          }
+        }
+      }
+      // Bias, ReLU, clamp; lane (q, t) holds rows 4 q .. 4 q + 3 of columns 2 t, 2 t + 1.
+      const int64_t row0 = cur.tile * kRows;
+      const int valid = static_cast<int>(min(static_cast<int64_t>(kRows), rows - row0));
+      const int q4 = 4 * (lane / 4);
+      uint32_t bits = 0;
+#pragma unroll
+      for (int i = 0; i < NB; ++i) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (mma_neuron[i][c] < 0) continue;
+          float out[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            float v = macc[i][r / 2][c + 2 * (r % 2)] + mma_bias[i][c];
+            if (args.relu && v < 0.f) v = 0.f;  // comparisons keep NaN, like jnp.maximum
+            if (v > args.clip) v = args.clip;
+            out[r] = q4 + r < valid ? v : 0.f;
+            bits |= out[r] != 0.f ? 1u << (q4 + r) : 0u;
+          }
+          *reinterpret_cast<float4*>(args.y + interleaved<kRows>(row0, mma_neuron[i][c], args.n_out) +
+                                     q4) = make_float4(out[0], out[1], out[2], out[3]);
+        }
+      }
+      bits = __reduce_or_sync(0xffffffffu, bits);
+      if (lane < valid && ((bits >> lane) & 1u)) args.alive[row0 + lane] = 1;
+      cur = nxt;
+      nxt = nxt2;
+      advance(nxt2, 0);
+      continue;
+    }
 
     if (cur.c0 == 0) {
       pos = pos0;
@@ -733,17 +1040,24 @@ __global__ void __launch_bounds__(kCompactThreads)
 }
 
 // alive[row] = 1 for the rows of row-major x with any nonzero feature (a warp per row).
+// With bad (optional): *bad = 1 when x holds a NaN or an infinity.
 template <typename T, typename A>
 __global__ void mark_nonzero_rows(const T* __restrict__ x, int64_t rows, int n,
-                                  int32_t* __restrict__ alive) {
+                                  int32_t* __restrict__ alive, int32_t* bad = nullptr) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  bool nonfinite = false;
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < rows;
        row += warps) {
     bool nz = false;
-    for (int c = lane; c < n; c += 32) nz |= load_acc<A>(x + row * n + c) != A(0);
+    for (int c = lane; c < n; c += 32) {
+      const A v = load_acc<A>(x + row * n + c);
+      nz |= v != A(0);
+      nonfinite |= !isfinite(v);
+    }
     if (__any_sync(0xffffffffu, nz) && lane == 0) alive[row] = 1;
   }
+  if (bad && nonfinite) *bad = 1;
 }
 
 // Threads per block of the two kernels below (a 32 x 33 tile of doubles per warp
@@ -863,32 +1177,41 @@ struct PipePlan {
   int wcap = 0, chunk = 0;
   size_t smem = 0;
 };
-template <typename A, int kRows>
+template <typename A, int kRows, bool kMma = false>
 PipePlan pipe_plan(int optin_bytes) {
   PipePlan plan;
-  plan.wcap = 8192;
   const int per_col = 2 * (kPipePitch<A, kRows> * static_cast<int>(sizeof(A)) + 4);
-  const int rest = optin_bytes - plan.wcap * static_cast<int>(sizeof(A) + 4) - 2 * kRows * 4 - 16;
+  const int fixed = 2 * kRows * 4 + 16;
+  if constexpr (kMma) {  // the group's tiles, then footprints of one chunk
+    plan.wcap = kMmaTileCap;
+    plan.chunk = kMmaMaxCols;
+    plan.smem = static_cast<size_t>(kMmaTileCap) * kMmaTileInt4 * 16 +
+                static_cast<size_t>(plan.chunk) * per_col + fixed;
+    if (plan.smem > static_cast<size_t>(optin_bytes)) return PipePlan{};
+    return plan;
+  }
+  plan.wcap = 8192;
+  const int rest = optin_bytes - plan.wcap * static_cast<int>(sizeof(A) + 4) - fixed;
   plan.chunk = rest / per_col / 8 * 8;
   if (plan.chunk < 64) return PipePlan{};
   plan.smem = static_cast<size_t>(plan.wcap) * (sizeof(A) + 4) +
-              static_cast<size_t>(plan.chunk) * per_col + 2 * kRows * 4 + 16;
+              static_cast<size_t>(plan.chunk) * per_col + fixed;
   return plan;
 }
 
 // Launches the pipelined kernel; *launched is false (and nothing is launched) where
 // the device's shared memory is too small for it.
-template <typename A, int kRows, int H>
+template <typename A, int kRows, int H, bool kMma = false>
 xla::ffi::Error launch_footprint_pipe(cudaStream_t stream, const FootprintArgs<A, A>& args,
                                       bool lean, bool* launched) {
   *launched = false;
   int device = 0, optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const PipePlan plan = pipe_plan<A, kRows>(optin);
+  const PipePlan plan = pipe_plan<A, kRows, kMma>(optin);
   if (plan.smem == 0) return xla::ffi::Error::Success();
   const int n_groups = (args.n_out + kThreads - 1) / kThreads;
-  auto kernel = footprint_pipe_kernel<A, kRows, H>;
+  auto kernel = footprint_pipe_kernel<A, kRows, H, kMma>;
   int resident = 0;
   if (auto err = resident_blocks(kernel, plan.smem, &resident, "footprint layer", kThreads * H);
       err.failure()) {
@@ -901,6 +1224,38 @@ xla::ffi::Error launch_footprint_pipe(cudaStream_t stream, const FootprintArgs<A
   kernel<<<static_cast<unsigned>(n_blocks), kThreads * H, plan.smem, stream>>>(
       args, plan.chunk, plan.wcap, n_groups, lean);
   return last_launch_error("footprint layer");
+}
+
+// Whether the tensor-core form fits the device's shared memory.
+inline bool mma_fits(int device) {
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return pipe_plan<float, 32, true>(optin).smem > 0;
+}
+
+// One layer in the tensor-core form where the device finds it applies, else on the FMA
+// pipelined kernel: converts the layer's footprint packing into records (gate[1] set
+// where a group does not fit), then launches both kernels; each returns at once unless
+// the gate says it is the one.  gate[0] (sticky) is set where x was not finite.
+template <int H>
+xla::ffi::Error launch_footprint_mma(cudaStream_t stream, FootprintArgs<float, float> args,
+                                     const int32_t* slice_ptr, const int32_t* indices,
+                                     const float* values, const int32_t* fp_ptr,
+                                     unsigned char* records, int32_t* gate, bool lean) {
+  const int n_groups = (args.n_out + kThreads - 1) / kThreads;
+  cudaMemsetAsync(gate + 1, 0, sizeof(int32_t), stream);
+  footprint_mma_convert<<<n_groups, kThreads, 0, stream>>>(slice_ptr, indices, values, fp_ptr,
+                                                           args.fp_cols, args.n_out, records, gate);
+  if (auto err = last_launch_error("footprint layer (tensor-core form)"); err.failure()) return err;
+  args.gate = gate;
+  args.mma = records;
+  bool launched = false;
+  if (auto err = launch_footprint_pipe<float, 32, H, true>(stream, args, lean, &launched);
+      err.failure() || !launched) {
+    return err.failure() ? err
+                         : xla::ffi::Error::Internal("sparse_dnn: tensor-core kernel does not fit");
+  }
+  return launch_footprint_pipe<float, 32, H, false>(stream, args, lean, &launched);
 }
 
 }  // namespace spdnn::cuda

@@ -12,6 +12,7 @@
 // memory, so no launch depends on host-side knowledge of how many rows survive.
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -644,6 +645,8 @@ ffi::Error sparse_dnn_resident_impl(
 // SPDNN_FP_SPLIT says.  H100, same process: 16384-120 145 vs 155 ms, 4096-120 33.3 ms
 // both ways, 1024-120 9.9 vs 9.0 ms.
 constexpr int kFpSplitMinN = 8192;
+// The tensor-core form of the footprint layers from this many neurons on (float32).
+constexpr int kFpMmaMinN = 8192;
 // The stationary kernel takes 32-row tiles while the listed rows make at least this many
 // such tiles per SM (and 16-row tiles below).  H100, 1024-120 (~1870 rows from layer 10
 // on), ms per call: 32-row tiles from 4000 rows on 3.29, from 8448 on 3.34, never 3.51,
@@ -704,7 +707,39 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
 
   // The first list: rows of x with a nonzero feature (with drop off: every row), in
   // order, interleaved into buf[0] (unless the first launch reads x).
-  if (drop) mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive);
+  // The tensor-core form (launch_footprint_mma) for float32 from kFpMmaMinN neurons on,
+  // from the second layer (its inputs are the kernel's own, finite where x is) and with a
+  // finite clip; SPDNN_FP_MMA=0|1 turns it off or on at any width (read at every call,
+  // for tests and A/B timing).  Its records live in memory allocated on the stream.
+  bool mma = false;
+  unsigned char* mma_mem = nullptr;
+  int32_t* mma_gate = nullptr;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
+    const char* mma_env = std::getenv("SPDNN_FP_MMA");
+    const bool want = mma_env ? std::string(mma_env) == "1" : n >= kFpMmaMinN;
+    const char* pipe_env0 = std::getenv("SPDNN_FP_PIPE");
+    const bool piped = !(pipe_env0 && std::string(pipe_env0) == "0");
+    if (want && piped && has_fp && std::isfinite(clip) && head > 1 && mma_fits(device)) {
+      const size_t bytes = 16 + static_cast<size_t>(n_groups) * kMmaGroupBytes;
+      if (cudaMallocAsync(reinterpret_cast<void**>(&mma_mem), bytes, stream) == cudaSuccess) {
+        mma = true;
+        mma_gate = reinterpret_cast<int32_t*>(mma_mem);
+        cudaMemsetAsync(mma_gate, 0, 16, stream);
+      } else {
+        cudaGetLastError();  // no memory for it: the FMA kernel runs every layer
+      }
+    }
+  }
+  struct FreeOnExit {
+    unsigned char* p;
+    cudaStream_t s;
+    ~FreeOnExit() {
+      if (p) cudaFreeAsync(p, s);
+    }
+  } mma_free{mma_mem, stream};
+  if (drop || mma) {
+    mark_nonzero_rows<T, A><<<grid, 256, 0, stream>>>(x, rows, n, alive, mma ? mma_gate : nullptr);
+  }
   compact_rows<<<compact_blocks, kCompactThreads, 0, stream>>>(
       nullptr, rows, alive, nullptr, drop, src[0], ids[0], counts + 2, counts, nullptr,
       compact_scratch, 1);
@@ -775,8 +810,19 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.relu = true;
     args.clip = static_cast<A>(clip);
     bool launched = false;
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
+      if (mma && l >= 1) {
+        const int32_t* sp = slice_ptr + sp_off[l];
+        auto err = split == 2 ? launch_footprint_mma<2>(stream, args, sp, args.indices, args.values,
+                                                        args.fp_ptr, mma_mem + 16, mma_gate, lean)
+                              : launch_footprint_mma<1>(stream, args, sp, args.indices, args.values,
+                                                        args.fp_ptr, mma_mem + 16, mma_gate, lean);
+        if (err.failure()) return err;
+        launched = true;
+      }
+    }
     if constexpr (std::is_same_v<T, A> && O == 1) {
-      if (pipe) {
+      if (pipe && !launched) {
         auto err = split == 2 ? launch_footprint_pipe<A, R, 2>(stream, args, lean, &launched)
                               : launch_footprint_pipe<A, R, 1>(stream, args, lean, &launched);
         if (err.failure()) return err;

@@ -238,6 +238,81 @@ def test_pipelined_footprint_kernel(n, degree, batch, dtype, split, monkeypatch)
     assert check.passed, check.summary()
 
 
+def _blocked_layers(n, n_layers, rng, width=16, degree=32, scatter=0):
+    """Layers whose outputs come in sets of ``width`` sharing ``degree`` random inputs
+    (random values; ``scatter`` extra random inputs per output break the sharing)."""
+    layers = []
+    for _ in range(n_layers):
+        rows, cols = [], []
+        for j0 in range(0, n, width):
+            ins = rng.choice(n, degree, replace=False)
+            for j in range(j0, min(n, j0 + width)):
+                extra = rng.choice(n, scatter, replace=False) if scatter else []
+                both = np.union1d(ins, extra)
+                rows.append(both)
+                cols.append(np.full(both.size, j))
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        vals = rng.uniform(0.5, 1.5, rows.size) * 2 / degree
+        w = sps.csc_matrix((vals, (rows, cols)), (n, n))
+        layers.append(sd.SparseMatrix.from_scipy(w[:, rng.permutation(n)]))
+    return layers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize(
+    "n, batch, scatter, split, expect_mma",
+    [
+        (2048, 300, 0, "2", True),  # dense 8 x 8 tiles: the tensor-core form
+        (1000, 77, 0, "1", True),  # a partial group and tile, one thread per output
+        (2048, 40, 3, "2", False),  # scattered inputs: > 144 tiles per group, FMA kernel
+        (3000, 50, 0, "2", True),
+    ],
+)
+def test_tensor_core_form(n, batch, scatter, split, expect_mma, monkeypatch):
+    """The footprint layers' tensor-core form (TF32 in three passes) matches the float64
+    reference to float32 tolerance and its categories; where a group does not fit it (or
+    x is not finite, or the clip is infinite) the FMA kernel runs: the results equal the
+    FMA kernel's bit for bit."""
+    rng = np.random.default_rng(n + scatter)
+    layers = _blocked_layers(n, 4, rng, scatter=scatter)
+    x = (rng.random((batch, n)) < 0.2) * rng.uniform(0, 1, (batch, n))
+    x[::5] = 0
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
+    monkeypatch.setenv("SPDNN_FP_TAIL", "off")
+    monkeypatch.setenv("SPDNN_FP_SPLIT", split)
+    out = {}
+    with jax.default_device(jax.devices("cuda")[0]):
+        for clip in (32.0, None):
+            net = sd.SparseDNN(layers, -0.15, clip=clip)
+            for mma in ("0", "1"):
+                monkeypatch.setenv("SPDNN_FP_MMA", mma)
+                out[mma, clip] = net(x.astype(np.float32))
+            bad = x.astype(np.float32).copy()
+            bad[1, 3] = np.nan
+            for mma in ("0", "1"):
+                monkeypatch.setenv("SPDNN_FP_MMA", mma)
+                out[mma, clip, "nan"] = net(bad)
+    ref = reference_inference(layers, -0.15, x)
+    fma, tc = out["0", 32.0], out["1", 32.0]
+    ok = ~np.isin(np.arange(batch), ref.ambiguous)
+    np.testing.assert_allclose(
+        np.asarray(tc.features)[ok], ref.features.toarray()[ok], rtol=2e-5, atol=2e-5
+    )
+    check = check_categories(tc.categories(), ref.categories, ref.ambiguous)
+    assert check.passed, check.summary()
+    np.testing.assert_array_equal(np.asarray(tc.active_per_layer), np.asarray(fma.active_per_layer))
+    np.testing.assert_array_equal(np.asarray(tc.alive), np.any(np.asarray(tc.features) != 0, 1))
+    same = np.array_equal(np.asarray(tc.features), np.asarray(fma.features))
+    assert same != expect_mma  # random weights: TF32 passes round differently somewhere
+    for key in ((None,), (32.0, "nan"), (None, "nan")):  # the FMA kernel runs
+        a, b = out[("0", *key)], out[("1", *key)]
+        np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
+        np.testing.assert_array_equal(
+            np.asarray(b.active_per_layer), np.asarray(a.active_per_layer)
+        )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize(
