@@ -300,7 +300,8 @@ __device__ __forceinline__ void block_copy_words(void* dst, const void* src, int
 // Per group a record of kMmaGroupBytes: the group's footprint columns in the order the
 // tiles want them (cols [kMmaMaxCols]; slots renumbered by the first block of 8 outputs
 // that uses them, so a block's slots are consecutive where it brings new ones), the
-// first tile of each block of 8 outputs (tptr [33], padded to 36), then the tiles: 34
+// first tile of each block of 8 outputs (tptr [33]; tptr[33] = 1 where a weight is not
+// exact in TF32, else the hi * lo pass is skipped; padded to 36), then the tiles: 34
 // int4 each, two of header (int2 [4]: lane t's slots at positions t and t + 4) and one
 // per lane (lane 4 o + t: {hi, hi, lo, lo} of W[slot at t][o], W[slot at t + 4][o]).
 constexpr int kMmaMaxCols = 512;  // footprint columns per group (one chunk)
@@ -337,7 +338,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int bin_start[kMmaBlocks + 1];
   __shared__ int new_slot[kMmaMaxCols];
   __shared__ int tiles_of[kMmaBlocks + 1];
-  __shared__ int fail;
+  __shared__ int fail, has_lo;
   const int g = blockIdx.x, o = threadIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int fp0 = __ldg(fp_ptr + g), fp_n = __ldg(fp_ptr + g + 1) - fp0;
   if (fp_n > kMmaMaxCols) {
@@ -350,7 +351,7 @@ __global__ void __launch_bounds__(kThreads)
   int4* tiles = reinterpret_cast<int4*>(tptr + kMmaPtrInts);
   for (int s = o; s < kMmaMaxCols; s += kThreads) first_use[s] = kMmaBlocks;
   for (int k = o; k < kMmaBlocks * W; k += kThreads) (&bins[0][0])[k] = 0;
-  if (o == 0) fail = 0;
+  if (o == 0) fail = has_lo = 0;
   __syncthreads();
 
   // This thread's ELL row (output o of the group).
@@ -461,7 +462,10 @@ __global__ void __launch_bounds__(kThreads)
     const int w = base + 8 + 4 * (4 * col + pos % 4) + pos / 4;
     tf[w] = hi;
     tf[w + 2] = v - hi;
+    if (v != hi) has_lo = 1;
   }
+  __syncthreads();
+  if (o == 0) tptr[kMmaBlocks + 1] = has_lo;  // weights all exact in TF32: two passes
 }
 
 // acc += A * B on one m16n8k8 TF32 tile.
@@ -667,6 +671,7 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   // kMma: this warp's blocks of 8 outputs, their tiles, columns, neurons and biases.
   constexpr int NB = kMma ? kMmaBlocks / (NT / 32) : 1;
   int t_begin[NB], t_end[NB], mma_neuron[NB][2];
+  bool has_lo = true;
   float mma_bias[NB][2];
   float macc[NB][2][4];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -680,6 +685,7 @@ __global__ void __launch_bounds__(kThreads * H, 1)
       const int4* tiles_g = reinterpret_cast<const int4*>(tptr + kMmaPtrInts);
       block_copy_words(const_cast<int4*>(tiles_s), tiles_g, __ldg(tptr + kMmaBlocks) * kMmaTileInt4 * 4);
       cp_async_commit();
+      has_lo = __ldg(tptr + kMmaBlocks + 1) != 0;
 #pragma unroll
       for (int i = 0; i < NB; ++i) {
         const int nb = warp + i * (NT / 32);
@@ -751,7 +757,7 @@ __global__ void __launch_bounds__(kThreads * H, 1)
               lo[k] = __float_as_uint(av[m][k] - __uint_as_float(hi[k]));
             }
             mma_tf32(macc[i][m], lo, bh0, bh1);  // small terms first
-            mma_tf32(macc[i][m], hi, bl0, bl1);
+            if (has_lo) mma_tf32(macc[i][m], hi, bl0, bl1);
             mma_tf32(macc[i][m], hi, bh0, bh1);
           }
         }

@@ -708,8 +708,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   // The first list: rows of x with a nonzero feature (with drop off: every row), in
   // order, interleaved into buf[0] (unless the first launch reads x).
   // The tensor-core form (launch_footprint_mma) for float32 from kFpMmaMinN neurons on,
-  // from the second layer (its inputs are the kernel's own, finite where x is) and with a
-  // finite clip; SPDNN_FP_MMA=0|1 turns it off or on at any width (read at every call,
+  // with a finite clip (then features are finite where x is; x is checked here); SPDNN_FP_MMA=0|1 turns it off or on at any width (read at every call,
   // for tests and A/B timing).  Its records live in memory allocated on the stream.
   bool mma = false;
   unsigned char* mma_mem = nullptr;
@@ -719,7 +718,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     const bool want = mma_env ? std::string(mma_env) == "1" : n >= kFpMmaMinN;
     const char* pipe_env0 = std::getenv("SPDNN_FP_PIPE");
     const bool piped = !(pipe_env0 && std::string(pipe_env0) == "0");
-    if (want && piped && has_fp && std::isfinite(clip) && head > 1 && mma_fits(device)) {
+    if (want && piped && has_fp && std::isfinite(clip) && head > 0 && mma_fits(device)) {
       const size_t bytes = 16 + static_cast<size_t>(n_groups) * kMmaGroupBytes;
       if (cudaMallocAsync(reinterpret_cast<void**>(&mma_mem), bytes, stream) == cudaSuccess) {
         mma = true;
@@ -811,7 +810,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.clip = static_cast<A>(clip);
     bool launched = false;
     if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
-      if (mma && l >= 1) {
+      if (mma) {
         const int32_t* sp = slice_ptr + sp_off[l];
         auto err = split == 2 ? launch_footprint_mma<2>(stream, args, sp, args.indices, args.values,
                                                         args.fp_ptr, mma_mem + 16, mma_gate, lean)
