@@ -319,6 +319,17 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
+// Inclusive prefix sum of v over the lanes of a (full) warp.
+__device__ __forceinline__ int warp_inclusive_sum(int v) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int t = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v += t;
+  }
+  return v;
+}
+
 // Position in a tile of the tile's rank-th slot: even ranks first, so that lanes t = 0..3
 // read slots two apart (with a 36-float column pitch, consecutive slots at positions
 // t and t + 1 would share a bank quad).
@@ -381,12 +392,7 @@ __global__ void __launch_bounds__(kThreads)
   if (warp == 0) {
     int c = 0;
     for (int k = 0; k < W; ++k) c += __popc(bins[lane][k]);
-    int incl = c;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int t = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += t;
-    }
+    const int incl = warp_inclusive_sum(c);
     bin_start[lane] = incl - c;
     if (lane == 31) bin_start[32] = incl;
   }
@@ -413,12 +419,7 @@ __global__ void __launch_bounds__(kThreads)
     int u = 0;
     for (int k = 0; k < W; ++k) u += __popc(bins[lane][k]);
     const int t = (u + 7) / 8;
-    int incl = t;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += v;
-    }
+    const int incl = warp_inclusive_sum(t);
     tiles_of[lane] = incl - t;
     tptr[lane] = incl - t;
     if (lane == 31) {
