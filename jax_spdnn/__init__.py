@@ -29,12 +29,14 @@ from jax_spdnn.sparse import (
     SparseMatrix,
     StationaryPack,
     Structure,
+    TensorCoreTiles,
     footprint_order,
     pack_bank_split,
     pack_footprint,
     pack_shared_sets,
     pack_sliced_ell,
     pack_stationary,
+    tensor_core_tiles,
 )
 from jax_spdnn.stream import stream_network
 
@@ -52,6 +54,8 @@ __all__ = [
     "footprint_order",
     "pack_bank_split",
     "pack_footprint",
+    "tensor_core_tiles",
+    "TensorCoreTiles",
     "pack_shared_sets",
     "pack_sliced_ell",
     "pack_stationary",

@@ -1,6 +1,8 @@
 """SparseMatrix: constructors agree with each other and with the dense matrix,
 every validation error fires with a message naming the problem, pytree behaviour."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from jax.experimental import sparse as jsparse
 from reference import random_sparse
 
 import jax_spdnn as sd
+from jax_spdnn.challenge import radixnet
 
 
 @given(
@@ -248,6 +251,57 @@ def test_pack_footprint(n_in, n_out, group, density, dup, seed):
     assert runs == len(set(sets))  # each distinct input set is one run
     assert m.structure.footprint(group).staged == fp.staged
     assert m.structure.footprint(group) is m.structure.footprint(group)  # cached
+
+
+@given(
+    n_in=st.integers(1, 700),
+    n_out=st.integers(0, 600),
+    group=st.sampled_from([32, 256]),
+    density=st.sampled_from([0.0, 0.01, 0.05, 0.3]),
+    dup=st.integers(1, 16),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tensor_core_tiles(n_in, n_out, group, density, dup, seed):
+    """The tensor-core form's tile counts, block by block from the footprint order: a
+    block of 8 outputs takes ceil(u / 8) tiles for its u distinct inputs; footprints are
+    the groups' distinct inputs; fits and density follow from them."""
+    rng = np.random.default_rng(seed)
+    base = random_sparse(rng, n_in, -(-n_out // dup), density, empty_rows=0.2).toarray()
+    w = np.repeat(base, dup, axis=1)[:, :n_out][:, rng.permutation(n_out)]
+    s = sd.SparseMatrix.from_dense(w).structure
+    t = sd.tensor_core_tiles(s, group)
+    order = sd.footprint_order(s)
+    n_groups = -(-n_out // group)
+    tiles, footprint = np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64)
+    for b0 in range(0, n_out, 8):
+        u = np.any(w[:, order[b0 : b0 + 8]] != 0, axis=1).sum()
+        tiles[b0 // group] += -(-u // 8)
+    for g in range(n_groups):
+        footprint[g] = np.any(w[:, order[g * group : (g + 1) * group]] != 0, axis=1).sum()
+    np.testing.assert_array_equal(t.tiles, tiles)
+    np.testing.assert_array_equal(t.footprint, footprint)
+    fits = bool(np.all(footprint <= 512) and np.all(tiles <= 144))
+    assert t.fits == fits
+    held = 64 * tiles.sum()
+    assert t.density == pytest.approx(s.nnz / held if held else 1.0)
+
+
+def test_tensor_core_tiles_of_networks():
+    """RadiX-Net layers cut into dense tiles (their outputs come in sets sharing inputs, and
+    the footprint order puts them together); random layers of the same degree do not fit.
+    The limits are the CUDA kernel's."""
+    for w in radixnet(1024, 12)[::4]:
+        t = sd.tensor_core_tiles(w.structure)
+        assert t.fits and t.density == 1.0 and t.tiles.max() == 128
+    rng = np.random.default_rng(0)
+    rand = sps.random(2048, 2048, 32 / 2048, random_state=rng, format="csc")
+    t = sd.tensor_core_tiles(sd.SparseMatrix.from_scipy(rand).structure)
+    assert not t.fits and t.density < 0.2
+    header = (Path(__file__).parents[1] / "cuda" / "footprint_layer.cuh").read_text()
+    assert f"kMmaMaxCols = {sd.sparse.MMA_MAX_COLS};" in header
+    assert f"kMmaTileCap = {sd.sparse.MMA_TILE_CAP};" in header
+    with pytest.raises(ValueError, match="multiple of 32"):
+        sd.tensor_core_tiles(w.structure, 48)
 
 
 def test_footprint_order_keys():
