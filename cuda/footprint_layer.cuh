@@ -1246,13 +1246,12 @@ inline bool mma_fits(int device) {
 // the gate says it is the one.  gate[0] (sticky) is set where x was not finite.
 template <int H>
 xla::ffi::Error launch_footprint_mma(cudaStream_t stream, FootprintArgs<float, float> args,
-                                     const int32_t* slice_ptr, const int32_t* indices,
-                                     const float* values, const int32_t* fp_ptr,
                                      unsigned char* records, int32_t* gate, bool lean) {
   const int n_groups = (args.n_out + kThreads - 1) / kThreads;
   cudaMemsetAsync(gate + 1, 0, sizeof(int32_t), stream);
-  footprint_mma_convert<<<n_groups, kThreads, 0, stream>>>(slice_ptr, indices, values, fp_ptr,
-                                                           args.fp_cols, args.n_out, records, gate);
+  footprint_mma_convert<<<n_groups, kThreads, 0, stream>>>(
+      args.slice_ptr, args.indices, args.values, args.fp_ptr, args.fp_cols, args.n_out, records,
+      gate);
   if (auto err = last_launch_error("footprint layer (tensor-core form)"); err.failure()) return err;
   args.gate = gate;
   args.mma = records;

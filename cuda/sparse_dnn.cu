@@ -707,18 +707,22 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
 
   // The first list: rows of x with a nonzero feature (with drop off: every row), in
   // order, interleaved into buf[0] (unless the first launch reads x).
-  // The tensor-core form (launch_footprint_mma) for float32 from kFpMmaMinN neurons on,
-  // with a finite clip (then features are finite where x is; x is checked here); SPDNN_FP_MMA=0|1 turns it off or on at any width (read at every call,
-  // for tests and A/B timing).  Its records live in memory allocated on the stream.
+  // The pipelined kernel (weights and footprints in shared memory, copies in flight
+  // while computing) for float and double storage; SPDNN_FP_PIPE=0 takes the plain one
+  // (read at every call, for tests and tuning).
+  const char* pipe_env = std::getenv("SPDNN_FP_PIPE");
+  const bool pipe = !(pipe_env && std::string(pipe_env) == "0");
+  // Its tensor-core form (launch_footprint_mma) for float32 from kFpMmaMinN neurons on,
+  // with a finite clip (features are then finite where x is; x is checked below).
+  // SPDNN_FP_MMA=0|1 turns it off, or on at any width (read at every call, for tests and
+  // A/B timing).  Its records live in memory allocated on the stream.
   bool mma = false;
   unsigned char* mma_mem = nullptr;
   int32_t* mma_gate = nullptr;
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
     const char* mma_env = std::getenv("SPDNN_FP_MMA");
     const bool want = mma_env ? std::string(mma_env) == "1" : n >= kFpMmaMinN;
-    const char* pipe_env0 = std::getenv("SPDNN_FP_PIPE");
-    const bool piped = !(pipe_env0 && std::string(pipe_env0) == "0");
-    if (want && piped && has_fp && std::isfinite(clip) && head > 0 && mma_fits(device)) {
+    if (want && pipe && has_fp && std::isfinite(clip) && head > 0 && mma_fits(device)) {
       const size_t bytes = 16 + static_cast<size_t>(n_groups) * kMmaGroupBytes;
       if (cudaMallocAsync(reinterpret_cast<void**>(&mma_mem), bytes, stream) == cudaSuccess) {
         mma = true;
@@ -747,12 +751,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   }
   if (auto err = last_launch_error("sparse_dnn: first row list"); err.failure()) return err;
 
-  // The pipelined kernel (weights and footprints in shared memory, copies in flight
-  // while computing) for float and double storage; SPDNN_FP_PIPE=0 takes the plain one
-  // (read at every call, for tests and tuning).  SPDNN_FP_SPLIT=1 or 2: threads per
-  // output of the pipelined kernel (2: 512-thread blocks, each thread half the rows).
-  const char* pipe_env = std::getenv("SPDNN_FP_PIPE");
-  const bool pipe = !(pipe_env && std::string(pipe_env) == "0");
+  // SPDNN_FP_SPLIT=1 or 2: threads per output of the pipelined kernel (2: 512-thread
+  // blocks, each thread half the rows).
   const char* split_env = std::getenv("SPDNN_FP_SPLIT");
   // SPDNN_FP_LEAN=0: the pipelined kernel's first form of staging and row marks (one
   // copy per staged value, one vote per row), for tests and A/B timing.
@@ -811,11 +811,8 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     bool launched = false;
     if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
       if (mma) {
-        const int32_t* sp = slice_ptr + sp_off[l];
-        auto err = split == 2 ? launch_footprint_mma<2>(stream, args, sp, args.indices, args.values,
-                                                        args.fp_ptr, mma_mem + 16, mma_gate, lean)
-                              : launch_footprint_mma<1>(stream, args, sp, args.indices, args.values,
-                                                        args.fp_ptr, mma_mem + 16, mma_gate, lean);
+        auto err = split == 2 ? launch_footprint_mma<2>(stream, args, mma_mem + 16, mma_gate, lean)
+                              : launch_footprint_mma<1>(stream, args, mma_mem + 16, mma_gate, lean);
         if (err.failure()) return err;
         launched = true;
       }
