@@ -10,6 +10,7 @@ extern "C" XLA_FFI_Error* SpdnnSparseDnnCuda(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* SpdnnSparseDnnResidentCuda(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* SpdnnSparseDnnFootprintCuda(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* SpdnnSparseConvCuda(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* SpdnnSparseConvTiledCuda(XLA_FFI_CallFrame* call_frame);
 
 namespace nb = nanobind;
 
@@ -27,6 +28,7 @@ NB_MODULE(_spdnn_cuda, m) {
     d["spdnn_sparse_dnn_resident"] = encapsulate(SpdnnSparseDnnResidentCuda);
     d["spdnn_sparse_dnn_footprint"] = encapsulate(SpdnnSparseDnnFootprintCuda);
     d["spdnn_sparse_conv_direct"] = encapsulate(SpdnnSparseConvCuda);
+    d["spdnn_sparse_conv_tiled"] = encapsulate(SpdnnSparseConvTiledCuda);
     return d;
   });
 }

@@ -23,6 +23,7 @@ magnitude threshold across several layers.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache, partial
 
 import jax
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 _TARGET = "spdnn_sparse_conv_direct"  # same name on CPU and CUDA, different arguments
+_TILED_TARGET = "spdnn_sparse_conv_tiled"  # CUDA only: stride 1, dilation 1, KW in {1, 3, 5}
 
 sparse_conv2d_p = Primitive("sparse_conv2d")
 
@@ -475,9 +477,107 @@ def _batch_chunks(batch: int, plane_out: int) -> list[tuple[int, int]]:
     return [(b, min(batch, b + max_images)) for b in range(0, batch, max_images)] or [(0, 0)]
 
 
+# The CUDA tiled kernel (cuda/sparse_conv.cu, opt-in: SPDNN_CONV_KERNEL=tiled): blocks of 32
+# strips of P output pixels x 8 warps
+# of 8 output channels; the input rows of a block's strips staged per input channel.
+TILE_CHANNELS, TILE_WARPS, TILE_STRIPS, TILE_MAX_STAGED = 8, 8, 32, 1024
+TILE_KERNEL_WIDTHS = (1, 3, 5)
+
+
+def tile_plan(batch: int, out_hw, kernel_hw, dtype) -> int | None:
+    """Strip length ``P`` of the CUDA tiled kernel for this geometry, or ``None`` where the
+    staged rows of a block would not fit it (then the direct kernel runs).
+
+    ``P`` is 8 or 7 (float32 only), whichever wastes fewer lanes on the output width (8 on a
+    tie).  A block stages, per input channel, the padded input rows of its 32 strips: at most
+    ``TILE_MAX_STAGED`` floats."""
+    oh, ow = out_hw
+    kh, kw = kernel_hw
+    if batch * oh * ow == 0:
+        return None
+    choices = (8, 7) if np.dtype(dtype) == np.float32 else (8,)
+    p = min(choices, key=lambda c: (-(-ow // c) * c, -c))
+    spr = -(-ow // p)
+    wv = (spr * p + kw - 1) | 1
+    strips = batch * oh * spr
+    q0 = np.arange(0, strips, TILE_STRIPS, dtype=np.int64)
+    ql = np.minimum(q0 + TILE_STRIPS - 1, strips - 1)
+
+    def vrow(q):
+        return q // (oh * spr) * (oh + kh - 1) + (q % (oh * spr)) // spr
+
+    span = int((vrow(ql) - vrow(q0)).max()) + kh
+    return p if span * wv <= TILE_MAX_STAGED else None
+
+
+@lru_cache(maxsize=256)
+def conv_tile_packing(structure: Structure, shape, groups: int):
+    """The filter's nonzeros in the CUDA tiled kernel's order, made once per filter.
+
+    Output channels are cut, within each feature group, into groups of ``TILE_CHANNELS``.
+    Returns ``(perm, codes, ptr)``: ``values[perm]`` lists the nonzeros by (channel group,
+    input channel in the feature group, filter row), then by channel in the group and filter
+    column (so each output channel keeps its CSR order); ``codes[j] = t * KW + s`` (``t`` the
+    channel in its group, ``s`` the filter column); nonzeros ``ptr[k]:ptr[k + 1]`` belong to
+    the ``k``-th (channel group, input channel, filter row)."""
+    o, cg, kh, kw = shape
+    og = o // groups
+    ngtg = -(-og // TILE_CHANNELS)
+    rows = structure.row_ids.astype(np.int64)
+    col = structure.indices.astype(np.int64)
+    c, rest = np.divmod(col, kh * kw)
+    r, s = np.divmod(rest, kw)
+    gi, ol = np.divmod(rows, og)
+    gtl, t = np.divmod(ol, TILE_CHANNELS)
+    key = ((gi * ngtg + gtl) * cg + c) * kh + r
+    code = t * kw + s
+    perm = np.lexsort((code, key))
+    ptr = np.zeros(groups * ngtg * cg * kh + 1, np.int64)
+    np.cumsum(np.bincount(key, minlength=ptr.size - 1), out=ptr[1:])
+    if ptr[-1] >= 2**31:
+        raise ValueError("sparse_conv2d: more than 2^31 - 1 nonzeros")
+    return perm.astype(np.int32), code[perm].astype(np.int32), ptr.astype(np.int32)
+
+
+# "direct" (default): the direct kernel; "tiled": the tiled kernel wherever it applies (it is
+# correct and tested, but measured slower than the direct kernel: benchmarks/RESULTS.md).
+# Read when a call is lowered.
+CUDA_KERNEL = os.environ.get("SPDNN_CONV_KERNEL", "direct")
+
+
+def _tiled_ok(x, shape, strides, dilation, out_hw) -> int | None:
+    if CUDA_KERNEL != "tiled":
+        return None
+    if not _native.has_target(_TILED_TARGET, "cuda"):
+        return None
+    if strides != (1, 1) or dilation != (1, 1) or shape[3] not in TILE_KERNEL_WIDTHS:
+        return None
+    if np.dtype(x.dtype) not in (np.float32, jnp.bfloat16, np.float16):
+        return None
+    return tile_plan(x.shape[0], out_hw, shape[2:], x.dtype)
+
+
 def _cuda_impl(x, values, bias, *, structure, shape, strides, pads, dilation, groups, activation):
-    *_, records = _taps(structure, shape, dilation, groups, tuple(x.shape[2:]))
     out = _out_struct(x, shape, strides, pads, dilation)
+    strip = _tiled_ok(x, shape, tuple(strides), tuple(dilation), out.shape[2:])
+    if strip is not None:
+        perm, codes, ptr = conv_tile_packing(structure, shape, groups)
+        vals = lax.bitcast_convert_type(values.astype(jnp.float32)[jnp.asarray(perm)], jnp.int32)
+        recs = jnp.stack([jnp.asarray(codes), vals], axis=1)
+        return jax.ffi.ffi_call(_TILED_TARGET, out)(
+            x,
+            recs,
+            jnp.asarray(ptr),
+            bias.astype(jnp.float32),
+            pad_top=np.int64(pads[0][0]),
+            pad_left=np.int64(pads[1][0]),
+            kernel_h=np.int64(shape[2]),
+            kernel_w=np.int64(shape[3]),
+            groups=np.int64(groups),
+            strip=np.int64(strip),
+            activation=np.int32(activation),
+        )
+    *_, records = _taps(structure, shape, dilation, groups, tuple(x.shape[2:]))
 
     def launch(xc):
         part = jax.ShapeDtypeStruct((xc.shape[0],) + out.shape[1:], out.dtype)

@@ -465,3 +465,128 @@ def test_cpu_kernel_sums_in_csr_order(shape, k, strides, pads, dilation, groups)
     want = np.maximum(acc + bias[None, :, None, None], np.float32(0))
     assert y.shape == want.shape
     np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_tile_packing_rebuilds_the_filter(groups):
+    """conv_tile_packing lists every nonzero once, under the (channel group, input channel,
+    filter row) it names, with each output channel's nonzeros in CSR order."""
+    from jax_spdnn.conv import TILE_CHANNELS, conv_tile_packing
+
+    rng = np.random.default_rng(groups)
+    for o, cg, kh, kw, density in [
+        (21, 5, 3, 3, 0.3),
+        (6, 4, 5, 5, 0.1),
+        (48, 3, 1, 1, 1.0),
+        (9, 2, 3, 1, 0.0),
+    ]:
+        o *= groups
+        w = random_filter(rng, o, cg, kh, kw, density, np.float32)
+        K = sd.SparseConvKernel.from_oihw(w)
+        perm, codes, ptr = conv_tile_packing(K.structure, K.shape, groups)
+        og = o // groups
+        ngtg = -(-og // TILE_CHANNELS)
+        assert ptr.shape == (groups * ngtg * cg * kh + 1,) and ptr[0] == 0 and ptr[-1] == K.nnz
+        assert np.all(np.diff(ptr) >= 0)
+        assert np.array_equal(np.sort(perm), np.arange(K.nnz))
+        vals = np.asarray(K.values)[perm]
+        rebuilt = np.zeros_like(w)
+        order = {oc: [] for oc in range(o)}
+        for k in range(ptr.size - 1):
+            gt, rest = divmod(k, cg * kh)
+            c, r = divmod(rest, kh)
+            gi, gtl = divmod(gt, ngtg)
+            for j in range(ptr[k], ptr[k + 1]):
+                t, s = divmod(int(codes[j]), kw)
+                oc = gi * og + gtl * TILE_CHANNELS + t
+                assert gtl * TILE_CHANNELS + t < og
+                assert rebuilt[oc, c, r, s] == 0
+                rebuilt[oc, c, r, s] = vals[j]
+                order[oc].append(perm[j])
+        np.testing.assert_array_equal(rebuilt, w)
+        for oc in range(o):
+            assert order[oc] == sorted(order[oc])  # CSR order within each output channel
+
+
+def test_tile_plan():
+    """The tiled kernel's strip: 8 or 7 by the lanes each wastes; None where the rows staged
+    for 32 strips exceed the kernel's stage."""
+    from jax_spdnn.conv import tile_plan
+
+    assert tile_plan(64, (14, 14), (3, 3), np.float32) == 7
+    assert tile_plan(64, (14, 14), (3, 3), jnp.bfloat16) == 8
+    assert tile_plan(64, (13, 13), (3, 3), np.float32) == 7
+    assert tile_plan(64, (16, 16), (3, 3), np.float32) == 8
+    assert tile_plan(64, (56, 56), (3, 3), np.float32) == 8
+    assert tile_plan(0, (14, 14), (3, 3), np.float32) is None
+    assert tile_plan(4, (300, 600), (3, 3), np.float32) is None  # rows 600+ wide
+    assert tile_plan(256, (1, 1), (5, 5), np.float32) is None  # 32 images of one row each
+
+
+TILED_CASES = [
+    # (batch, c, h, w, o, kh, kw, pads, groups, density, dtype)
+    (5, 70, 14, 14, 37, 3, 3, ((1, 1), (1, 1)), 1, 0.1, np.float32),  # chunks, O % 8 != 0
+    (3, 24, 13, 13, 200, 3, 3, ((1, 1), (1, 1)), 2, 0.08, np.float32),  # groups, 4 warps idle
+    (7, 9, 7, 7, 16, 3, 3, ((0, 2), (2, 0)), 1, 0.5, np.float32),  # images cross blocks
+    (2, 6, 11, 30, 9, 5, 5, ((2, 2), (2, 2)), 3, 0.3, np.float32),
+    (4, 17, 9, 10, 8, 1, 1, ((0, 0), (0, 0)), 1, 0.6, np.float32),
+    (3, 8, 6, 21, 12, 3, 3, ((-1, 1), (1, -1)), 1, 1.0, np.float32),  # negative pads, dense
+    (2, 40, 14, 14, 24, 3, 3, ((1, 1), (1, 1)), 1, 0.0, np.float32),  # no nonzeros
+    (6, 33, 14, 14, 20, 3, 3, ((1, 1), (1, 1)), 1, 0.1, jnp.bfloat16),
+    (6, 33, 14, 14, 20, 5, 5, ((2, 2), (2, 2)), 1, 0.1, np.float16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("case", TILED_CASES)
+def test_tiled_kernel_matches_direct_and_reference(case, monkeypatch):
+    """Where the CUDA tiled kernel (SPDNN_CONV_KERNEL=tiled) applies (stride 1, dilation 1,
+    KW in {1, 3, 5}) it gives the direct kernel's results (both sum each output in CSR order)
+    and the float64 reference's."""
+    import jax_spdnn.conv as conv
+
+    batch, c, h, wd, o, kh, kw, pads, groups, density, dtype = case
+    rng = np.random.default_rng(batch * c + o)
+    w = random_filter(rng, o, c // groups, kh, kw, density, np.float32)
+    K = sd.SparseConvKernel.from_oihw(w)
+    x = rng.standard_normal((batch, c, h, wd)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    xd = jax.device_put(jnp.asarray(x, dtype), jax.devices("cuda")[0])
+    monkeypatch.setattr(conv, "CUDA_KERNEL", "tiled")
+    assert (
+        conv._tiled_ok(
+            xd,
+            K.shape,
+            (1, 1),
+            (1, 1),
+            conv.conv_output_shape((h, wd), (kh, kw), (1, 1), pads, (1, 1)),
+        )
+        is not None
+    )
+
+    def run(kernel):
+        monkeypatch.setattr(conv, "CUDA_KERNEL", kernel)
+        jax.clear_caches()
+        f = jax.jit(
+            lambda a: sd.sparse_conv2d(
+                a, K, padding=pads, groups=groups, bias=bias, activation="relu"
+            )
+        )
+        return np.asarray(f(xd).astype(jnp.float32))
+
+    tiled, direct = run("tiled"), run("direct")
+    np.testing.assert_array_equal(tiled, direct)
+    xr = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+    check_conv(
+        jnp.asarray(tiled, dtype),
+        xr,
+        w.astype(np.float64),
+        (1, 1),
+        pads,
+        (1, 1),
+        groups,
+        bias,
+        "relu",
+        "NCHW",
+    )
