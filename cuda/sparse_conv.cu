@@ -178,7 +178,6 @@ ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
   }
 }
 
-
 // ---- The tiled kernel (stride 1, dilation 1, KW in {1, 3, 5}; float accumulation) ----------
 //
 // A block owns 32 strips of P consecutive output pixels of one output row ("strips",
@@ -196,13 +195,14 @@ ffi::Error sparse_conv_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
 // row), then channel in the group and filter column: every output still sums its
 // nonzeros in CSR order, one thread per output, no atomics.
 //
-// Opt-in (SPDNN_CONV_KERNEL=tiled): on an H200 it runs at 0.5-0.9x the direct kernel's speed
+// Opt-in (SPDNN_CONV_KERNEL=tiled): on an H200 it runs at 0.30-0.85x the direct kernel's speed
 // on the benchmark suite (benchmarks/RESULTS.md), so the direct kernel stays the default.
 
 constexpr int kTileThreads = 256;
 constexpr int kTileWarps = kTileThreads / 32;
 constexpr int kTileT = 8;        // output channels per warp
 constexpr int kTileMaxK = 4;     // staged elements per thread and channel (span * Wv <= 1024)
+constexpr int kTileStageBytes = 48 << 10;  // shared memory per stage (two stages per block)
 
 struct TileGeom {
   int64_t batch, strips, q_base;
@@ -390,12 +390,18 @@ ffi::Error launch_tiled(cudaStream_t stream, const Tx* x, const int2* recs, cons
                         const float* bias, Tx* y, TileGeom g, bool relu, int64_t span_max) {
   auto kernel = sparse_conv_tiled_kernel<Tx, S, P>;
   const int64_t per_chan = span_max * g.wv * static_cast<int64_t>(sizeof(float));
-  g.cc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({g.cg, 32, (48 << 10) / per_chan})));
+  g.cc = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({g.cg, 32, kTileStageBytes / per_chan})));
   const size_t smem = 2 * static_cast<size_t>(g.cc) * per_chan;
-  static bool configured = false;
-  if (!configured) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 << 10);
-    configured = true;
+  if (smem > (48 << 10)) {
+    // Per call: the limit belongs to the current device's context (one set per process would
+    // leave other GPUs at the default).  Always the same value, so it never lowers.
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           2 * kTileStageBytes);
+    if (err != cudaSuccess) {
+      return ffi::Error::Internal(std::string("sparse_conv2d (tiled): cudaFuncSetAttribute: ") +
+                                  cudaGetErrorString(err));
+    }
   }
   const int64_t strip_blocks = (g.strips + 31) / 32;
   const unsigned gx = static_cast<unsigned>(g.groups * g.cbpg);
@@ -476,7 +482,7 @@ ffi::Error sparse_conv_tiled_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Bu
     return ffi::Error::InvalidArgument("sparse_conv2d (tiled): inconsistent buffer sizes");
   }
   if (g.strips == 0 || g.out_channels == 0) return ffi::Error::Success();
-  // Rows staged per block, at most: the same rule as jax_spdnn.conv._tile_plan.
+  // Rows staged per block, at most: the same rule as jax_spdnn.conv.tile_plan.
   const int64_t per_image = static_cast<int64_t>(g.out_h) * g.spr;
   const int64_t vrows = g.out_h + g.kh - 1;
   auto vrow = [&](int64_t q) { return q / per_image * vrows + (q % per_image) / g.spr; };

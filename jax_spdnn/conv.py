@@ -478,8 +478,8 @@ def _batch_chunks(batch: int, plane_out: int) -> list[tuple[int, int]]:
 
 
 # The CUDA tiled kernel (cuda/sparse_conv.cu, opt-in: SPDNN_CONV_KERNEL=tiled): blocks of 32
-# strips of P output pixels x 8 warps
-# of 8 output channels; the input rows of a block's strips staged per input channel.
+# strips of P output pixels x 8 warps of 8 output channels; the input rows of a block's strips
+# staged per input channel.
 TILE_CHANNELS, TILE_WARPS, TILE_STRIPS, TILE_MAX_STAGED = 8, 8, 32, 1024
 TILE_KERNEL_WIDTHS = (1, 3, 5)
 
@@ -542,10 +542,13 @@ def conv_tile_packing(structure: Structure, shape, groups: int):
 # "direct" (default): the direct kernel; "tiled": the tiled kernel wherever it applies (it is
 # correct and tested, but measured slower than the direct kernel: benchmarks/RESULTS.md).
 # Read when a call is lowered.
+CONV_KERNELS = ("direct", "tiled")
 CUDA_KERNEL = os.environ.get("SPDNN_CONV_KERNEL", "direct")
 
 
 def _tiled_ok(x, shape, strides, dilation, out_hw) -> int | None:
+    if CUDA_KERNEL not in CONV_KERNELS:
+        raise ValueError(f"SPDNN_CONV_KERNEL must be one of {CONV_KERNELS}, got {CUDA_KERNEL!r}")
     if CUDA_KERNEL != "tiled":
         return None
     if not _native.has_target(_TILED_TARGET, "cuda"):

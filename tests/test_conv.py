@@ -590,3 +590,13 @@ def test_tiled_kernel_matches_direct_and_reference(case, monkeypatch):
         "relu",
         "NCHW",
     )
+
+
+def test_conv_kernel_choice_is_checked(monkeypatch):
+    """An unknown SPDNN_CONV_KERNEL is a clear error, not a silent fallback."""
+    import jax_spdnn.conv as conv
+
+    monkeypatch.setattr(conv, "CUDA_KERNEL", "fastest")
+    x = jnp.zeros((1, 2, 5, 5), jnp.float32)
+    with pytest.raises(ValueError, match="SPDNN_CONV_KERNEL must be one of"):
+        conv._tiled_ok(x, (4, 2, 3, 3), (1, 1), (1, 1), (5, 5))
