@@ -775,6 +775,10 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
       tall_rows = std::max<int64_t>(0, std::atoll(tall_env));
     }
   }
+  // SPDNN_FP_RUN_TILES: the most row tiles the pipelined kernel runs per group before the
+  // next group (default 8; read at every call, for A/B timing).
+  int run_tiles = 8;
+  if (const char* env = std::getenv("SPDNN_FP_RUN_TILES")) run_tiles = std::max(1, std::atoi(env));
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
   int cur = 0;     // the row list (src[cur], ids[cur]) and the buffer holding its rows
   int b = 0;       // buf[b]: the current rows
@@ -808,6 +812,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.n_out = n;
     args.relu = true;
     args.clip = static_cast<A>(clip);
+    args.run_tiles = run_tiles;
     bool launched = false;
     if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
       if (mma) {
