@@ -90,6 +90,7 @@ struct FootprintArgs {
   int64_t rows;              // upper bound of *count (sizes the grid)
   int n_in, n_out;
   int run_tiles = 8;         // pipelined kernel: most row tiles per run of one group
+  bool mma_twins = true;     // tensor-core form: one warp per twin pair of blocks
   bool relu;
   A clip;
 };
@@ -429,6 +430,14 @@ __global__ void __launch_bounds__(kThreads)
       if (incl > kMmaTileCap) fail = 1;
     }
   }
+  // Twin pairs: blocks 2 p and 2 p + 1 with the same union of slots, so their tiles hold
+  // the same slots at the same positions (bit p of tptr[kMmaBlocks + 2]).
+  if (warp == 1) {
+    bool same = lane < kMmaBlocks / 2;
+    for (int k = 0; same && k < W; ++k) same = bins[2 * lane][k] == bins[2 * lane + 1][k];
+    const uint32_t mask = __ballot_sync(0xffffffffu, same);
+    if (lane == 0) tptr[kMmaBlocks + 2] = static_cast<int32_t>(mask);
+  }
   __syncthreads();
   if (fail) {
     if (o == 0) atomicOr(gate + 1, 1);
@@ -674,7 +683,8 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   // kMma: this warp's blocks of 8 outputs, their tiles, columns, neurons and biases.
   constexpr int NB = kMma ? kMmaBlocks / (NT / 32) : 1;
   int t_begin[NB], t_end[NB], mma_neuron[NB][2];
-  bool has_lo = true;
+  bool has_lo = true, twin = false;
+  const bool use_twins = args.mma_twins;
   float mma_bias[NB][2];
   float macc[NB][2][4];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -689,9 +699,12 @@ __global__ void __launch_bounds__(kThreads * H, 1)
       block_copy_words(const_cast<int4*>(tiles_s), tiles_g, __ldg(tptr + kMmaBlocks) * kMmaTileInt4 * 4);
       cp_async_commit();
       has_lo = __ldg(tptr + kMmaBlocks + 1) != 0;
+      // Twin pairs (blocks 2 p and 2 p + 1 with the same slots, tile for tile): one warp
+      // takes both and shares the feature loads and splits between them.
+      twin = NB == 2 && use_twins && ((__ldg(tptr + kMmaBlocks + 2) >> warp) & 1) != 0;
 #pragma unroll
       for (int i = 0; i < NB; ++i) {
-        const int nb = warp + i * (NT / 32);
+        const int nb = NB == 2 ? 2 * warp + i : warp + i * (NT / 32);
         t_begin[i] = __ldg(tptr + nb);
         t_end[i] = __ldg(tptr + nb + 1);
 #pragma unroll
@@ -742,26 +755,51 @@ __global__ void __launch_bounds__(kThreads * H, 1)
 #pragma unroll
           for (int k = 0; k < 4; ++k) macc[i][m][k] = 0.f;
         }
-        for (int tt = t_begin[i]; tt < t_end[i]; ++tt) {
+      }
+      // One tile of block i on features av: x = hi + lo with hi the top 11 bits of x
+      // (exact in TF32; lo is exact in float32, and the tensor cores take its top 11 bits).
+      auto tile_mma = [&](int i, const float (&av)[2][4], const float4& w) {
+        const uint32_t bh0 = __float_as_uint(w.x), bh1 = __float_as_uint(w.y);
+        const uint32_t bl0 = __float_as_uint(w.z), bl1 = __float_as_uint(w.w);
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          uint32_t hi[4], lo[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            hi[k] = __float_as_uint(av[m][k]) & 0xffffe000u;
+            lo[k] = __float_as_uint(av[m][k] - __uint_as_float(hi[k]));
+          }
+          mma_tf32(macc[i][m], lo, bh0, bh1);  // small terms first
+          if (has_lo) mma_tf32(macc[i][m], hi, bl0, bl1);
+          mma_tf32(macc[i][m], hi, bh0, bh1);
+        }
+      };
+      auto tile_x = [&](const int4* tile, float (&av)[2][4]) {
+        const int2 h = reinterpret_cast<const int2*>(tile)[t4];
+        const float4 x0 = *reinterpret_cast<const float4*>(xl + h.x * P);
+        const float4 x1 = *reinterpret_cast<const float4*>(xl + h.y * P);
+        av[0][0] = x0.x, av[0][1] = x0.y, av[0][2] = x1.x, av[0][3] = x1.y;
+        av[1][0] = x0.z, av[1][1] = x0.w, av[1][2] = x1.z, av[1][3] = x1.w;
+      };
+      if (twin) {  // the same tiles' slots: each feature load feeds both blocks
+        const int dt = t_begin[NB - 1] - t_begin[0];
+        for (int tt = t_begin[0]; tt < t_end[0]; ++tt) {
           const int4* tile = tiles_s + tt * kMmaTileInt4;
-          const int2 h = reinterpret_cast<const int2*>(tile)[t4];
-          const float4 w = reinterpret_cast<const float4*>(tile)[2 + lane];
-          const float4 x0 = *reinterpret_cast<const float4*>(xl + h.x * P);
-          const float4 x1 = *reinterpret_cast<const float4*>(xl + h.y * P);
-          const float av[2][4] = {{x0.x, x0.y, x1.x, x1.y}, {x0.z, x0.w, x1.z, x1.w}};
-          const uint32_t bh0 = __float_as_uint(w.x), bh1 = __float_as_uint(w.y);
-          const uint32_t bl0 = __float_as_uint(w.z), bl1 = __float_as_uint(w.w);
+          float av[2][4];
+          tile_x(tile, av);
+          const float4 w0 = reinterpret_cast<const float4*>(tile)[2 + lane];
+          const float4 w1 = reinterpret_cast<const float4*>(tile + dt * kMmaTileInt4)[2 + lane];
+          tile_mma(0, av, w0);
+          tile_mma(NB - 1, av, w1);
+        }
+      } else {
 #pragma unroll
-          for (int m = 0; m < 2; ++m) {
-            uint32_t hi[4], lo[4];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              hi[k] = to_tf32(av[m][k]);
-              lo[k] = __float_as_uint(av[m][k] - __uint_as_float(hi[k]));
-            }
-            mma_tf32(macc[i][m], lo, bh0, bh1);  // small terms first
-            if (has_lo) mma_tf32(macc[i][m], hi, bl0, bl1);
-            mma_tf32(macc[i][m], hi, bh0, bh1);
+        for (int i = 0; i < NB; ++i) {
+          for (int tt = t_begin[i]; tt < t_end[i]; ++tt) {
+            const int4* tile = tiles_s + tt * kMmaTileInt4;
+            float av[2][4];
+            tile_x(tile, av);
+            tile_mma(i, av, reinterpret_cast<const float4*>(tile)[2 + lane]);
           }
         }
       }

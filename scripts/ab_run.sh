@@ -22,3 +22,12 @@ if [ -n "${NCU_SKIP:-}" ]; then
     >"$OUT/ncu.txt" 2>&1
   grep -vE "^==PROF==|^run|^active|^    -----|^    Metric Name" "$OUT/ncu.txt" | grep -E "\S" | cut -c1-130 | head -${NCU_LINES:-150}
 fi
+if [ -n "${NCU_SOURCE_SKIP:-}" ]; then  # per-SASS-instruction counters of one launch
+  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:"${NCU_KERNEL:-footprint_pipe}" \
+    --launch-skip "$NCU_SOURCE_SKIP" --launch-count 1 --section SourceCounters --section InstructionStats \
+    --section WarpStateStats -o "$OUT/source" \
+    python3 benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-16384-40} --runs 1 --calls 0 >"$OUT/ncu_source.log" 2>&1
+  ncu -i "$OUT/source.ncu-rep" --page source --csv --print-source sass >"$OUT/sass.csv" 2>&1
+  ncu -i "$OUT/source.ncu-rep" --page details >"$OUT/source_details.txt" 2>&1
+  wc -l "$OUT/sass.csv"; head -3 "$OUT/sass.csv" | cut -c1-300
+fi
