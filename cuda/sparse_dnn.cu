@@ -776,8 +776,11 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     }
   }
   // SPDNN_FP_RUN_TILES: the most row tiles the pipelined kernel runs per group before the
-  // next group (default 8; read at every call, for A/B timing).
-  int run_tiles = 8;
+  // next group (read at every call, for A/B timing).  The tensor-core form loads a
+  // group's tiles (~70 KB) when a run starts and waits for them, so it takes long runs:
+  // H200, 65536-120, s per call: 8 tiles 0.437, 16 0.427, 32 0.420, 64 0.415 (1, 2 and 4
+  // were slower still).  The kernel caps a run so that every block gets about four.
+  int run_tiles = mma ? 64 : 8;
   if (const char* env = std::getenv("SPDNN_FP_RUN_TILES")) run_tiles = std::max(1, std::atoi(env));
   // SPDNN_FP_TWINS=0: the tensor-core form computes twin blocks (the same slots) apart, for
   // tests (the results are the same bit for bit) and A/B timing.
