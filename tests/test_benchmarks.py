@@ -120,3 +120,18 @@ def test_profile_stream(monkeypatch, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+@pytest.mark.parametrize("chunk", ["0", "2"])  # SparseDNN; a streamed network
+def test_ab_env(monkeypatch, capsys, chunk):
+    import ab_env
+
+    monkeypatch.delenv("SPDNN_FP_RUN_TILES", raising=False)
+    ab_env.main(
+        ["--problem", "256-4", "--batch", "40", "--chunk-layers", chunk, "--var",
+         "SPDNN_FP_RUN_TILES", "--values", "8", "unset", "--rounds", "1", "--calls", "1"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "256-4 SPDNN_FP_RUN_TILES=8: best" in out
+    assert "256-4 SPDNN_FP_RUN_TILES=unset: best" in out
+    assert "SPDNN_FP_RUN_TILES" not in os.environ  # 'unset' unset it
