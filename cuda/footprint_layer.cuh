@@ -90,6 +90,7 @@ struct FootprintArgs {
   int64_t rows;              // upper bound of *count (sizes the grid)
   int n_in, n_out;
   int run_tiles = 8;         // pipelined kernel: most row tiles per run of one group
+  int mma_run_tiles = 64;    // the same for its tensor-core form
   bool mma_twins = true;     // tensor-core form: one warp per twin pair of blocks
   bool relu;
   A clip;
@@ -568,8 +569,8 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   const int64_t rows = *args.count;
   const int64_t n_tiles = (rows + kRows - 1) / kRows;
   if (n_tiles == 0) return;
-  // Tiles per run: up to args.run_tiles while every block still gets about four runs.
-  const int64_t tb = max(int64_t{1}, min(static_cast<int64_t>(args.run_tiles),
+  // Tiles per run: up to args.(mma_)run_tiles while every block still gets about four runs.
+  const int64_t tb = max(int64_t{1}, min(static_cast<int64_t>(kMma ? args.mma_run_tiles : args.run_tiles),
                                          n_tiles * n_groups / (4 * gridDim.x)));
   const int64_t n_runs = (n_tiles + tb - 1) / tb * n_groups;
   if (blockIdx.x >= n_runs) return;

@@ -780,8 +780,11 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   // group's tiles (~70 KB) when a run starts and waits for them, so it takes long runs:
   // H200, 65536-120, s per call: 8 tiles 0.437, 16 0.427, 32 0.420, 64 0.415 (1, 2 and 4
   // were slower still).  The kernel caps a run so that every block gets about four.
-  int run_tiles = mma ? 64 : 8;
-  if (const char* env = std::getenv("SPDNN_FP_RUN_TILES")) run_tiles = std::max(1, std::atoi(env));
+  // The FMA kernel (also where a layer falls back from the form) keeps runs of 8.
+  int run_tiles = 8, mma_run_tiles = 64;
+  if (const char* env = std::getenv("SPDNN_FP_RUN_TILES")) {
+    run_tiles = mma_run_tiles = std::max(1, std::atoi(env));
+  }
   // SPDNN_FP_TWINS=0: the tensor-core form computes twin blocks (the same slots) apart, for
   // tests (the results are the same bit for bit) and A/B timing.
   const char* twins_env = std::getenv("SPDNN_FP_TWINS");
@@ -820,6 +823,7 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.relu = true;
     args.clip = static_cast<A>(clip);
     args.run_tiles = run_tiles;
+    args.mma_run_tiles = mma_run_tiles;
     args.mma_twins = twins;
     bool launched = false;
     if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
