@@ -91,7 +91,6 @@ struct FootprintArgs {
   int n_in, n_out;
   int run_tiles = 8;         // pipelined kernel: most row tiles per run of one group
   int mma_run_tiles = 64;    // the same for its tensor-core form
-  bool mma_twins = true;     // tensor-core form: one warp per twin pair of blocks
   bool relu;
   A clip;
 };
@@ -286,41 +285,41 @@ __device__ __forceinline__ void block_copy_words(void* dst, const void* src, int
 // ---------------------------------------------------------------------------------------
 // The tensor-core form of a footprint layer (float32 features, groups of kThreads
 // outputs, 32-row tiles), made on the device from the footprint packing before the layer
-// runs.  The weights of each block of 8 consecutive (reordered) outputs are cut into
-// dense 8 x 8 tiles, 8 footprint slots by the 8 outputs: the block's distinct slots in
+// runs.  The weights of each unit of 16 consecutive (reordered) outputs are cut into
+// dense 16 x 8 tiles, the 16 outputs by 8 footprint slots: the unit's distinct slots in
 // order, 8 per tile, zeros where an output does not use a slot.  Where outputs share
-// their inputs (blocks of equal or similar input sets, as the footprint order makes
-// them adjacent) the tiles are dense and mma.sync (m16n8k8, TF32 in three passes: hi*hi
-// + hi*lo + lo*hi, about float32's accuracy) does the work of 16 FMA instructions per
-// weight in a few instructions per tile.  Where they do not, the tiles are mostly zeros,
-// a group needs more tiles than shared memory holds, and the layer runs on the FMA
-// kernel instead (the same launch sequence; the device decides, see gate).
+// their inputs (units of equal or similar input sets, as the footprint order makes them
+// adjacent) the tiles are dense and mma.sync (m16n8k8 with the weights as A and the
+// features as B, TF32 in three passes: lo*hi + hi*lo + hi*hi, about float32's accuracy)
+// does the work of 16 FMA instructions per weight in a few instructions per tile.  Where
+// they do not, the tiles are mostly zeros, a group needs more tiles than shared memory
+// holds, and the layer runs on the FMA kernel instead (the same launch sequence; the
+// device decides, see gate).
 //
 // A zero in a tile multiplies a real feature, so a NaN or infinite feature would leak
-// into the other outputs of its block: the tensor-core form runs only where features
+// into the other outputs of its unit: the tensor-core form runs only where features
 // are finite (a finite clip, x checked while its rows are marked, weights checked here).
 //
 // Per group a record of kMmaGroupBytes: the group's footprint columns in the order the
-// tiles want them (cols [kMmaMaxCols]; slots renumbered by the first block of 8 outputs
-// that uses them, so a block's slots are consecutive where it brings new ones), the
-// first tile of each block of 8 outputs (tptr [33]; tptr[33] = 1 where a weight is not
-// exact in TF32, else the hi * lo pass is skipped; padded to 36), then the tiles: 34
-// int4 each, two of header (int2 [4]: lane t's slots at positions t and t + 4) and one
-// per lane (lane 4 o + t: {hi, hi, lo, lo} of W[slot at t][o], W[slot at t + 4][o]).
+// tiles want them (cols [kMmaMaxCols]; slots renumbered by the first unit of 16 outputs
+// that uses them, so a unit's slots are consecutive where it brings new ones), the
+// first tile of each unit (tptr [17]; tptr[17] = 1 where a weight is not exact in TF32,
+// else the x_hi * w_lo pass is skipped; padded to 20), then the tiles: 34 int4 each, two
+// of header (int2 [4]: lane t's slots at positions t and t + 4) and one of weights per
+// lane: lane 4 g + t holds its A fragment {W[t][g], W[t][g + 8], W[t + 4][g],
+// W[t + 4][g + 8]} (W[position][output of the unit], float32; the kernel splits them).
 constexpr int kMmaMaxCols = 512;  // footprint columns per group (one chunk)
 constexpr int kMmaTileCap = 144;  // tiles per group (shared memory)
+constexpr int kMmaUnit = 16;      // outputs per tile
 constexpr int kMmaTileInt4 = 34;
-constexpr int kMmaBlocks = kThreads / 8;  // blocks of 8 outputs per group
-constexpr int kMmaPtrInts = 36;
+constexpr int kMmaUnits = kThreads / kMmaUnit;  // units of 16 outputs per group
+constexpr int kMmaPtrInts = 20;
 constexpr int64_t kMmaGroupBytes =
     (kMmaMaxCols + kMmaPtrInts) * 4 + static_cast<int64_t>(kMmaTileCap) * kMmaTileInt4 * 16;
 static_assert(kMmaGroupBytes % 16 == 0, "records keep int4 alignment");
 
-__device__ __forceinline__ uint32_t to_tf32(float v) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
-  return r;
-}
+// The bits of a float32 a TF32 value keeps (sign, exponent, 10 bits of mantissa).
+constexpr uint32_t kTf32Mask = 0xffffe000u;
 
 // Inclusive prefix sum of v over the lanes of a (full) warp.
 __device__ __forceinline__ int warp_inclusive_sum(int v) {
@@ -347,11 +346,12 @@ __global__ void __launch_bounds__(kThreads)
                           const int32_t* __restrict__ fp_cols, int n_out,
                           unsigned char* __restrict__ records, int32_t* gate) {
   constexpr int W = kMmaMaxCols / 32;  // bitmap words
+  static_assert(kMmaUnits <= 32, "one lane per unit");
   __shared__ int first_use[kMmaMaxCols];
-  __shared__ uint32_t bins[kMmaBlocks][W];  // slots by first user; then each block's union
-  __shared__ int bin_start[kMmaBlocks + 1];
+  __shared__ uint32_t bins[kMmaUnits][W];  // slots by first user; then each unit's union
+  __shared__ int bin_start[kMmaUnits + 1];
   __shared__ int new_slot[kMmaMaxCols];
-  __shared__ int tiles_of[kMmaBlocks + 1];
+  __shared__ int tiles_of[kMmaUnits + 1];
   __shared__ int fail, has_lo;
   const int g = blockIdx.x, o = threadIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int fp0 = __ldg(fp_ptr + g), fp_n = __ldg(fp_ptr + g + 1) - fp0;
@@ -363,8 +363,8 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* cols = reinterpret_cast<int32_t*>(rec);
   int32_t* tptr = cols + kMmaMaxCols;
   int4* tiles = reinterpret_cast<int4*>(tptr + kMmaPtrInts);
-  for (int s = o; s < kMmaMaxCols; s += kThreads) first_use[s] = kMmaBlocks;
-  for (int k = o; k < kMmaBlocks * W; k += kThreads) (&bins[0][0])[k] = 0;
+  for (int s = o; s < kMmaMaxCols; s += kThreads) first_use[s] = kMmaUnits;
+  for (int k = o; k < kMmaUnits * W; k += kThreads) (&bins[0][0])[k] = 0;
   if (o == 0) fail = has_lo = 0;
   __syncthreads();
 
@@ -376,28 +376,28 @@ __global__ void __launch_bounds__(kThreads)
     p0 = __ldg(slice_ptr + j / S) + j % S;
     pe = __ldg(slice_ptr + j / S + 1);
   }
-  const int blk = o / 8, col = o % 8;
+  const int unit = o / kMmaUnit, m = o % kMmaUnit;
   bool bad = false;
   for (int p = p0; p < pe; p += S) {
     const int s = __ldg(indices + p);
     if (s >= fp_n) break;  // padding sorts last
     bad |= !isfinite(__ldg(values + p));
-    atomicMin(&first_use[s], blk);
+    atomicMin(&first_use[s], unit);
   }
   if (bad) fail = 1;
   __syncthreads();
-  // New slot order: by first user block, then old slot.
+  // New slot order: by first user unit, then old slot.
   for (int s = o; s < fp_n; s += kThreads) {
-    first_use[s] = min(first_use[s], kMmaBlocks - 1);  // (every slot has a user)
+    first_use[s] = min(first_use[s], kMmaUnits - 1);  // (every slot has a user)
     atomicOr(&bins[first_use[s]][s / 32], 1u << (s % 32));
   }
   __syncthreads();
   if (warp == 0) {
     int c = 0;
-    for (int k = 0; k < W; ++k) c += __popc(bins[lane][k]);
+    for (int k = 0; lane < kMmaUnits && k < W; ++k) c += __popc(bins[lane][k]);
     const int incl = warp_inclusive_sum(c);
-    bin_start[lane] = incl - c;
-    if (lane == 31) bin_start[32] = incl;
+    if (lane < kMmaUnits) bin_start[lane] = incl - c;
+    if (lane == kMmaUnits - 1) bin_start[kMmaUnits] = incl;
   }
   __syncthreads();
   for (int s = o; s < fp_n; s += kThreads) {
@@ -408,45 +408,39 @@ __global__ void __launch_bounds__(kThreads)
     cols[r] = __ldg(fp_cols + fp0 + s);
   }
   __syncthreads();
-  // Each block's union of new slots -> its tile count.
-  for (int k = o; k < kMmaBlocks * W; k += kThreads) (&bins[0][0])[k] = 0;
+  // Each unit's union of new slots -> its tile count.
+  for (int k = o; k < kMmaUnits * W; k += kThreads) (&bins[0][0])[k] = 0;
   __syncthreads();
   for (int p = p0; p < pe; p += S) {
     const int s = __ldg(indices + p);
     if (s >= fp_n) break;
     const int ns = new_slot[s];
-    atomicOr(&bins[blk][ns / 32], 1u << (ns % 32));
+    atomicOr(&bins[unit][ns / 32], 1u << (ns % 32));
   }
   __syncthreads();
   if (warp == 0) {
     int u = 0;
-    for (int k = 0; k < W; ++k) u += __popc(bins[lane][k]);
+    for (int k = 0; lane < kMmaUnits && k < W; ++k) u += __popc(bins[lane][k]);
     const int t = (u + 7) / 8;
     const int incl = warp_inclusive_sum(t);
-    tiles_of[lane] = incl - t;
-    tptr[lane] = incl - t;
-    if (lane == 31) {
-      tiles_of[32] = incl;
-      tptr[32] = incl;
+    if (lane < kMmaUnits) {
+      tiles_of[lane] = incl - t;
+      tptr[lane] = incl - t;
+    }
+    if (lane == kMmaUnits - 1) {
+      tiles_of[kMmaUnits] = incl;
+      tptr[kMmaUnits] = incl;
       if (incl > kMmaTileCap) fail = 1;
     }
-  }
-  // Twin pairs: blocks 2 p and 2 p + 1 with the same union of slots, so their tiles hold
-  // the same slots at the same positions (bit p of tptr[kMmaBlocks + 2]).
-  if (warp == 1) {
-    bool same = lane < kMmaBlocks / 2;
-    for (int k = 0; same && k < W; ++k) same = bins[2 * lane][k] == bins[2 * lane + 1][k];
-    const uint32_t mask = __ballot_sync(0xffffffffu, same);
-    if (lane == 0) tptr[kMmaBlocks + 2] = static_cast<int32_t>(mask);
   }
   __syncthreads();
   if (fail) {
     if (o == 0) atomicOr(gate + 1, 1);
     return;
   }
-  // Zero the tiles; every header position defaults to the block's first slot (a staged,
+  // Zero the tiles; every header position defaults to the unit's first slot (a staged,
   // finite column: empty positions multiply it by zero).
-  for (int b = warp; b < kMmaBlocks; b += kThreads / 32) {
+  for (int b = warp; b < kMmaUnits; b += kThreads / 32) {
     int first = kMmaMaxCols;
     for (int k = W - 1; k >= 0; --k) {
       if (bins[b][k]) first = k * 32 + __ffs(bins[b][k]) - 1;
@@ -464,20 +458,30 @@ __global__ void __launch_bounds__(kThreads)
     const int s = __ldg(indices + p);
     if (s >= fp_n) break;
     const int ns = new_slot[s];
-    int r = __popc(bins[blk][ns / 32] & ((1u << (ns % 32)) - 1u));
-    for (int k = 0; k < ns / 32; ++k) r += __popc(bins[blk][k]);
-    const int tile = tiles_of[blk] + r / 8, pos = mma_position(r % 8);
+    int r = __popc(bins[unit][ns / 32] & ((1u << (ns % 32)) - 1u));
+    for (int k = 0; k < ns / 32; ++k) r += __popc(bins[unit][k]);
+    const int tile = tiles_of[unit] + r / 8, pos = mma_position(r % 8);
     const int base = tile * kMmaTileInt4 * 4;
     ti[base + 2 * (pos % 4) + pos / 4] = ns;
     const float v = __ldg(values + p);
-    const float hi = __uint_as_float(to_tf32(v));
-    const int w = base + 8 + 4 * (4 * col + pos % 4) + pos / 4;
-    tf[w] = hi;
-    tf[w + 2] = v - hi;
-    if (v != hi) has_lo = 1;
+    // A fragment element: a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4).
+    tf[base + 8 + 4 * (4 * (m % 8) + pos % 4) + m / 8 + 2 * (pos / 4)] = v;
+    if (__float_as_uint(v) & ~kTf32Mask) has_lo = 1;
   }
   __syncthreads();
-  if (o == 0) tptr[kMmaBlocks + 1] = has_lo;  // weights all exact in TF32: two passes
+  if (o == 0) tptr[kMmaUnits + 1] = has_lo;  // weights all exact in TF32: two passes
+}
+
+// max(a, b) and min(a, b), NaN where either is NaN (one instruction each on sm_80+).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float min_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
 }
 
 // acc += A * B on one m16n8k8 TF32 tile.
@@ -528,10 +532,12 @@ struct PipeStage {
 //
 // kMma: the tensor-core form (float, 32-row tiles; see footprint_mma_convert): shared
 // memory holds the group's tiles instead of its ELL weights (wcap tiles), columns are
-// staged in the record's order, and warp w computes the blocks of 8 outputs w, w + 8 H,
-// ... on the whole 32-row tile.  Row 4 q + 2 m + h of the tile is row q + 8 h of the
-// m-th 16-row MMA, so a lane's A operands for one slot are one 16-byte load and its
-// outputs for one column one 16-byte store.
+// staged in the record's order, and warp w computes the units of 16 outputs w, w + 8 H,
+// ... on the whole 32-row tile, as four m16n8k8 MMAs per tile and pass (the unit's 16
+// outputs by 8 rows each).  Rows 4 n + j of the tile are the n-th column of n-block j,
+// so a lane's B operands for one slot are one 16-byte load, its A operands (weights)
+// one 16-byte load per tile and pass, and its outputs for one column 8 consecutive rows
+// (two 16-byte stores).
 template <typename A, int kRows, int H, bool kMma = false>
 __global__ void __launch_bounds__(kThreads * H, 1)
     footprint_pipe_kernel(const FootprintArgs<A, A> args, int chunk, int wcap, int n_groups,
@@ -681,13 +687,13 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   int pos = 0, end = 0;
   const int tx = threadIdx.x % kThreads, half = threadIdx.x / kThreads;
   A acc[RT];
-  // kMma: this warp's blocks of 8 outputs, their tiles, columns, neurons and biases.
-  constexpr int NB = kMma ? kMmaBlocks / (NT / 32) : 1;
-  int t_begin[NB], t_end[NB], mma_neuron[NB][2];
-  bool has_lo = true, twin = false;
-  const bool use_twins = args.mma_twins;
-  float mma_bias[NB][2];
-  float macc[NB][2][4];
+  // kMma: this warp's units of 16 outputs (NU), their tiles, and per lane its two
+  // outputs' columns (32 x neuron, or -1) and biases.
+  constexpr int NU = kMma ? kMmaUnits / (NT / 32) : 1;
+  int t_begin[NU], t_end[NU], mma_col[NU][2];
+  bool has_lo = true;
+  float mma_bias[NU][2];
+  float macc[NU][4][4];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int s = 0; cur.run >= 0; ++s) {
     const int b = s & 1;
@@ -697,22 +703,20 @@ __global__ void __launch_bounds__(kThreads * H, 1)
       const int32_t* tptr = reinterpret_cast<const int32_t*>(args.mma + cur.group * kMmaGroupBytes) +
                             kMmaMaxCols;
       const int4* tiles_g = reinterpret_cast<const int4*>(tptr + kMmaPtrInts);
-      block_copy_words(const_cast<int4*>(tiles_s), tiles_g, __ldg(tptr + kMmaBlocks) * kMmaTileInt4 * 4);
+      block_copy_words(const_cast<int4*>(tiles_s), tiles_g, __ldg(tptr + kMmaUnits) * kMmaTileInt4 * 4);
       cp_async_commit();
-      has_lo = __ldg(tptr + kMmaBlocks + 1) != 0;
-      // Twin pairs (blocks 2 p and 2 p + 1 with the same slots, tile for tile): one warp
-      // takes both and shares the feature loads and splits between them.
-      twin = NB == 2 && use_twins && ((__ldg(tptr + kMmaBlocks + 2) >> warp) & 1) != 0;
+      has_lo = __ldg(tptr + kMmaUnits + 1) != 0;
 #pragma unroll
-      for (int i = 0; i < NB; ++i) {
-        const int nb = NB == 2 ? 2 * warp + i : warp + i * (NT / 32);
-        t_begin[i] = __ldg(tptr + nb);
-        t_end[i] = __ldg(tptr + nb + 1);
+      for (int i = 0; i < NU; ++i) {
+        const int u = warp + i * (NT / 32);
+        t_begin[i] = __ldg(tptr + u);
+        t_end[i] = __ldg(tptr + u + 1);
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int jr = cur.group * kThreads + nb * 8 + 2 * (lane % 4) + c;
-          mma_neuron[i][c] = jr < args.n_out ? __ldg(args.perm + jr) : -1;
-          mma_bias[i][c] = jr < args.n_out ? __ldg(args.bias + mma_neuron[i][c]) : 0.f;
+        for (int c = 0; c < 2; ++c) {  // outputs g and g + 8 of the unit
+          const int jr = cur.group * kThreads + u * kMmaUnit + lane / 4 + 8 * c;
+          const int neuron_c = jr < args.n_out ? __ldg(args.perm + jr) : -1;
+          mma_col[i][c] = neuron_c >= 0 ? neuron_c * kRows : -1;
+          mma_bias[i][c] = neuron_c >= 0 ? __ldg(args.bias + neuron_c) : 0.f;
         }
       }
       loaded_group = cur.group;
@@ -747,86 +751,90 @@ __global__ void __launch_bounds__(kThreads * H, 1)
 
     if constexpr (kMma) {
       // The stage is a whole item (footprints fit one chunk, see footprint_mma_convert).
+      // Lane (g, t) = (lane / 4, lane % 4).  B operand of n-block j (8 of the tile's rows):
+      // b0 = x[slot at t][row 4 g + j], b1 = x[slot at t + 4][row 4 g + j], so a lane's
+      // B operands for one slot and all four n-blocks are one 16-byte load.  Its results
+      // are outputs g and g + 8 of the unit at rows 8 t + j (c0, c2) and 8 t + 4 + j (c1, c3).
       const float* xl = fbuf + b * chunk * P + 4 * (lane / 4);
       const int t4 = lane % 4;
 #pragma unroll
-      for (int i = 0; i < NB; ++i) {
+      for (int i = 0; i < NU; ++i) {
 #pragma unroll
-        for (int m = 0; m < 2; ++m) {
+        for (int j = 0; j < 4; ++j) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) macc[i][m][k] = 0.f;
+          for (int k = 0; k < 4; ++k) macc[i][j][k] = 0.f;
         }
       }
-      // One tile of block i on features av: x = hi + lo with hi the top 11 bits of x
-      // (exact in TF32; lo is exact in float32, and the tensor cores take its top 11 bits).
-      auto tile_mma = [&](int i, const float (&av)[2][4], const float4& w) {
-        const uint32_t bh0 = __float_as_uint(w.x), bh1 = __float_as_uint(w.y);
-        const uint32_t bl0 = __float_as_uint(w.z), bl1 = __float_as_uint(w.w);
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-          uint32_t hi[4], lo[4];
+      // Unit i's tiles; x = hi + lo with hi the top 11 bits of x (exact in TF32; lo is
+      // exact in float32, and the tensor cores take its top 11 bits), and the weights
+      // the same way.  lo_pass: the w_lo * x_hi pass (weights not exact in TF32).
+      auto unit_tiles = [&](int i, auto lo_pass) {
+        for (int tt = t_begin[i]; tt < t_end[i]; ++tt) {
+          const int4* tile = tiles_s + tt * kMmaTileInt4;
+          const int2 h = reinterpret_cast<const int2*>(tile)[t4];
+          const float4 x0 = *reinterpret_cast<const float4*>(xl + h.x * P);
+          const float4 x1 = *reinterpret_cast<const float4*>(xl + h.y * P);
+          const float4 w = reinterpret_cast<const float4*>(tile)[2 + lane];
+          const float wv[4] = {w.x, w.y, w.z, w.w};
+          uint32_t wh[4], wl[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            hi[k] = __float_as_uint(av[m][k]) & 0xffffe000u;
-            lo[k] = __float_as_uint(av[m][k] - __uint_as_float(hi[k]));
+            wh[k] = __float_as_uint(wv[k]) & kTf32Mask;
+            wl[k] = decltype(lo_pass)::value ? __float_as_uint(wv[k] - __uint_as_float(wh[k])) : 0u;
           }
-          mma_tf32(macc[i][m], lo, bh0, bh1);  // small terms first
-          if (has_lo) mma_tf32(macc[i][m], hi, bl0, bl1);
-          mma_tf32(macc[i][m], hi, bh0, bh1);
-        }
-      };
-      auto tile_x = [&](const int4* tile, float (&av)[2][4]) {
-        const int2 h = reinterpret_cast<const int2*>(tile)[t4];
-        const float4 x0 = *reinterpret_cast<const float4*>(xl + h.x * P);
-        const float4 x1 = *reinterpret_cast<const float4*>(xl + h.y * P);
-        av[0][0] = x0.x, av[0][1] = x0.y, av[0][2] = x1.x, av[0][3] = x1.y;
-        av[1][0] = x0.z, av[1][1] = x0.w, av[1][2] = x1.z, av[1][3] = x1.w;
-      };
-      if (twin) {  // the same tiles' slots: each feature load feeds both blocks
-        const int dt = t_begin[NB - 1] - t_begin[0];
-        for (int tt = t_begin[0]; tt < t_end[0]; ++tt) {
-          const int4* tile = tiles_s + tt * kMmaTileInt4;
-          float av[2][4];
-          tile_x(tile, av);
-          const float4 w0 = reinterpret_cast<const float4*>(tile)[2 + lane];
-          const float4 w1 = reinterpret_cast<const float4*>(tile + dt * kMmaTileInt4)[2 + lane];
-          tile_mma(0, av, w0);
-          tile_mma(NB - 1, av, w1);
-        }
-      } else {
+          const float xa[4] = {x0.x, x0.y, x0.z, x0.w}, xb[4] = {x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
-        for (int i = 0; i < NB; ++i) {
-          for (int tt = t_begin[i]; tt < t_end[i]; ++tt) {
-            const int4* tile = tiles_s + tt * kMmaTileInt4;
-            float av[2][4];
-            tile_x(tile, av);
-            tile_mma(i, av, reinterpret_cast<const float4*>(tile)[2 + lane]);
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t h0 = __float_as_uint(xa[j]) & kTf32Mask;
+            const uint32_t h1 = __float_as_uint(xb[j]) & kTf32Mask;
+            const uint32_t l0 = __float_as_uint(xa[j] - __uint_as_float(h0));
+            const uint32_t l1 = __float_as_uint(xb[j] - __uint_as_float(h1));
+            mma_tf32(macc[i][j], wh, l0, l1);  // small terms first
+            if constexpr (decltype(lo_pass)::value) mma_tf32(macc[i][j], wl, h0, h1);
+            mma_tf32(macc[i][j], wh, h0, h1);
           }
+        }
+      };
+#pragma unroll
+      for (int i = 0; i < NU; ++i) {
+        if (has_lo) {
+          unit_tiles(i, std::true_type{});
+        } else {
+          unit_tiles(i, std::false_type{});
         }
       }
-      // Bias, ReLU, clamp; lane (q, t) holds rows 4 q .. 4 q + 3 of columns 2 t, 2 t + 1.
+      // Bias, ReLU, clamp.  The tile's outputs start at ytile (one 64-bit product per
+      // stage); an output column is mma_col further.  max.NaN/min.NaN keep NaN, as the
+      // comparisons of the FMA kernel (and jnp.maximum) do.  Row r has a nonzero output
+      // where the OR of its outputs' bits, sign aside, is nonzero.
       const int64_t row0 = cur.tile * kRows;
       const int valid = static_cast<int>(min(static_cast<int64_t>(kRows), rows - row0));
-      const int q4 = 4 * (lane / 4);
-      uint32_t bits = 0;
+      const int r8 = 8 * t4;
+      float* ytile = args.y + cur.tile * static_cast<int64_t>(args.n_out) * kRows + r8;
+      const float lower = args.relu ? 0.f : -INFINITY, clip = args.clip;
+      uint32_t ors[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
 #pragma unroll
-      for (int i = 0; i < NB; ++i) {
+      for (int i = 0; i < NU; ++i) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          if (mma_neuron[i][c] < 0) continue;
-          float out[4];
+          if (mma_col[i][c] < 0) continue;
+          float out[8];
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            float v = macc[i][r / 2][c + 2 * (r % 2)] + mma_bias[i][c];
-            if (args.relu && v < 0.f) v = 0.f;  // comparisons keep NaN, like jnp.maximum
-            if (v > args.clip) v = args.clip;
-            out[r] = q4 + r < valid ? v : 0.f;
-            bits |= out[r] != 0.f ? 1u << (q4 + r) : 0u;
+          for (int r = 0; r < 8; ++r) {
+            const float a = macc[i][r % 4][2 * c + r / 4] + mma_bias[i][c];
+            const float v = min_nan(max_nan(a, lower), clip);
+            out[r] = r8 + r < valid ? v : 0.f;
+            ors[r] |= __float_as_uint(out[r]);
           }
-          *reinterpret_cast<float4*>(args.y + interleaved<kRows>(row0, mma_neuron[i][c], args.n_out) +
-                                     q4) = make_float4(out[0], out[1], out[2], out[3]);
+          float4* dst = reinterpret_cast<float4*>(ytile + mma_col[i][c]);
+          dst[0] = make_float4(out[0], out[1], out[2], out[3]);
+          dst[1] = make_float4(out[4], out[5], out[6], out[7]);
         }
       }
+      uint32_t bits = 0;
+#pragma unroll
+      for (int r = 0; r < 8; ++r) bits |= (ors[r] << 1) != 0u ? 1u << r : 0u;
+      bits <<= r8;
       bits = __reduce_or_sync(0xffffffffu, bits);
       if (lane < valid && ((bits >> lane) & 1u)) args.alive[row0 + lane] = 1;
       cur = nxt;

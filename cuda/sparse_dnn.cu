@@ -785,10 +785,6 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
   if (const char* env = std::getenv("SPDNN_FP_RUN_TILES")) {
     run_tiles = mma_run_tiles = std::max(1, std::atoi(env));
   }
-  // SPDNN_FP_TWINS=0: the tensor-core form computes twin blocks (the same slots) apart, for
-  // tests (the results are the same bit for bit) and A/B timing.
-  const char* twins_env = std::getenv("SPDNN_FP_TWINS");
-  const bool twins = !(twins_env && std::string(twins_env) == "0");
   const int32_t* list = nullptr;  // buf[0] holds the listed rows in order
   int cur = 0;     // the row list (src[cur], ids[cur]) and the buffer holding its rows
   int b = 0;       // buf[b]: the current rows
@@ -824,7 +820,6 @@ ffi::Error run_footprint(cudaStream_t stream, const T* x, const A* values, const
     args.clip = static_cast<A>(clip);
     args.run_tiles = run_tiles;
     args.mma_run_tiles = mma_run_tiles;
-    args.mma_twins = twins;
     bool launched = false;
     if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float> && R == 32 && O == 1) {
       if (mma) {

@@ -380,21 +380,22 @@ def pack_footprint(structure: Structure, group: int = FOOTPRINT_GROUP) -> Footpr
 # shared memory.
 MMA_MAX_COLS = 512
 MMA_TILE_CAP = 144
-MMA_TILE = 8  # a tile is 8 footprint slots by 8 consecutive (reordered) outputs
+MMA_TILE_OUTPUTS = 16  # a tile is 16 consecutive (reordered) outputs by 8 footprint slots
+MMA_TILE_SLOTS = 8
 
 
 class TensorCoreTiles(NamedTuple):
-    """How a layer's weights cut into the dense 8 x 8 tiles of the footprint layers'
+    """How a layer's weights cut into the dense 16 x 8 tiles of the footprint layers'
     tensor-core form (see :func:`tensor_core_tiles`).
 
     Attributes:
       footprint: ``[n_groups] int64``, distinct inputs per group of outputs.
       tiles: ``[n_groups] int64``, tiles per group: ``ceil(u / 8)`` summed over the
-        group's blocks of 8 outputs, ``u`` being a block's number of distinct inputs.
+        group's units of 16 outputs, ``u`` being a unit's number of distinct inputs.
       fits: every group fits (``footprint <= MMA_MAX_COLS`` and ``tiles <= MMA_TILE_CAP``),
         so the layer runs on tensor cores (float32 features, a finite clip, finite values).
-      density: nonzeros over the weights the tiles hold (``64`` per tile); 1.0 when each
-        block of 8 outputs shares its inputs.
+      density: nonzeros over the weights the tiles hold (``128`` per tile); 1.0 when each
+        unit of 16 outputs shares its inputs.
     """
 
     footprint: np.ndarray
@@ -408,8 +409,8 @@ def tensor_core_tiles(structure: Structure, group: int = FOOTPRINT_GROUP) -> Ten
     cut from the footprint packing before each layer).
 
     Outputs are taken in :func:`footprint_order` (outputs with equal or similar inputs
-    adjacent), cut into groups of ``group`` and blocks of 8.  Any sparsity pattern can be
-    cut; only patterns whose blocks of 8 outputs share most of their inputs give dense
+    adjacent), cut into groups of ``group`` and units of 16.  Any sparsity pattern can be
+    cut; only patterns whose units of 16 outputs share most of their inputs give dense
     tiles, and a layer where a group does not fit runs on the FMA kernel instead.
     """
     if group % ELL_SLICE or group <= 0:
@@ -420,15 +421,15 @@ def tensor_core_tiles(structure: Structure, group: int = FOOTPRINT_GROUP) -> Ten
     reordered, _ = _reorder_outputs(structure, perm)
     position = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(reordered.indptr))
     inputs = reordered.indices.astype(np.int64)
-    blocks = np.unique(position // MMA_TILE * (n_in + 1) + inputs) // (n_in + 1)
-    per_block = np.bincount(blocks, minlength=-(-n_out // MMA_TILE))
-    tiles_per_block = -(-per_block // MMA_TILE)
-    block_group = np.arange(per_block.size) * MMA_TILE // group
-    tiles = np.bincount(block_group, weights=tiles_per_block, minlength=n_groups).astype(np.int64)
+    units = np.unique(position // MMA_TILE_OUTPUTS * (n_in + 1) + inputs) // (n_in + 1)
+    per_unit = np.bincount(units, minlength=-(-n_out // MMA_TILE_OUTPUTS))
+    tiles_per_unit = -(-per_unit // MMA_TILE_SLOTS)
+    unit_group = np.arange(per_unit.size) * MMA_TILE_OUTPUTS // group
+    tiles = np.bincount(unit_group, weights=tiles_per_unit, minlength=n_groups).astype(np.int64)
     groups = np.unique(position // group * (n_in + 1) + inputs) // (n_in + 1)
     footprint = np.bincount(groups, minlength=n_groups).astype(np.int64)
     fits = bool(np.all(footprint <= MMA_MAX_COLS) and np.all(tiles <= MMA_TILE_CAP))
-    held = int(tiles.sum()) * MMA_TILE * MMA_TILE
+    held = int(tiles.sum()) * MMA_TILE_OUTPUTS * MMA_TILE_SLOTS
     density = structure.nnz / held if held else 1.0
     return TensorCoreTiles(footprint, tiles, fits, float(density))
 

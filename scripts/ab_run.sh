@@ -14,16 +14,16 @@ if [ -n "${AB_VAR:-}" ]; then
     --calls ${AB_CALLS:-2} 2>&1 | tee "$OUT/ab.log" | grep -vi warning | tail -20
 fi
 if [ -n "${NCU_SKIP:-}" ]; then
-  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:"${NCU_KERNEL:-footprint_pipe}" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name-base ${NCU_NAME_BASE:-function} --kernel-name regex:"${NCU_KERNEL:-footprint_pipe}" \
     --launch-skip "$NCU_SKIP" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
-    --section SchedulerStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section Occupancy --section LaunchStats \
     python3 benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-16384-40} --runs 1 --calls 0 \
     >"$OUT/ncu.txt" 2>&1
   grep -vE "^==PROF==|^run|^active|^    -----|^    Metric Name" "$OUT/ncu.txt" | grep -E "\S" | cut -c1-130 | head -${NCU_LINES:-150}
 fi
 if [ -n "${NCU_SOURCE_SKIP:-}" ]; then  # per-SASS-instruction counters of one launch
-  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:"${NCU_KERNEL:-footprint_pipe}" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name-base ${NCU_NAME_BASE:-function} --kernel-name regex:"${NCU_KERNEL:-footprint_pipe}" \
     --launch-skip "$NCU_SOURCE_SKIP" --launch-count 1 --section SourceCounters --section InstructionStats \
     --section WarpStateStats -o "$OUT/source" \
     python3 benchmarks/profile_dnn.py --problem ${PROFILE_PROBLEM:-16384-40} --runs 1 --calls 0 >"$OUT/ncu_source.log" 2>&1

@@ -317,12 +317,13 @@ def test_tensor_core_form(n, batch, scatter, split, expect_mma, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not sd.cuda_available(), reason="needs a CUDA device and CUDA kernels")
-@pytest.mark.parametrize("width", [16, 24])  # every pair of blocks twins; two in three
+@pytest.mark.parametrize("width", [16, 24])  # dense units; one in three spans two sets
 @pytest.mark.parametrize("exact", [False, True])  # weights exact in TF32: two passes
-def test_tensor_core_twins(width, exact, monkeypatch):
-    """In the tensor-core form a warp takes twin blocks of 8 outputs (the same slots) in one
-    loop, sharing the feature loads: the results equal separate loops (SPDNN_FP_TWINS=0)
-    bit for bit, and the float64 reference to float32 tolerance."""
+def test_tensor_core_units(width, exact, monkeypatch):
+    """The tensor-core form takes units of 16 outputs over the union of their slots: where
+    a unit spans two sets of outputs with different inputs its tiles hold zeros. Either
+    way the results match the float64 reference to float32 tolerance, and the rows that
+    live match the FMA kernel's."""
     n, batch = 2048, 200
     rng = np.random.default_rng(width)
     layers = _blocked_layers(n, 3, rng, width=width)
@@ -331,21 +332,27 @@ def test_tensor_core_twins(width, exact, monkeypatch):
             sd.SparseMatrix(W.indptr, W.indices, np.full(W.nnz, 1 / 16, np.float32), W.shape)
             for W in layers
         ]
+    for W in layers:
+        t = sd.tensor_core_tiles(W.structure)
+        assert t.fits and (t.density == 1.0) == (width == 16), t.density
     x = (rng.random((batch, n)) < 0.3) * rng.uniform(0, 1, (batch, n))
     monkeypatch.setenv("SPDNN_DNN_KERNEL", "footprint")
     monkeypatch.setenv("SPDNN_FP_TAIL", "off")
-    monkeypatch.setenv("SPDNN_FP_MMA", "1")
     out = {}
     with jax.default_device(jax.devices("cuda")[0]):
         net = sd.SparseDNN(layers, -0.05, clip=32.0)
-        for twins in ("1", "0"):
-            monkeypatch.setenv("SPDNN_FP_TWINS", twins)
-            out[twins] = net(x.astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(out["1"].features), np.asarray(out["0"].features))
+        for mma in ("1", "0"):
+            monkeypatch.setenv("SPDNN_FP_MMA", mma)
+            out[mma] = net(x.astype(np.float32))
     ref = reference_inference(layers, -0.05, x)
     ok = ~np.isin(np.arange(batch), ref.ambiguous)
     np.testing.assert_allclose(
         np.asarray(out["1"].features)[ok], ref.features.toarray()[ok], rtol=2e-5, atol=2e-5
+    )
+    check = check_categories(out["1"].categories(), ref.categories, ref.ambiguous)
+    assert check.passed, check.summary()
+    np.testing.assert_array_equal(
+        np.asarray(out["1"].active_per_layer), np.asarray(out["0"].active_per_layer)
     )
     assert np.asarray(out["1"].active_per_layer)[-1] > 0
 

@@ -262,8 +262,8 @@ def test_pack_footprint(n_in, n_out, group, density, dup, seed):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_tensor_core_tiles(n_in, n_out, group, density, dup, seed):
-    """The tensor-core form's tile counts, block by block from the footprint order: a
-    block of 8 outputs takes ceil(u / 8) tiles for its u distinct inputs; footprints are
+    """The tensor-core form's tile counts, unit by unit from the footprint order: a
+    unit of 16 outputs takes ceil(u / 8) tiles for its u distinct inputs; footprints are
     the groups' distinct inputs; fits and density follow from them."""
     rng = np.random.default_rng(seed)
     base = random_sparse(rng, n_in, -(-n_out // dup), density, empty_rows=0.2).toarray()
@@ -273,8 +273,8 @@ def test_tensor_core_tiles(n_in, n_out, group, density, dup, seed):
     order = sd.footprint_order(s)
     n_groups = -(-n_out // group)
     tiles, footprint = np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64)
-    for b0 in range(0, n_out, 8):
-        u = np.any(w[:, order[b0 : b0 + 8]] != 0, axis=1).sum()
+    for b0 in range(0, n_out, 16):
+        u = np.any(w[:, order[b0 : b0 + 16]] != 0, axis=1).sum()
         tiles[b0 // group] += -(-u // 8)
     for g in range(n_groups):
         footprint[g] = np.any(w[:, order[g * group : (g + 1) * group]] != 0, axis=1).sum()
@@ -282,7 +282,7 @@ def test_tensor_core_tiles(n_in, n_out, group, density, dup, seed):
     np.testing.assert_array_equal(t.footprint, footprint)
     fits = bool(np.all(footprint <= 512) and np.all(tiles <= 144))
     assert t.fits == fits
-    held = 64 * tiles.sum()
+    held = 128 * tiles.sum()
     assert t.density == pytest.approx(s.nnz / held if held else 1.0)
 
 
@@ -292,7 +292,7 @@ def test_tensor_core_tiles_of_networks():
     The limits are the CUDA kernel's."""
     for w in radixnet(1024, 12)[::4]:
         t = sd.tensor_core_tiles(w.structure)
-        assert t.fits and t.density == 1.0 and t.tiles.max() == 128
+        assert t.fits and t.density == 1.0 and t.tiles.max() == 64
     rng = np.random.default_rng(0)
     rand = sps.random(2048, 2048, 32 / 2048, random_state=rng, format="csc")
     t = sd.tensor_core_tiles(sd.SparseMatrix.from_scipy(rand).structure)
