@@ -633,30 +633,48 @@ __global__ void __launch_bounds__(kThreads * H, 1)
   // When the tile's source rows are one whole tile of the input (every row kept since
   // the last compaction, and always in the first layer), a staged column is one
   // contiguous run of kRows values: 16-byte copies (lean).  Otherwise one copy per value.
+  // Column indices are read four at a time (one 16-byte shared load; a staged buffer's
+  // list is 16-byte aligned and a multiple of 4 long): the lanes of a column quad read
+  // them once and copy columns c4 .. c4 + 3 (those below cn).
   const int my_r = threadIdx.x % kRows, my_c = threadIdx.x / kRows;
   auto issue_features = [&](const Stage& k, int b) {
     if (k.run < 0) return;
     const int cn = min(chunk, k.fp_n - k.c0);
     const int32_t p_first = rbuf[b * kRows], p_last = rbuf[b * kRows + kRows - 1];
+    const int32_t* cols = cbuf + b * chunk;
     if (lean && p_first >= 0 && p_first % kRows == 0 && p_last == p_first + kRows - 1) {
       // The list is increasing, so first and last a tile apart means every row between.
-      const A* tile_x = args.x + interleaved<kRows>(p_first, 0, args.n_in);
-      A* dst = fbuf + b * chunk * P + (threadIdx.x % Q) * E;
-      const A* src = tile_x + (threadIdx.x % Q) * E;
-      const int32_t* cols = cbuf + b * chunk;
-#pragma unroll 4
-      for (int c = threadIdx.x / Q; c < cn; c += NT / Q) {
-        cp_async16(dst + c * P, src + static_cast<int64_t>(cols[c]) * kRows);
+      // Q lanes copy a column (16 bytes each); lane group r of warp w copies the quads
+      // 4 (w CW + r) + 4 CW NW i: each copy instruction of a warp moves CW whole columns.
+      static_assert(32 % Q == 0, "whole columns per warp");
+      constexpr int CW = 32 / Q, NW = NT / 32;
+      const int lane_ = threadIdx.x % 32, r = lane_ / Q, v = lane_ % Q;
+      const A* src = args.x + interleaved<kRows>(p_first, 0, args.n_in) + v * E;
+      A* dst = fbuf + b * chunk * P + v * E;
+      for (int c4 = 4 * ((threadIdx.x / 32) * CW + r); c4 < cn; c4 += 4 * CW * NW) {
+        const int4 q = *reinterpret_cast<const int4*>(cols + c4);
+        const int ci[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (c4 + e < cn) cp_async16(dst + (c4 + e) * P, src + static_cast<int64_t>(ci[e]) * kRows);
+        }
       }
       return;
     }
+    // Otherwise one copy per value: thread (my_c, my_r) copies row my_r of the quads
+    // 4 my_c + 4 kCols i.
     const int32_t p = rbuf[b * kRows + my_r];
     const A* my_x = p >= 0 ? args.x + interleaved<kRows>(p, 0, args.n_in) : args.x;
     A* dst = fbuf + b * chunk * P + my_r;
-    const int32_t* cols = cbuf + b * chunk;
-#pragma unroll 4
-    for (int c = my_c; c < cn; c += kCols) {
-      cp_async_elem<sizeof(A)>(dst + c * P, my_x + static_cast<int64_t>(cols[c]) * kRows, p >= 0);
+    for (int c4 = 4 * my_c; c4 < cn; c4 += 4 * kCols) {
+      const int4 q = *reinterpret_cast<const int4*>(cols + c4);
+      const int ci[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (c4 + e < cn) {
+          cp_async_elem<sizeof(A)>(dst + (c4 + e) * P, my_x + static_cast<int64_t>(ci[e]) * kRows, p >= 0);
+        }
+      }
     }
   };
 
@@ -813,23 +831,31 @@ __global__ void __launch_bounds__(kThreads * H, 1)
       float* ytile = args.y + cur.tile * static_cast<int64_t>(args.n_out) * kRows + r8;
       const float lower = args.relu ? 0.f : -INFINITY, clip = args.clip;
       uint32_t ors[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+      // full: all 32 rows valid (every tile but the last), no row test.
+      auto finish = [&](auto full) {
 #pragma unroll
-      for (int i = 0; i < NU; ++i) {
+        for (int i = 0; i < NU; ++i) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          if (mma_col[i][c] < 0) continue;
-          float out[8];
+          for (int c = 0; c < 2; ++c) {
+            if (mma_col[i][c] < 0) continue;
+            float out[8];
 #pragma unroll
-          for (int r = 0; r < 8; ++r) {
-            const float a = macc[i][r % 4][2 * c + r / 4] + mma_bias[i][c];
-            const float v = min_nan(max_nan(a, lower), clip);
-            out[r] = r8 + r < valid ? v : 0.f;
-            ors[r] |= __float_as_uint(out[r]);
+            for (int r = 0; r < 8; ++r) {
+              const float a = macc[i][r % 4][2 * c + r / 4] + mma_bias[i][c];
+              const float v = min_nan(max_nan(a, lower), clip);
+              out[r] = decltype(full)::value || r8 + r < valid ? v : 0.f;
+              ors[r] |= __float_as_uint(out[r]);
+            }
+            float4* dst = reinterpret_cast<float4*>(ytile + mma_col[i][c]);
+            dst[0] = make_float4(out[0], out[1], out[2], out[3]);
+            dst[1] = make_float4(out[4], out[5], out[6], out[7]);
           }
-          float4* dst = reinterpret_cast<float4*>(ytile + mma_col[i][c]);
-          dst[0] = make_float4(out[0], out[1], out[2], out[3]);
-          dst[1] = make_float4(out[4], out[5], out[6], out[7]);
         }
+      };
+      if (valid == kRows) {
+        finish(std::true_type{});
+      } else {
+        finish(std::false_type{});
       }
       uint32_t bits = 0;
 #pragma unroll
