@@ -17,7 +17,7 @@ neurons, from ``TAIL_HEAD`` on above) on the stationary network kernel: a tile o
 in shared memory for several layers per launch, outputs with equal input sets share each
 staged value (:func:`jax_spdnn.sparse.pack_shared_sets`); again the same results.
 Float32 networks from 8192 neurons on run the footprint layers in a tensor-core form
-(dense 8 x 8 tiles made on the device, TF32 in three passes: float32 accuracy, not bitwise
+(dense 16 x 8 tiles made on the device, TF32 in three passes: float32 accuracy, not bitwise
 the FMA kernel's results; :func:`jax_spdnn.sparse.tensor_core_tiles` tells which layers
 fit, the others run on the FMA kernel; ``SPDNN_FP_MMA=0|1`` forces it off or on).
 Other platforms run one jitted chain of fused ``sparse_linear`` layers over all rows.
