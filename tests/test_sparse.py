@@ -300,6 +300,7 @@ def test_tensor_core_tiles_of_networks():
     header = (Path(__file__).parents[1] / "cuda" / "footprint_layer.cuh").read_text()
     assert f"kMmaMaxCols = {sd.sparse.MMA_MAX_COLS};" in header
     assert f"kMmaTileCap = {sd.sparse.MMA_TILE_CAP};" in header
+    assert f"kMmaUnit = {sd.sparse.MMA_TILE_OUTPUTS};" in header
     with pytest.raises(ValueError, match="multiple of 32"):
         sd.tensor_core_tiles(w.structure, 48)
 
