@@ -38,7 +38,13 @@ from jax import lax
 
 from jax_spdnn import _native
 from jax_spdnn.linear import _acc_dtype, _check_features, _match_vma, _vma, sparse_linear
-from jax_spdnn.sparse import SparseMatrix, Structure, footprint_group, pack_values_many
+from jax_spdnn.sparse import (
+    SparseMatrix,
+    Structure,
+    footprint_group,
+    gather_values,
+    value_sources,
+)
 
 __all__ = ["DNNResult", "SparseDNN"]
 
@@ -243,6 +249,7 @@ class SparseDNN:
             self._nonpositive_bias = bool(np.all(np.asarray(b) <= 0))
         except jax.errors.TracerArrayConversionError:
             self._nonpositive_bias = False
+        self._placed = {}
 
     def tree_flatten(self):
         return (self.layers, self.biases), (self.clip, self._nonpositive_bias)
@@ -252,6 +259,7 @@ class SparseDNN:
         obj = object.__new__(cls)
         obj.layers, obj.biases = children
         obj.clip, obj._nonpositive_bias = aux
+        obj._placed = {}
         return obj
 
     @property
@@ -288,14 +296,44 @@ class SparseDNN:
         if drop_dead_rows is None:
             drop_dead_rows = self.can_drop_dead_rows()
         kernel, segments = _cuda_options()
-        return _forward(
-            self,
-            x,
-            drop_dead=bool(drop_dead_rows),
-            kernel=kernel,
-            segments=segments,
-            tail=tail_options(),
+        tail = tail_options()
+        placed = self._placed_operands(x, kernel, segments, tail)
+        if placed is None:  # traced, on several devices, or a chain: operands as constants
+            return _forward(
+                self, x, drop_dead=bool(drop_dead_rows), kernel=kernel, segments=segments, tail=tail
+            )
+        path, arrays, static = placed
+        return _forward_placed(
+            self, x, arrays, path=path, static=static, drop_dead=bool(drop_dead_rows)
         )
+
+    def _placed_operands(self, x, kernel, segments, tail):
+        """``(path, device arrays, static)`` for a concrete ``x`` on one device, made and
+        put on that device at the first call and kept with the network: the packed index
+        arrays are then arguments of the compiled program instead of constants embedded in
+        it (at 1024-120 that cut tracing and compiling from ~0.9 s to ~0.2 s on the CPU,
+        and wider networks would carry GBs of constants).  None where ``x`` is traced or
+        spans several devices (those take :func:`_forward`, which picks the branch when the
+        program is lowered)."""
+        if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+            return None
+        devices = x.devices()
+        if len(devices) != 1:
+            return None
+        (device,) = devices
+        if device.platform == "cpu":
+            path = "cpu" if _native.has_target(_CPU_TARGET, "cpu") else None
+        elif device.platform in ("gpu", "cuda") and _native.cuda_built():
+            path = _cuda_path(self, x.dtype, kernel)
+        else:
+            path = None
+        if path is None:
+            return None
+        key = (path, np.dtype(x.dtype).name, kernel, segments, tail, footprint_group(), device)
+        if key not in self._placed:
+            arrays, static = _plan(self, path, x.dtype, kernel, segments, tail)
+            self._placed[key] = (path, tuple(jax.device_put(arrays, device)), static)
+        return self._placed[key]
 
     def profile_layers(self, x, *, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """Per-layer active rows and seconds, for profiling (host-synchronized).
@@ -370,13 +408,6 @@ def _call_cpu(x, values, biases, indptr, indices, clip, drop_dead: bool):
         clip=_clip_attr(clip),
         drop_dead=drop_dead,
     )
-
-
-def _fused_cpu(net: SparseDNN, x, drop_dead: bool):
-    acc = _acc_dtype(x.dtype)
-    indptr, indices = _concat_structures(tuple(W.structure for W in net.layers))
-    values = jnp.concatenate([jnp.asarray(W.values).astype(acc) for W in net.layers])
-    return _call_cpu(x, values, net.biases.astype(acc), indptr, indices, net.clip, drop_dead)
 
 
 def _call_cuda_ell(
@@ -503,60 +534,56 @@ def tail_units(layers, units: int = 0) -> int:
     return 1
 
 
-def _tail_operands(layers, tail_start: int, ends: tuple[int, ...], units: int):
-    """The stationary tail's operands for ``layers[tail_start:]``: values (float32),
-    16-bit input indices, group_ptr made global over the layers, perm ``[layers, slots]``,
-    then the schedule and the unit size."""
+def _tail_plan(layers, tail_start: int, ends: tuple[int, ...], units: int):
+    """The host half of :func:`_tail_operands`: the value gather's sources, 16-bit input
+    indices, group_ptr made global over the layers and perm ``[layers, slots]``, then
+    ``(tail_start, ends, units)``."""
     layers = layers[tail_start:]
     k = tail_units(layers, units)
     packs = [W.structure.shared_sets(k) for W in layers]
-    values = pack_values_many(packs, [W.values for W in layers], jnp.float32)
+    source = value_sources(packs)
     base = np.cumsum([0] + [p.total // 128 for p in packs[:-1]])
     group_ptr = np.concatenate([p.group_ptr + b for p, b in zip(packs, base)])
     if group_ptr[-1] * 128 >= 2**31:
         raise ValueError("SparseDNN: the stationary tail needs more than 2^31 slots")
     indices = np.concatenate([p.indices for p in packs])
     perm = np.concatenate([p.perm for p in packs])
-    return values, indices, group_ptr.astype(np.int32), perm, tail_start, ends, k
+    return (source, indices, group_ptr.astype(np.int32), perm), (tail_start, ends, k)
 
 
-def _fused_cuda_fp(net: SparseDNN, x, drop_dead: bool, tail_opts):
-    group, acc = footprint_group(), _acc_dtype(x.dtype)
-    start, ends = tail_schedule(net.n, net.n_layers, x.dtype, tail_opts)
-    # Layers the tail runs still get footprint operands: where a tile does not fit the
-    # device's shared memory the kernel runs them with the footprint kernel.
-    fps = [W.structure.footprint(group) for W in net.layers]
-    values = pack_values_many(fps, [W.values for W in net.layers], acc)
-    index, offsets = _fp_layout(fps)
-    biases = net.biases.astype(acc)
-    tail = _tail_operands(net.layers, start, ends, tail_opts[2]) if ends else None
-    return _call_cuda_fp(
-        x,
-        values,
-        biases,
-        *index,
-        *offsets,
-        net.clip,
-        drop_dead,
-        group,
-        tail=tail,
-        with_nonzero=True,
-    )
+def _tail_operands(layers, tail_start: int, ends: tuple[int, ...], units: int):
+    """The stationary tail's operands for ``layers[tail_start:]``: values (float32),
+    16-bit input indices, group_ptr made global over the layers, perm ``[layers, slots]``,
+    then the schedule and the unit size."""
+    (source, *index), static = _tail_plan(layers, tail_start, ends, units)
+    values = gather_values([W.values for W in layers[tail_start:]], source, jnp.float32)
+    return (values, *index, *static)
 
 
-def _fused_cuda(net: SparseDNN, x, drop_dead: bool):
-    acc = _acc_dtype(x.dtype)
-    values, slice_ptr, indices, sp_off, ell_off = _ell_operands(net.layers, acc)
-    return _call_cuda_ell(
-        x, values, net.biases.astype(acc), slice_ptr, indices, sp_off, ell_off, net.clip, drop_dead
-    )
+# ---------------------------------------------------------------------------------------
+# Plans: how a platform runs a network, split into host operands (index arrays and value
+# gathers, made from the static structures once per network) and a traced call on them.
+# Under jit the host operands are constants of the program; SparseDNN.__call__ on a concrete
+# single-device input puts them on the device once and passes them as arguments instead.
+# ---------------------------------------------------------------------------------------
 
 
-def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
+def _cuda_path(net: SparseDNN, dtype, kernel: str) -> str | None:
+    """Which CUDA network call runs ``net`` on features of ``dtype`` (None: a chain)."""
+    if footprint_applies(net.n, kernel):
+        return "cuda-fp"
+    if _resident_applies(net, dtype, kernel) is not None:
+        return "cuda-resident"
+    if _native.has_target(_CUDA_TARGET, "cuda"):
+        return "cuda-ell"
+    return None
+
+
+def _resident_applies(net: SparseDNN, dtype, kernel: str) -> int | None:
     """The resident kernel's lane groups when the hybrid path runs this network, else None."""
     if kernel in ("layer", "footprint") or not _native.has_target(_CUDA_RESIDENT_TARGET, "cuda"):
         return None
-    if np.dtype(x.dtype) == np.float64:
+    if np.dtype(dtype) == np.float64:
         return None
     groups = resident_groups(net.n)
     if groups is None or (kernel == "auto" and groups > 2):
@@ -565,36 +592,111 @@ def _resident_applies(net: SparseDNN, x, kernel: str) -> int | None:
     return groups if steps < 2**31 else None
 
 
-def _ell_operands(layers, acc):
+def _ell_plan(layers):
+    """Sliced-ELL host operands of consecutive layers: ``(sources, slice_ptr, indices)`` and
+    the per-layer offsets ``(sp_off, ell_off)`` as tuples of ints."""
     ells = [W.structure.sliced_ell for W in layers]
     slice_ptr = np.concatenate([e.slice_ptr for e in ells] or [np.zeros(0, np.int32)])
     indices = np.concatenate([e.indices for e in ells] or [np.zeros(0, np.int32)])
-    sp_off = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]]).astype(np.int64)
-    sp_off = sp_off[: len(ells)]
-    ell_off = np.cumsum([0] + [e.total for e in ells]).astype(np.int64)
-    values = pack_values_many(ells, [W.values for W in layers], acc)
-    return values, slice_ptr, indices, sp_off, ell_off
+    sp_off = np.cumsum([0] + [e.slice_ptr.shape[0] for e in ells[:-1]])[: len(ells)]
+    ell_off = np.cumsum([0] + [e.total for e in ells])
+    offsets = (tuple(int(v) for v in sp_off), tuple(int(v) for v in ell_off))
+    return (value_sources(ells), slice_ptr, indices), offsets
 
 
-def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segments):
+def _plan(net: SparseDNN, path: str, dtype, kernel: str, segments, tail):
+    """``(arrays, static)`` of ``path`` for ``net`` on features of ``dtype``: the host
+    operands (NumPy) and the hashable settings :func:`_run` takes with them."""
+    if path == "cpu":
+        return _concat_structures(tuple(W.structure for W in net.layers)), ()
+    if path == "cuda-fp":
+        group = footprint_group()
+        start, ends = tail_schedule(net.n, net.n_layers, dtype, tail)
+        # Layers the tail runs still get footprint operands: where a tile does not fit the
+        # device's shared memory the kernel runs them with the footprint kernel.
+        fps = [W.structure.footprint(group) for W in net.layers]
+        index, offsets = _fp_layout(fps)
+        arrays, tail_static = (value_sources(fps), *index), None
+        if ends:
+            tail_arrays, tail_static = _tail_plan(net.layers, start, ends, tail[2])
+            arrays += tail_arrays
+        return arrays, (group, offsets, tail_static)
+    if path == "cuda-ell":
+        return _ell_plan(net.layers)
+    if path == "cuda-resident":
+        groups = _resident_applies(net, dtype, kernel)
+        L = net.n_layers
+        head = min(segments[0], L)
+        ends = tuple(e for e in segment_ends(L, *segments) if e > head)
+        ell_arrays, offsets = _ell_plan(net.layers[:head])
+        packs = [W.structure.bank_split(groups) for W in net.layers[head:]]
+        first = np.cumsum([0] + [int(p.col_ptr[-1]) for p in packs[:-1]])
+        col_ptr = np.concatenate(
+            [p.col_ptr + s for p, s in zip(packs, first)] or [np.zeros(0, np.int64)]
+        ).astype(np.int32)
+        bank_offsets = np.concatenate([p.offsets for p in packs] or [np.zeros(0, np.int32)])
+        arrays = (*ell_arrays, value_sources(packs), bank_offsets, col_ptr)
+        return arrays, (groups, head, offsets, ends)
+    raise ValueError(f"unknown network path {path!r}")
+
+
+def _run(path: str, net: SparseDNN, x, arrays, static, drop_dead: bool):
+    """The network call of ``path`` on operands from :func:`_plan` (NumPy: constants of the
+    program; device arrays: arguments).  Returns ``(y, active, alive)``."""
+    if path == "cuda-fp":
+        group, offsets, tail = static
+        acc = _acc_dtype(x.dtype)
+        source, *index = arrays[:6]
+        values = gather_values([W.values for W in net.layers], source, acc)
+        biases = net.biases.astype(acc)
+        if tail is not None:
+            tail_source, *tail_index = arrays[6:]
+            tail_values = [W.values for W in net.layers[tail[0] :]]
+            tail = (gather_values(tail_values, tail_source, jnp.float32), *tail_index, *tail)
+        # the kernel reports the rows of y with a nonzero feature itself
+        return _call_cuda_fp(
+            x,
+            values,
+            biases,
+            *index,
+            *offsets,
+            net.clip,
+            drop_dead,
+            group,
+            tail=tail,
+            with_nonzero=True,
+        )
+    if path == "cpu":
+        acc = _acc_dtype(x.dtype)
+        values = jnp.concatenate([jnp.asarray(W.values).astype(acc) for W in net.layers])
+        indptr, indices = arrays
+        biases = net.biases.astype(acc)
+        y, active = _call_cpu(x, values, biases, indptr, indices, net.clip, drop_dead)
+    elif path == "cuda-ell":
+        acc = _acc_dtype(x.dtype)
+        source, slice_ptr, indices = arrays
+        values = gather_values([W.values for W in net.layers], source, acc)
+        y, active = _call_cuda_ell(
+            x, values, net.biases.astype(acc), slice_ptr, indices, *static, net.clip, drop_dead
+        )
+    elif path == "cuda-resident":
+        y, active = _call_cuda_resident(net, x, arrays, static, drop_dead)
+    elif path == "chain":
+        y, active = _chain(net, x)
+    else:
+        raise ValueError(f"unknown network path {path!r}")
+    return y, active, jnp.any(y != 0, axis=1)
+
+
+def _call_cuda_resident(net: SparseDNN, x, arrays, static, drop_dead: bool):
+    groups, head, (sp_off, ell_off), ends = static
+    ell_source, slice_ptr, ell_indices, bank_source, bank_offsets, col_ptr = arrays
     L = net.n_layers
-    ends = segment_ends(L, *segments)
-    head = min(segments[0], L)
-    ends = tuple(e for e in ends if e > head)
-    ell_values, slice_ptr, ell_indices, sp_off, ell_off = _ell_operands(
-        net.layers[:head], jnp.float32
-    )
-    tail = net.layers[head:]
-    packs = [W.structure.bank_split(groups) for W in tail]
-    first = np.cumsum([0] + [int(p.col_ptr[-1]) for p in packs[:-1]])
-    col_ptr = np.concatenate(
-        [p.col_ptr + s for p, s in zip(packs, first)] or [np.zeros(0, np.int64)]
-    ).astype(np.int32)
-    offsets = np.concatenate([p.offsets for p in packs] or [np.zeros(0, np.int32)])
-    values = pack_values_many(packs, [W.values for W in tail], jnp.float32)
+    ell_values = gather_values([W.values for W in net.layers[:head]], ell_source, jnp.float32)
+    values = gather_values([W.values for W in net.layers[head:]], bank_source, jnp.float32)
     # {offset, weight bits} pairs: one 16-byte vector holds two steps of a lane group.
     entries = jnp.stack(
-        [jnp.asarray(offsets), lax.bitcast_convert_type(values, jnp.int32)], axis=1
+        [jnp.asarray(bank_offsets), lax.bitcast_convert_type(values, jnp.int32)], axis=1
     ).reshape(-1)
     batch, n = x.shape
     out = (
@@ -617,8 +719,8 @@ def _fused_cuda_resident(net: SparseDNN, x, drop_dead: bool, groups: int, segmen
         clip=_clip_attr(net.clip),
         drop_dead=drop_dead,
         groups=np.int64(groups),
-        slice_offsets=sp_off,
-        ell_offsets=ell_off,
+        slice_offsets=np.asarray(sp_off, np.int64),
+        ell_offsets=np.asarray(ell_off, np.int64),
         segment_ends=np.asarray(ends, np.int64),
     )
     return y, active
@@ -634,25 +736,29 @@ def _forward(
     segments=(SINGLE_LAYERS, MAX_SEGMENT),
     tail=(-1, TAIL_MAX, 0, TAIL_SINGLES),
 ) -> DNNResult:
-    def nonzero_rows(f):  # (y, active) -> (y, active, rows of y with a nonzero feature)
-        def g(x):
-            y, active = f(x)
-            return y, active, jnp.any(y != 0, axis=1)
+    """The network on any platform, host operands as constants (the branch is picked when
+    the program is lowered for its platform)."""
 
-        return g
+    def branch(path):
+        def f(x):
+            # The resident kernel's packing (bank-split offsets) is only made when it runs.
+            arrays, static = _plan(net, path, x.dtype, kernel, segments, tail)
+            return _run(path, net, x, arrays, static, drop_dead)
+
+        return f
 
     branches = {}
     if _native.has_target(_CPU_TARGET, "cpu"):
-        branches["cpu"] = nonzero_rows(lambda x: _fused_cpu(net, x, drop_dead))
-    # The resident kernel's packing (bank-split offsets) is only made when it runs.
-    if footprint_applies(net.n, kernel):  # the kernel reports the nonzero rows itself
-        branches["cuda"] = lambda x: _fused_cuda_fp(net, x, drop_dead, tail)
-    elif (groups := _resident_applies(net, x, kernel)) is not None:
-        branches["cuda"] = nonzero_rows(
-            lambda x: _fused_cuda_resident(net, x, drop_dead, groups, segments)
-        )
-    elif _native.has_target(_CUDA_TARGET, "cuda"):
-        branches["cuda"] = nonzero_rows(lambda x: _fused_cuda(net, x, drop_dead))
-    default = nonzero_rows(lambda x: _chain(net, x))
+        branches["cpu"] = branch("cpu")
+    if (path := _cuda_path(net, x.dtype, kernel)) is not None:
+        branches["cuda"] = branch(path)
+    default = lambda x: _run("chain", net, x, (), (), drop_dead)  # noqa: E731
     y, active, alive = lax.platform_dependent(x, **branches, default=default)
+    return DNNResult(y, alive, active)
+
+
+@partial(jax.jit, static_argnames=("path", "static", "drop_dead"))
+def _forward_placed(net: SparseDNN, x, arrays, *, path: str, static, drop_dead: bool):
+    """The network on one known platform, host operands passed in as device arrays."""
+    y, active, alive = _run(path, net, x, arrays, static, drop_dead)
     return DNNResult(y, alive, active)

@@ -177,22 +177,38 @@ class _Packed:
         return pack_values_many([self], [values], values.dtype)
 
 
+def value_sources(packs) -> np.ndarray:
+    """Where each packed slot of several layers takes its value, concatenated: an index
+    into the layers' CSR values laid end to end, with one appended zero for padding (the
+    host half of :func:`pack_values_many`; :func:`gather_values` is the device half)."""
+    if not packs:
+        return np.zeros(0, np.int32)
+    starts = np.cumsum([0] + [p.nnz for p in packs])
+    index_dtype = np.int64 if starts[-1] >= 2**31 - 1 else np.int32
+    return np.concatenate(
+        [
+            np.where(p.source == p.nnz, starts[-1], p.source.astype(np.int64) + s)
+            for p, s in zip(packs, starts[:-1])
+        ]
+    ).astype(index_dtype)
+
+
+def gather_values(values, source, dtype):
+    """The packed values for ``source`` (from :func:`value_sources`, a host or a device
+    array): one gather over the layers' ``values`` laid end to end, as ``dtype``."""
+    if not values:
+        return jnp.zeros((0,), dtype)
+    flat = jnp.concatenate([jnp.asarray(v).astype(dtype) for v in values] + [jnp.zeros(1, dtype)])
+    return jnp.take(flat, jnp.asarray(source), unique_indices=False)
+
+
 def pack_values_many(packs, values, dtype):
     """The packed values of several layers, concatenated: one gather (one device kernel)
     instead of one per layer.  ``packs[i].pack_values(values[i])`` for every ``i``, in
     order, as ``dtype``."""
     if not packs:
         return jnp.zeros((0,), dtype)
-    starts = np.cumsum([0] + [p.nnz for p in packs])
-    index_dtype = np.int64 if starts[-1] >= 2**31 - 1 else np.int32
-    source = np.concatenate(
-        [
-            np.where(p.source == p.nnz, starts[-1], p.source.astype(np.int64) + s)
-            for p, s in zip(packs, starts[:-1])
-        ]
-    ).astype(index_dtype)
-    flat = jnp.concatenate([jnp.asarray(v).astype(dtype) for v in values] + [jnp.zeros(1, dtype)])
-    return jnp.take(flat, jnp.asarray(source), unique_indices=False)
+    return gather_values(values, value_sources(packs), dtype)
 
 
 class EllPack(_Packed):

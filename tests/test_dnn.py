@@ -590,6 +590,81 @@ def test_jit_and_pytree():
     assert "layers=3" in repr(net)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+@pytest.mark.parametrize("bias", [-0.3, 0.05])
+def test_operands_placed_once(device, dtype, bias, monkeypatch):
+    """A call on a concrete input puts the packed index arrays on its device once and
+    passes them as arguments; under an outer jit they are constants of the program. Both
+    give the same results bit for bit, and later calls reuse the placed arrays."""
+    monkeypatch.setenv("SPDNN_LINEAR_KERNEL", "layer")
+    net = sd.SparseDNN(radixnet(1024, 6, seed=4), bias)
+    x = jnp.asarray(random_inputs(1024, 45, seed=2), dtype)
+    got = net(x)
+    assert len(net._placed) == 1
+    ((path, arrays, _),) = net._placed.values()
+    assert path in ("cpu", "cuda-fp") and all(a.devices() == {device} for a in arrays)
+    want = jax.jit(lambda net, x: net(x))(net, x)  # constants path
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    again = net(x[:7])
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(got.features[:7]))
+    assert len(net._placed) == 1 and net._placed[next(iter(net._placed))][1] is arrays
+    # another option set is another entry; a rebuilt network starts with none
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", "layer")
+    np.testing.assert_array_equal(np.asarray(net(x).features), np.asarray(got.features))
+    assert len(net._placed) == 2
+    assert jax.tree_util.tree_map(lambda a: a, net)._placed == {}
+
+
+@pytest.mark.skipif(not sd._native.cuda_built(), reason="CUDA kernels not built")
+@pytest.mark.parametrize(
+    "kernel, n, tail, dtype",
+    [
+        ("auto", 1024, None, jnp.float32),  # footprint with the stationary tail
+        ("footprint", 1024, "off", jnp.float32),
+        ("footprint", 1024, None, jnp.bfloat16),
+        ("footprint", 1024, "1,2,1", jnp.float32),  # a footprint head, then the tail
+        ("layer", 256, None, jnp.float32),
+        ("auto", 512, None, jnp.float32),  # the hybrid: layer kernel, then resident
+        ("resident", 256, None, jnp.float16),
+    ],
+)
+def test_placed_operands_lower_like_constants(kernel, n, tail, dtype, monkeypatch):
+    """With the operands placed, the CUDA program makes the same FFI call (target,
+    attributes, operand and result types) as with them embedded, takes every index array
+    as an argument and embeds no array constant of more than one element."""
+    import re
+
+    from jax_spdnn import dnn
+
+    monkeypatch.setenv("SPDNN_DNN_KERNEL", kernel)
+    if tail:
+        monkeypatch.setenv("SPDNN_FP_TAIL", tail)
+    net = sd.SparseDNN(radixnet(n, 11, seed=0), -0.3)  # the hybrid: 8 + 3 layers
+    x = jax.ShapeDtypeStruct((37, n), dtype)
+    k, segments = dnn._cuda_options()
+    opts = dict(kernel=k, segments=segments, tail=dnn.tail_options())
+    path = dnn._cuda_path(net, dtype, k)
+    arrays, static = dnn._plan(net, path, dtype, **opts)
+    lower = dict(lowering_platforms=("cuda",))
+    embedded = dnn._forward.trace(net, x, drop_dead=True, **opts).lower(**lower).as_text()
+    placed = dnn._forward_placed.trace(
+        net, x, arrays, path=path, static=static, drop_dead=True
+    ).lower(**lower)
+    placed = placed.as_text()
+
+    def call(text):
+        (line,) = [t for t in text.splitlines() if "stablehlo.custom_call" in t]
+        return re.sub(r"custom_call @(\w+)\([^)]*\)", r"\1", line).strip().split("= ", 1)[1]
+
+    assert call(placed) == call(embedded)
+    (main,) = [t for t in placed.splitlines() if "func.func public @main" in t]
+    assert len(re.findall(r"%arg\d+: tensor<", main)) == 1 + len(net.layers) + 1 + len(arrays)
+    big = re.findall(r"stablehlo.constant dense<[^>]*> : tensor<(\d+)x", placed)
+    assert all(int(m) <= 1 for m in big), big
+    assert len(embedded) > 4 * len(placed)  # the embedded arrays
+
+
 def test_errors():
     layers = radixnet(64, 2)
     with pytest.raises(ValueError, match="at least one layer"):
