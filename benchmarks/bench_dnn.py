@@ -124,10 +124,12 @@ def run_problem(
             del r  # 60000 x 65536 features: the device holds no more than one call's worth
             t = min([t] + [time_once(f, net, xd) for _ in range(stream_trials - 1)])
         else:
-            f = jax.jit(lambda net, x: net(x))  # a fresh jit: options are read at trace time
+            # Called directly, not under an outer jit: SparseDNN places its packed operands
+            # on the device once (per option set) and passes them as arguments.
+            f = lambda net, x: net(x)  # noqa: E731
             t0 = time.perf_counter()
             r = jax.block_until_ready(f(net, xd))
-            first_s = time.perf_counter() - t0  # packing, compiling and one call
+            first_s = time.perf_counter() - t0  # packing, placing, compiling and one call
             active, found = np.asarray(r.active_per_layer).astype(np.int64), r.categories()
             t = time_fn(f, net, xd, trials=7, min_time=0.3)
         rows_in = np.concatenate([[np.count_nonzero(np.diff(x.indptr))], active[:-1]])
